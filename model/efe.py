@@ -1,0 +1,57 @@
+"""EFE: enhancement factor extraction (Zheng & Gupta 2022, Sec. 3.1, Fig. 2).
+
+A 7-block fully convolutional network of depthwise-separable convolutions with symmetric
+skip concatenations. It maps an RGB image in [0, 1] to the enhancement factor x_r in [-1, 1],
+one value per pixel and channel. 10,561 parameters (paper: "0.011 M").
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FEATURES = 32  # paper Sec. 3.1: 32 feature maps per block
+
+
+class DepthwiseSeparableConv(nn.Module):
+    """3x3 depthwise conv (groups = in channels) followed by a 1x1 pointwise conv.
+
+    Attribute names match the published checkpoints' keys (`depth_conv`, `point_conv`).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__()
+        self.depth_conv = nn.Conv2d(in_ch, in_ch, kernel_size=3, padding=1, groups=in_ch)
+        self.point_conv = nn.Conv2d(in_ch, out_ch, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.point_conv(self.depth_conv(x))
+
+
+class EFE(nn.Module):
+    def __init__(self, features: int = FEATURES):
+        super().__init__()
+        f = features
+        self.e_conv1 = DepthwiseSeparableConv(3, f)
+        self.e_conv2 = DepthwiseSeparableConv(f, f)
+        self.e_conv3 = DepthwiseSeparableConv(f, f)
+        self.e_conv4 = DepthwiseSeparableConv(f, f)
+        self.e_conv5 = DepthwiseSeparableConv(2 * f, f)
+        self.e_conv6 = DepthwiseSeparableConv(2 * f, f)
+        self.e_conv7 = DepthwiseSeparableConv(2 * f, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, 3, h, w) in [0, 1] -> x_r: (N, 3, h, w) in [-1, 1]."""
+        x1 = F.relu(self.e_conv1(x))
+        x2 = F.relu(self.e_conv2(x1))
+        x3 = F.relu(self.e_conv3(x2))
+        x4 = F.relu(self.e_conv4(x3))
+        x5 = F.relu(self.e_conv5(torch.cat([x3, x4], 1)))
+        x6 = F.relu(self.e_conv6(torch.cat([x2, x5], 1)))
+        return torch.tanh(self.e_conv7(torch.cat([x1, x6], 1)))
+
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Paper Sec. 4.1: filter weights initialised from N(0, 0.02), biases 0."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                with torch.no_grad():
+                    m.weight.normal_(0.0, std, generator=generator)
+                    m.bias.zero_()

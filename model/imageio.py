@@ -1,0 +1,145 @@
+"""Image decoding and encoding shared by `sgz enhance` and the service.
+
+Decoding applies EXIF orientation and turns every mode Pillow reads (grayscale, palette,
+16-bit, CMYK, with or without alpha) into 8-bit RGB plus an optional alpha plane, remembering
+what the source was so the output can be written back in a sensible mode.
+"""
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
+MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not a readable image; the message says what is wrong."""
+
+
+class ImageTooLarge(ValueError):
+    """The image has more pixels than allowed (or looks like a decompression bomb)."""
+
+
+@dataclass
+class DecodedImage:
+    rgb: np.ndarray            # (H, W, 3) uint8
+    alpha: np.ndarray | None   # (H, W) uint8, kept untouched
+    gray: bool                 # the source had no colour: write back as L / LA
+    format: str                # Pillow's name of the source format ("PNG", "JPEG", ...)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.rgb.shape[1], self.rgb.shape[0]  # (width, height), as Pillow
+
+    def to_tensor(self) -> torch.Tensor:
+        """(1, 3, H, W) uint8."""
+        return torch.from_numpy(np.ascontiguousarray(self.rgb.transpose(2, 0, 1)))[None]
+
+
+def decode_image(data: bytes, max_pixels: int | None = None) -> DecodedImage:
+    if not data:
+        raise ImageDecodeError("empty input: no image bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if max_pixels is not None and w * h > max_pixels:
+                raise ImageTooLarge(f"image is {w}x{h} = {w * h} pixels, "
+                                    f"the limit is {max_pixels}")
+            img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageTooLarge(f"decompression bomb refused: {e}") from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not an image, or an image format this service cannot read "
+                               "(PNG, JPEG, WebP, BMP, TIFF, GIF are)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, ImageTooLarge):
+            raise
+        raise ImageDecodeError(f"corrupt or truncated image: {e}") from None
+    fmt = img.format or "PNG"
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # a broken EXIF block must not cost the user the picture
+        pass
+    return _split_modes(img, fmt)
+
+
+def _split_modes(img: Image.Image, fmt: str) -> DecodedImage:
+    mode = img.mode
+    gray = mode in GRAY_MODES or (mode == "P" and _palette_is_gray(img))
+    alpha = None
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA") if mode != "LA" else img
+        alpha = np.asarray(img.getchannel("A"), dtype=np.uint8).copy()
+    if mode.startswith("I") or mode == "F":
+        rgb = _high_depth_to_rgb(img)
+    else:
+        rgb = np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+    return DecodedImage(rgb=rgb, alpha=alpha, gray=gray, format=fmt)
+
+
+def _high_depth_to_rgb(img: Image.Image) -> np.ndarray:
+    """16-bit / 32-bit grayscale: scale to 8 bits (Pillow's convert('L') would clip)."""
+    a = np.asarray(img).astype(np.float64)
+    if img.mode == "F":
+        top = 1.0 if a.max() <= 1.0 else 255.0
+    else:
+        top = 65535.0 if a.max() > 255 or img.mode.startswith("I;16") else 255.0
+    g = np.clip(np.rint(a / top * 255.0), 0, 255).astype(np.uint8)
+    return np.repeat(g[:, :, None], 3, axis=2)
+
+
+def _palette_is_gray(img: Image.Image) -> bool:
+    pal = img.getpalette() or []
+    rgb = np.asarray(pal[: len(pal) // 3 * 3]).reshape(-1, 3)
+    return bool(len(rgb)) and bool((rgb[:, 0] == rgb[:, 1]).all() and (rgb[:, 1] == rgb[:, 2]).all())
+
+
+def tensor_to_rgb(t: torch.Tensor) -> np.ndarray:
+    """(3, H, W) or (1, 3, H, W) uint8 tensor -> (H, W, 3) uint8 array."""
+    if t.dim() == 4:
+        t = t[0]
+    return t.permute(1, 2, 0).contiguous().cpu().numpy()
+
+
+def output_format(name: str | None, source_format: str) -> str:
+    """Pillow format name for a requested `png|jpeg|webp`, or the source's when it is one of
+    those (anything else, e.g. BMP or TIFF, is answered as PNG)."""
+    if name is None:
+        return source_format if source_format in MEDIA_TYPES else "PNG"
+    try:
+        return FORMATS[name.lower()]
+    except KeyError:
+        raise ValueError(f"unsupported output format {name!r}; use png, jpeg or webp") from None
+
+
+def encode_image(rgb: np.ndarray, alpha: np.ndarray | None, gray: bool, fmt: str,
+                 quality: int = 90) -> bytes:
+    """Write the enhanced picture back: grayscale sources as L, alpha re-attached where the
+    format can hold it (JPEG cannot: alpha is dropped there)."""
+    img = Image.fromarray(rgb, "RGB")
+    if gray:
+        img = img.convert("L")
+    if alpha is not None and fmt != "JPEG":
+        img.putalpha(Image.fromarray(alpha, "L"))
+    buf = io.BytesIO()
+    if fmt == "JPEG":
+        img.save(buf, "JPEG", quality=quality)
+    elif fmt == "WEBP":
+        img.save(buf, "WEBP", quality=quality)
+    else:
+        img.save(buf, "PNG", compress_level=1)  # speed over size: ~3x faster than the default
+    return buf.getvalue()
+
+
+def factor_to_picture(x_r: torch.Tensor) -> np.ndarray:
+    """A factor map (3, H, W) in [-1, 1] as an RGB picture: -1 black, +1 white, so darker
+    means a lower factor (paper Fig. 3)."""
+    g = ((x_r.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return tensor_to_rgb(g)

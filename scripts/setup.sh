@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Create .venv and install sgz-serve into it (idempotent: a second run only checks).
+# torch is installed first and pinned, so nothing else pulls a multi-GB CUDA build on a CPU
+# machine. For a CUDA build elsewhere, set TORCH_SPEC, e.g.
+#   TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" ./scripts/setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+EXTRAS=${EXTRAS:-train,eval,test}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+stamp=".venv/.sgz-installed-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-${EXTRAS//,/_}"
+if [ -f "$stamp" ]; then exit 0; fi
+.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+# shellcheck disable=SC2086
+.venv/bin/python -m pip install -q $TORCH_SPEC 2>&1 | grep -v "is ignored" || true
+.venv/bin/python -m pip install -q -e ".[${EXTRAS}]" 2>&1 | grep -v "is ignored" || true
+.venv/bin/python -c "import torch, model; print('sgz-serve installed: torch', torch.__version__)"
+rm -f .venv/.sgz-installed-*
+touch "$stamp"
