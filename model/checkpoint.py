@@ -6,7 +6,8 @@ are unpickled, never arbitrary objects.
 """
 import hashlib
 import json
-import zipfile
+import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,7 +56,7 @@ def save_checkpoint(path: str | Path, efe: EFE, scale_factor: int, steps: int = 
                     recipe: dict | None = None) -> str:
     """Write our format; returns the content hash. `recipe` must be JSON-serialisable."""
     recipe = dict(recipe or {})
-    json.dumps(recipe)  # fail here, not at load time, if it is not plain data
+    recipe = json.loads(json.dumps(recipe))  # plain data only: str subclasses would not unpickle
     state_dict = {k: v.detach().cpu().clone() for k, v in efe.state_dict().items()}
     digest = state_dict_sha256(state_dict)
     payload = {
@@ -75,26 +76,40 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: no such file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (zipfile.BadZipFile, EOFError, RuntimeError) as e:
-        raise CheckpointError(f"checkpoint {path}: not a readable PyTorch file "
-                              f"(corrupt or truncated?): {e}") from None
-    except Exception as e:  # weights_only refuses arbitrary pickled objects
-        raise CheckpointError(f"checkpoint {path}: refused to load ({type(e).__name__}): "
-                              f"only tensors and plain containers are accepted") from None
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path}: empty file")
+    obj = _torch_load(path)
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path}: expected a dict, found {type(obj).__name__}")
     if obj.get("format") == FORMAT:
         ckpt = _from_ours(obj, path)
-    elif all(isinstance(v, torch.Tensor) for v in obj.values()):
+    elif obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         ckpt = Checkpoint(state_dict=dict(obj), source="published", path=str(path),
                           recipe={"note": "published raw state dict"})
     else:
         raise CheckpointError(f"checkpoint {path}: neither an sgz-serve checkpoint nor a raw "
-                              f"EFE state dict (keys: {sorted(obj)[:6]})")
+                              f"EFE state dict (keys: {[str(k) for k in obj][:6]})")
     check_state_dict(ckpt.state_dict, path)
     return ckpt
+
+
+def _torch_load(path: Path):
+    """torch.load with weights_only, its many failure modes turned into one clear message."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if refused:  # weights_only met a Python object it will not construct
+            raise CheckpointError(f"checkpoint {path}: refused to unpickle {refused.group(1)}: "
+                                  f"only tensors and plain containers are loaded, never "
+                                  f"arbitrary Python objects") from None
+        raise CheckpointError(f"checkpoint {path}: not a PyTorch checkpoint (a pickle "
+                              f"torch.load cannot read)") from None
+    except Exception as e:  # zip, storage and pickle-opcode errors from a damaged file
+        first_line = (str(e).strip().splitlines() or [""])[0][:160]
+        raise CheckpointError(f"checkpoint {path}: not a readable PyTorch file (corrupt, "
+                              f"truncated, or not a checkpoint): {type(e).__name__}: "
+                              f"{first_line}") from None
 
 
 def _from_ours(obj: dict, path: Path) -> Checkpoint:
@@ -105,16 +120,26 @@ def _from_ours(obj: dict, path: Path) -> Checkpoint:
         raise CheckpointError(f"checkpoint {path}: architecture {obj.get('arch')!r}, "
                               f"this build runs {ARCH}")
     state_dict = obj.get("state_dict")
-    if not isinstance(state_dict, dict):
-        raise CheckpointError(f"checkpoint {path}: missing state_dict")
+    if not isinstance(state_dict, dict) or not all(
+            isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise CheckpointError(f"checkpoint {path}: missing state_dict, or it holds non-tensors")
+    for name in ("scale_factor", "steps"):
+        value = obj.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise CheckpointError(f"checkpoint {path}: {name} must be a positive integer, "
+                                  f"found {value!r}")
+    recipe = obj.get("recipe") or {}
+    if not isinstance(recipe, dict):
+        raise CheckpointError(f"checkpoint {path}: recipe must be a dict, found "
+                              f"{type(recipe).__name__}")
     digest = state_dict_sha256(state_dict)
     if digest != obj.get("sha256"):
         raise CheckpointError(f"checkpoint {path}: content hash mismatch (file says "
                               f"{str(obj.get('sha256'))[:12]}, weights hash to {digest[:12]}): "
                               f"the file is corrupt or was edited")
-    return Checkpoint(state_dict=state_dict, scale_factor=int(obj["scale_factor"]),
-                      steps=int(obj["steps"]), recipe=dict(obj.get("recipe") or {}),
-                      source="sgz-serve", path=str(path))
+    return Checkpoint(state_dict=state_dict, scale_factor=obj["scale_factor"],
+                      steps=obj["steps"], recipe=dict(recipe), source="sgz-serve",
+                      path=str(path))
 
 
 def check_state_dict(state_dict: dict, path) -> None:
@@ -125,6 +150,9 @@ def check_state_dict(state_dict: dict, path) -> None:
         raise CheckpointError(f"checkpoint {path}: not an EFE state dict "
                               f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
     for k, v in expected.items():
+        if not isinstance(state_dict[k], torch.Tensor):
+            raise CheckpointError(f"checkpoint {path}: {k} is a {type(state_dict[k]).__name__}, "
+                                  f"not a tensor")
         if tuple(state_dict[k].shape) != tuple(v.shape):
             raise CheckpointError(f"checkpoint {path}: {k} has shape "
                                   f"{tuple(state_dict[k].shape)}, expected {tuple(v.shape)}")

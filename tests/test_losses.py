@@ -1,0 +1,59 @@
+"""Each SGZ loss against a value worked out by hand on a tiny tensor."""
+import math
+
+import pytest
+import torch
+
+from training import losses
+
+
+def test_spatial_consistency_constant_image_against_black_input():
+    # pooled Y = 0.5 in one region, zero-padded neighbours: each of the 8 differences is 0.5,
+    # squared 0.25; weights 4 x 1 + 4 x 0.5 -> 6 x 0.25 = 1.5
+    y = torch.full((1, 3, 4, 4), 0.5)
+    assert losses.spatial_consistency(y, torch.zeros_like(y)).item() == pytest.approx(1.5)
+
+
+def test_spatial_consistency_one_bright_region():
+    # 2x2 regions (patch 1), Y = [[1,0],[0,0]], I = 0. Region sums of weighted squared
+    # differences: (0,0) 4*1 + 4*0.5 = 6, (0,1) 1, (1,0) 1, (1,1) diagonal 0.5 -> mean 8.5/4
+    y = torch.zeros(1, 3, 2, 2)
+    y[:, :, 0, 0] = 1.0
+    assert losses.spatial_consistency(y, torch.zeros_like(y), patch=1).item() == pytest.approx(2.125)
+
+
+def test_spatial_consistency_is_zero_when_structure_is_kept():
+    i = torch.rand(1, 3, 16, 16)
+    assert losses.spatial_consistency(i, i).item() == 0.0
+
+
+def _channels(r, g, b, size=4):
+    return torch.tensor([r, g, b]).view(1, 3, 1, 1).expand(1, 3, size, size).clone()
+
+
+def test_colour_constancy_paper_charbonnier():
+    y = _channels(0.2, 0.4, 0.8)  # |R-G| + |R-B| + |G-B| = 0.2 + 0.6 + 0.4
+    assert losses.colour_constancy(y, "paper").item() == pytest.approx(1.2, abs=1e-5)
+
+
+def test_colour_constancy_code_form():
+    y = _channels(0.2, 0.4, 0.8)  # sqrt(0.04^2 + 0.36^2 + 0.16^2)
+    assert losses.colour_constancy(y, "code").item() == pytest.approx(math.sqrt(0.1568), rel=1e-5)
+
+
+def test_brightness_paper_l1_and_code_l2():
+    y = torch.full((2, 3, 32, 32), 0.3)
+    assert losses.brightness(y, variant="paper").item() == pytest.approx(0.3)
+    assert losses.brightness(y, variant="code").item() == pytest.approx(0.09)
+
+
+def test_total_variation_by_hand():
+    t = torch.tensor([[0.0, 1.0], [2.0, 3.0]]).view(1, 1, 2, 2)
+    # vertical: (2-0)^2 + (3-1)^2 = 8 over 2 pairs; horizontal 1 + 1 = 2 over 2 -> 2 * (4 + 1)
+    assert losses.total_variation(t).item() == pytest.approx(10.0)
+
+
+def test_semantic_focal_by_hand():
+    logits = torch.tensor([0.0, math.log(3.0)]).view(1, 2, 1, 1)  # p = (0.25, 0.75)
+    expected = -(1 - 0.75) ** 2 * math.log(0.75)
+    assert losses.semantic_focal(logits).item() == pytest.approx(expected, rel=1e-5)

@@ -1,0 +1,114 @@
+"""Training: USS is frozen and correct, gradients reach only EFE, a smoke run trains and
+resumes into a loadable checkpoint, and `sgz eval` scores real pairs."""
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import LOL, SGZ_PUBLISHED, TRAIN
+from model import EFE, load_model
+from training.objective import Objective
+from training.train import TrainConfig, forward, train
+from training.uss import USS
+
+
+@pytest.fixture(scope="module")
+def uss():
+    return USS("efficientnet-lite0")
+
+
+def test_backbone_recognises_a_real_cat(uss):
+    skimage_data = pytest.importorskip("skimage.data")
+    cat = Image.fromarray(skimage_data.chelsea()).resize((224, 224), Image.BILINEAR)
+    x = torch.from_numpy(np.array(cat)).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        top = uss.backbone.classify(x).argmax(1).item()
+    assert top == 285  # ImageNet class 285: Egyptian cat
+
+
+def test_uss_shapes_and_frozen_mode(uss):
+    uss.train()  # must not unfreeze batch norm
+    assert not uss.training
+    assert not any(p.requires_grad for p in uss.parameters())
+    assert uss(torch.rand(1, 3, 64, 96)).shape == (1, 21, 16, 24)
+
+
+def test_gradients_reach_efe_and_uss_does_not_change(uss):
+    efe = EFE()
+    efe.init_weights(generator=torch.Generator().manual_seed(0))
+    before = {k: v.clone() for k, v in uss.state_dict().items()}
+    opt = torch.optim.Adam(efe.parameters(), lr=1e-3)
+    x = torch.rand(2, 3, 64, 64) * 0.3
+    y, x_r = forward(efe, x, scale_factor=4)
+    loss, terms = Objective(variant="code")(y, x, x_r, uss)
+    opt.zero_grad()
+    loss.backward()
+    assert set(terms) == {"spa", "rgb", "bri", "tv", "sem"}
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in efe.parameters())
+    assert all(p.grad is None for p in uss.parameters())
+    opt.step()
+    after = uss.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN buffers
+
+
+def test_resnet50_without_weights_says_where_to_get_them():
+    with pytest.raises(FileNotFoundError, match="--uss-weights"):
+        USS("resnet50", None)
+
+
+def test_smoke_train_resume_and_load(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in sorted(TRAIN.glob("*.jpg"))[:4]:
+        shutil.copy(f, data / f.name)
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), crop=64, batch_size=2,
+                      max_steps=2, workers=0, checkpoint_every=1, scale_factor=4,
+                      objective={"sem_size": 64})
+    path = train(cfg, progress=False)
+    enhancer = load_model(path, device="cpu")
+    assert enhancer.checkpoint.recipe["steps_done"] == 2
+    cfg.max_steps = 3
+    train(cfg, resume=True, progress=False)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert {"spa", "rgb", "bri", "tv", "sem"} <= set(log[-1])
+    out = load_model(path, device="cpu").enhance(torch.full((1, 3, 30, 20), 40, dtype=torch.uint8))
+    assert out.shape == (1, 3, 30, 20)
+
+
+def test_sgz_eval_paired_json(tmp_path):
+    pytest.importorskip("pypiqe")
+    low, high = tmp_path / "low", tmp_path / "high"
+    low.mkdir(), high.mkdir()
+    for f in sorted((LOL / "low").glob("*.png"))[:3]:
+        shutil.copy(f, low / f.name)
+        shutil.copy(LOL / "high" / f.name, high / f.name)
+    r = subprocess.run([sys.executable, "-m", "training", "eval", "--checkpoint", str(SGZ_PUBLISHED),
+                        "--low", str(low), "--high", str(high), "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["images"] == 3
+    s = report["summary"]
+    assert 10 < s["psnr"] < 30 and 0 < s["ssim"] < 1 and s["gt_mean_psnr"] > s["psnr"]
+
+
+def test_sgz_eval_unpaired_and_bad_checkpoint(tmp_path):
+    pytest.importorskip("pypiqe")
+    low = tmp_path / "low"
+    low.mkdir()
+    shutil.copy(sorted((LOL / "low").glob("*.png"))[0], low / "a.png")
+    r = subprocess.run([sys.executable, "-m", "training", "eval", "--checkpoint", str(SGZ_PUBLISHED),
+                        "--low", str(low), "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "piqe" in json.loads(r.stdout)["summary"]
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    r = subprocess.run([sys.executable, "-m", "training", "eval", "--checkpoint", str(bad),
+                        "--low", str(low)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "bad.pt" in r.stderr and "Traceback" not in r.stderr

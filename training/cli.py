@@ -1,0 +1,99 @@
+"""`sgz train` and `sgz eval`."""
+import argparse
+import sys
+from pathlib import Path
+
+LOSS_TERMS = ("spa", "rgb", "bri", "tv", "sem")
+
+
+def register(sub) -> None:
+    from .train import TrainConfig
+    d = TrainConfig()
+    p = sub.add_parser("train", help="train EFE with the SGZ objective",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default=d.data, help="folder of training images")
+    p.add_argument("--out", default=d.out, help="run folder: efe.pt, state.pt, log.jsonl")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/state.pt")
+    p.add_argument("--crop", type=int, default=d.crop)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--scale-factor", type=int, default=d.scale_factor,
+                   help="EFE downscale factor while training (published code: 1)")
+    p.add_argument("--infer-scale-factor", type=int, default=d.infer_scale_factor)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--workers", type=int, default=d.workers)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--amp", action="store_true", help="mixed precision (for cuda)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--loss", choices=["paper", "code"], default="code",
+                   help="the paper's loss forms and weights or the published code's")
+    for t in LOSS_TERMS:
+        p.add_argument(f"--w-{t}", type=float, default=None,
+                       help=f"weight of L_{t} (0 switches it off; default: the --loss set's)")
+    p.add_argument("--exposure", type=float, default=0.6, help="E of L_bri (Table 3: 0.6)")
+    p.add_argument("--spa-patch", type=int, default=4, help="pooling of L_spa (Table 3: 4)")
+    p.add_argument("--sem-size", type=int, default=128,
+                   help="USS sees the enhanced image resized to this longer side (0: full)")
+    p.add_argument("--sem-batch", type=int, default=0,
+                   help="USS sees only the first K images per batch (0: all)")
+    p.add_argument("--uss-backbone", choices=["efficientnet-lite0", "resnet50"],
+                   default=d.uss_backbone)
+    p.add_argument("--uss-weights", default=None,
+                   help="ImageNet weights for resnet50 (torchvision format file)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_train)
+
+    e = sub.add_parser("eval", help="score a checkpoint on paired or unpaired folders")
+    e.add_argument("--checkpoint", default=None, help="default: the built-in checkpoint")
+    e.add_argument("--low", required=True, help="folder of input images")
+    e.add_argument("--high", default=None, help="folder of ground truth with the same names")
+    e.add_argument("--device", default=None)
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    e.add_argument("--no-rows", action="store_true", help="summary only")
+    e.add_argument("--save", default=None, help="also write the enhanced images here")
+    e.set_defaults(func=run_eval)
+
+
+def run_train(args) -> int:
+    import torch
+    from .train import TrainConfig, train
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    weights = {t: getattr(args, f"w_{t}") for t in LOSS_TERMS if getattr(args, f"w_{t}") is not None}
+    objective = {"variant": args.loss, "weights": weights, "exposure": args.exposure,
+                 "spa_patch": args.spa_patch, "sem_size": args.sem_size or None,
+                 "sem_batch": args.sem_batch or None}
+    cfg = TrainConfig(
+        data=args.data, out=args.out, crop=args.crop, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, grad_clip=args.grad_clip, epochs=args.epochs,
+        max_steps=args.max_steps, scale_factor=args.scale_factor,
+        infer_scale_factor=args.infer_scale_factor, seed=args.seed, workers=args.workers,
+        device=args.device, amp=args.amp, checkpoint_every=args.checkpoint_every,
+        objective=objective, uss_backbone=args.uss_backbone, uss_weights=args.uss_weights)
+    try:
+        path = train(cfg, resume=args.resume, progress=not args.no_progress)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"sgz train: {e}", file=sys.stderr)
+        return 2
+    print(f"checkpoint: {path}")
+    return 0
+
+
+def run_eval(args) -> int:
+    from model import CheckpointError
+    from .evaluate import evaluate, format_report
+    try:
+        report = evaluate(args.checkpoint, Path(args.low), Path(args.high) if args.high else None,
+                          device=args.device, save=args.save)
+    except (FileNotFoundError, ValueError, CheckpointError, ImportError) as e:
+        print(f"sgz eval: {e}", file=sys.stderr)
+        return 2
+    if args.no_rows:
+        report.pop("rows")
+    print(format_report(report, as_json=args.json))
+    return 0

@@ -1,0 +1,59 @@
+"""The SGZ training objective (Sec. 3.4, Eq. 3): a weighted sum of the five losses."""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import losses
+
+# Eq. 3 weights. paper: lambda = 1 for every term but lambda_sem = 0.1 (Sec. 4.1);
+# code: the published training script's weights (1 / 5 / 10 / 1600 / 0.1).
+DEFAULT_WEIGHTS = {
+    "paper": {"spa": 1.0, "rgb": 1.0, "bri": 1.0, "tv": 1.0, "sem": 0.1},
+    "code": {"spa": 1.0, "rgb": 5.0, "bri": 10.0, "tv": 1600.0, "sem": 0.1},
+}
+
+
+@dataclass
+class Objective:
+    variant: str = "code"           # "paper" or "code": the form of L_rgb, L_bri and L_tv
+    weights: dict | None = None     # per-term weight; 0 switches a term off
+    exposure: float = losses.BRI_E
+    spa_patch: int = losses.SPA_PATCH
+    sem_size: int | None = None     # USS sees the enhanced image resized to this (None: as is)
+    sem_batch: int | None = None    # USS sees only the first K images of a batch (None: all)
+
+    def __post_init__(self):
+        if self.variant not in DEFAULT_WEIGHTS:
+            raise ValueError(f"loss variant must be 'paper' or 'code', got {self.variant!r}")
+        self.weights = {**DEFAULT_WEIGHTS[self.variant], **(self.weights or {})}
+
+    def __call__(self, y: torch.Tensor, x: torch.Tensor, x_r: torch.Tensor,
+                 uss=None) -> tuple[torch.Tensor, dict[str, float]]:
+        """y: enhanced, x: input, x_r: the factor map RIE used (full size)."""
+        w, v, terms = self.weights, self.variant, {}
+        if w["spa"]:
+            terms["spa"] = losses.spatial_consistency(y, x, self.spa_patch)
+        if w["rgb"]:
+            terms["rgb"] = losses.colour_constancy(y, v)
+        if w["bri"]:
+            terms["bri"] = losses.brightness(y, self.exposure, variant=v)
+        if w["tv"]:
+            # code: TV on the factor map x_r; paper (Eq. 7): TV on the enhanced image Y
+            terms["tv"] = losses.total_variation(x_r if v == "code" else y)
+        if w["sem"]:
+            if uss is None:
+                raise ValueError("the semantic loss needs a USS network (or --w-sem 0)")
+            terms["sem"] = losses.semantic_focal(uss(self._sem_input(y)))
+        total = sum(w[k] * t for k, t in terms.items())
+        return total, {k: float(t.detach()) for k, t in terms.items()}
+
+    def _sem_input(self, y: torch.Tensor) -> torch.Tensor:
+        if self.sem_batch:
+            y = y[: self.sem_batch]
+        if self.sem_size and max(y.shape[-2:]) > self.sem_size:
+            h, w = y.shape[-2:]
+            s = self.sem_size / max(h, w)
+            y = F.interpolate(y, size=(max(1, round(h * s)), max(1, round(w * s))),
+                              mode="bilinear", align_corners=False, antialias=True)
+        return y

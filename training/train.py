@@ -1,0 +1,121 @@
+"""`sgz train`: optimise EFE with the SGZ objective on a folder of unpaired images."""
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from model import EFE, save_checkpoint
+from model.rie import STEPS, downscale, rie, upsample_factor
+
+from .data import CropDataset, make_loader
+from .objective import Objective
+
+
+@dataclass
+class TrainConfig:
+    data: str = "../shared/data/train"
+    out: str = "runs/sgz"
+    crop: int = 512                 # paper: 512x512 training images
+    batch_size: int = 6             # paper Sec. 4.1
+    lr: float = 1e-4                # paper Sec. 4.1 (Adam)
+    weight_decay: float = 1e-4      # published code
+    grad_clip: float = 0.1          # paper Sec. 4.1: gradient-norm clip 0.1
+    init_std: float = 0.02          # paper Sec. 4.1: EFE init N(0, 0.02)
+    epochs: int = 100               # paper Sec. 4.1
+    max_steps: int | None = None
+    scale_factor: int = 12          # EFE downscale while training (published code: 1)
+    infer_scale_factor: int = 12    # written into the checkpoint for inference
+    seed: int = 0
+    workers: int = 2
+    device: str | None = None
+    amp: bool = False
+    checkpoint_every: int = 100
+    objective: dict = field(default_factory=dict)  # Objective(**objective)
+    uss_backbone: str = "efficientnet-lite0"
+    uss_weights: str | None = None
+
+
+def forward(efe: EFE, x: torch.Tensor, scale_factor: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """EFE on the downscaled image, x_r upsampled to full size, then RIE (Eq. 1)."""
+    x_r = upsample_factor(efe(downscale(x, scale_factor)), tuple(x.shape[-2:]))
+    return rie(x, x_r, STEPS), x_r
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    objective = Objective(**cfg.objective)
+    uss = None
+    if objective.weights["sem"]:
+        from .uss import USS
+        uss = USS(cfg.uss_backbone, cfg.uss_weights).to(device)
+    efe = EFE().to(device)
+    efe.init_weights(cfg.init_std, torch.Generator().manual_seed(cfg.seed))
+    opt = torch.optim.Adam(efe.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    dataset = CropDataset(cfg.data, cfg.crop, cfg.seed)
+    per_epoch = len(dataset) // cfg.batch_size
+    total = cfg.max_steps or cfg.epochs * per_epoch
+    step, elapsed = 0, 0.0
+    state_path = out / "state.pt"
+    if resume and state_path.is_file():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        efe.load_state_dict(state["efe"])
+        opt.load_state_dict(state["optimizer"])
+        step, elapsed = int(state["step"]), float(state["elapsed_s"])
+        _truncate_log(out / "log.jsonl", step)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    log = open(out / "log.jsonl", "a")
+    bar = tqdm(total=total, initial=step, disable=not progress, dynamic_ncols=True, unit="step")
+    t0 = time.perf_counter() - elapsed
+    efe.train()
+    while step < total:
+        epoch, start = divmod(step, per_epoch)
+        for x in make_loader(dataset, cfg.batch_size, cfg.workers, cfg.seed, epoch, start):
+            x = x.to(device, non_blocking=True)
+            with torch.autocast(device.type, enabled=cfg.amp):
+                y, x_r = forward(efe, x, cfg.scale_factor)
+                loss, terms = objective(y.float(), x, x_r.float(), uss)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(efe.parameters(), cfg.grad_clip)
+            opt.step()
+            step += 1
+            if not math.isfinite(float(loss.detach())):
+                raise FloatingPointError(f"loss became {float(loss)} at step {step}")
+            log.write(json.dumps({"step": step, "epoch": epoch, "loss": float(loss.detach()), **terms,
+                                  "time_s": round(time.perf_counter() - t0, 2)}) + "\n")
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in terms.items()})
+            if step % cfg.checkpoint_every == 0 or step == total:
+                log.flush()
+                _save(out, cfg, efe, opt, step, time.perf_counter() - t0, device)
+            if step >= total:
+                break
+    bar.close()
+    log.close()
+    return out / "efe.pt"
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines past the resumed step: they were computed after the last checkpoint."""
+    if path.is_file():
+        keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def _save(out: Path, cfg: TrainConfig, efe, opt, step: int, elapsed: float, device) -> None:
+    tmp = out / "state.pt.tmp"
+    torch.save({"efe": efe.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                "elapsed_s": elapsed}, tmp)
+    tmp.replace(out / "state.pt")
+    recipe = {"config": asdict(cfg), "steps_done": step, "wall_time_s": round(elapsed, 1),
+              "device": str(device), "machine": f"{platform.machine()} {platform.processor()}",
+              "torch": torch.__version__}
+    save_checkpoint(out / "efe.pt", efe, cfg.infer_scale_factor, STEPS, recipe)
