@@ -79,7 +79,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         epoch, start = divmod(step, per_epoch)
         for x in make_loader(dataset, cfg.batch_size, cfg.workers, cfg.seed, epoch, start):
             x = x.to(device, non_blocking=True)
-            with torch.autocast(device.type, enabled=cfg.amp):
+            # bf16 autocast: the range of fp32, so no gradient scaler is needed
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
                 y, x_r = forward(efe, x, cfg.scale_factor)
                 loss, terms = objective(y.float(), x, x_r.float(), uss)
             opt.zero_grad(set_to_none=True)
