@@ -5,7 +5,6 @@ Decoding applies EXIF orientation and turns every mode Pillow reads (grayscale, 
 what the source was so the output can be written back in a sensible mode.
 """
 import io
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,19 +43,21 @@ class DecodedImage:
 def decode_image(data: bytes, max_pixels: int | None = None) -> DecodedImage:
     if not data:
         raise ImageDecodeError("empty input: no image bytes")
+    # Pillow's own bomb guard (DecompressionBombError above 2 x MAX_IMAGE_PIXELS) plus ours at
+    # MAX_IMAGE_PIXELS, checked before any pixel is decoded. No warnings.catch_warnings here:
+    # it is not thread-safe, and the service and the CLI decode in worker threads.
+    limits = [p for p in (max_pixels, Image.MAX_IMAGE_PIXELS) if p]
+    limit = min(limits) if limits else None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if max_pixels is not None and w * h > max_pixels:
-                raise ImageTooLarge(f"image is {w}x{h} = {w * h} pixels, "
-                                    f"the limit is {max_pixels}")
-            img.load()
+        img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        if limit is not None and w * h > limit:
+            raise ImageTooLarge(f"image is {w}x{h} = {w * h} pixels, the limit is {limit}")
+        img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageTooLarge(f"decompression bomb refused: {e}") from None
     except UnidentifiedImageError:
-        raise ImageDecodeError("not an image, or an image format this service cannot read "
+        raise ImageDecodeError("not an image, or not in a format Pillow reads here "
                                "(PNG, JPEG, WebP, BMP, TIFF, GIF are)") from None
     except (OSError, SyntaxError, ValueError) as e:
         if isinstance(e, ImageTooLarge):
@@ -74,7 +75,9 @@ def _split_modes(img: Image.Image, fmt: str) -> DecodedImage:
     mode = img.mode
     gray = mode in GRAY_MODES or (mode == "P" and _palette_is_gray(img))
     alpha = None
-    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+    # "transparency" in info: a palette or colour-key (tRNS) transparency, as good as an alpha
+    keyed = mode in ("P", "L", "RGB") and "transparency" in img.info
+    if mode in ("RGBA", "LA", "PA") or keyed:
         img = img.convert("RGBA") if mode != "LA" else img
         alpha = np.asarray(img.getchannel("A"), dtype=np.uint8).copy()
     if mode.startswith("I") or mode == "F":

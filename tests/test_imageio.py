@@ -1,0 +1,186 @@
+"""model.imageio: every kind of input Pillow reads becomes 8-bit RGB (+ alpha), written back in a
+sensible mode; bad bytes give specific errors. Inputs are derived from real sice-real photos."""
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import SICE
+from model.imageio import (ImageDecodeError, ImageTooLarge, decode_image, encode_image,
+                           factor_to_picture, output_format)
+
+
+@pytest.fixture(scope="module")
+def photo() -> Image.Image:
+    """A real 160x96 RGB photo piece (not square, so a rotation shows in the size)."""
+    return Image.open(SICE / "761_0_.png").convert("RGB").crop((100, 200, 260, 296))
+
+
+def as_bytes(img: Image.Image, fmt: str = "PNG", **params) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **params)
+    return buf.getvalue()
+
+
+def reopen(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
+
+
+def test_rgb_png_is_exact(photo):
+    image = decode_image(as_bytes(photo))
+    assert np.array_equal(image.rgb, np.asarray(photo))
+    assert (image.alpha, image.gray, image.format, image.size) == (None, False, "PNG", (160, 96))
+    t = image.to_tensor()
+    assert t.shape == (1, 3, 96, 160) and t.dtype == torch.uint8
+    assert reopen(encode_image(image.rgb, None, False, "PNG")).mode == "RGB"
+
+
+def test_grayscale_becomes_rgb_and_is_written_back_as_l(photo):
+    gray = photo.convert("L")
+    image = decode_image(as_bytes(gray))
+    assert image.gray and image.alpha is None
+    for c in range(3):
+        assert np.array_equal(image.rgb[:, :, c], np.asarray(gray))
+    out = reopen(encode_image(image.rgb, image.alpha, image.gray, "PNG"))
+    assert out.mode == "L" and np.array_equal(np.asarray(out), np.asarray(gray))
+
+
+def test_rgba_alpha_is_kept_untouched(photo):
+    alpha = np.tile(np.linspace(0, 255, 160).astype(np.uint8), (96, 1))
+    alpha[10:20, 10:20] = 0
+    rgba = photo.copy()
+    rgba.putalpha(Image.fromarray(alpha))
+    image = decode_image(as_bytes(rgba))
+    assert np.array_equal(image.alpha, alpha) and not image.gray
+    assert np.array_equal(image.rgb, np.asarray(photo))  # colour under alpha 0 survives too
+    brighter = np.clip(image.rgb.astype(int) + 40, 0, 255).astype(np.uint8)
+    for fmt, mode in (("PNG", "RGBA"), ("WEBP", "RGBA"), ("JPEG", "RGB")):
+        out = reopen(encode_image(brighter, image.alpha, image.gray, fmt))
+        assert out.mode == mode, fmt
+        if mode == "RGBA":
+            assert np.array_equal(np.asarray(out.getchannel("A")), alpha), fmt
+
+
+def test_gray_with_alpha_is_written_back_as_la(photo):
+    la = photo.convert("LA")
+    image = decode_image(as_bytes(la))
+    assert image.gray and np.array_equal(image.alpha, np.asarray(la.getchannel("A")))
+    assert reopen(encode_image(image.rgb, image.alpha, image.gray, "PNG")).mode == "LA"
+
+
+def test_palette_without_transparency(photo):
+    pal = photo.quantize(64)
+    image = decode_image(as_bytes(pal))
+    assert image.alpha is None and not image.gray
+    assert np.array_equal(image.rgb, np.asarray(pal.convert("RGB")))
+
+
+def test_palette_with_transparency_gets_an_alpha(photo):
+    pal = photo.quantize(64)
+    index = np.asarray(pal)
+    clear = int(index[0, 0])
+    image = decode_image(as_bytes(pal, transparency=clear))
+    assert np.array_equal(image.alpha, np.where(index == clear, 0, 255).astype(np.uint8))
+    assert 0 < (image.alpha == 0).sum() < image.alpha.size
+    assert reopen(encode_image(image.rgb, image.alpha, image.gray, "PNG")).mode == "RGBA"
+
+
+def test_gray_palette_counts_as_gray(photo):
+    pal = photo.convert("L").convert("P")
+    assert pal.mode == "P"
+    image = decode_image(as_bytes(pal))
+    assert image.gray
+    assert np.array_equal(image.rgb[:, :, 0], np.asarray(pal.convert("L")))
+
+
+def test_colour_key_transparency_on_rgb_png(photo):
+    key = tuple(int(v) for v in np.asarray(photo)[0, 0])
+    image = decode_image(as_bytes(photo, transparency=key))
+    expected = np.where((np.asarray(photo) == key).all(axis=2), 0, 255)
+    assert image.alpha is not None and np.array_equal(image.alpha, expected)
+
+
+def test_exif_rotated_jpeg_is_upright(photo):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 CW to display
+    data = as_bytes(photo, "JPEG", quality=95, exif=exif.tobytes())
+    stored = np.asarray(reopen(data).convert("RGB"))  # pixels as stored, before orientation
+    image = decode_image(data)
+    assert stored.shape[:2] == (96, 160)
+    assert image.size == (96, 160)  # width and height swapped
+    assert np.array_equal(image.rgb, np.rot90(stored, k=-1))
+    assert image.format == "JPEG"
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped(photo):
+    gray8 = np.asarray(photo.convert("L"))
+    gray16 = gray8.astype(np.uint16) * 257  # full 16-bit range: 255 -> 65535
+    img16 = Image.fromarray(gray16)
+    data = as_bytes(img16)
+    assert reopen(data).mode == "I;16"
+    image = decode_image(data)
+    assert image.gray
+    assert np.array_equal(image.rgb[:, :, 1], gray8)  # clipping would turn most of it white
+    assert image.rgb.max() <= gray8.max() and image.rgb.mean() < 128
+
+
+def test_truncated_jpeg_is_a_decode_error(photo):
+    data = as_bytes(photo, "JPEG", quality=90)
+    with pytest.raises(ImageDecodeError, match="truncated"):
+        decode_image(data[: len(data) // 2])
+
+
+def test_text_and_empty_input_are_decode_errors():
+    with pytest.raises(ImageDecodeError, match="not an image"):
+        decode_image(b"date,lux\n2024-01-01,0.3\n" * 50)
+    with pytest.raises(ImageDecodeError, match="empty"):
+        decode_image(b"")
+
+
+def test_max_pixels_is_enforced_before_decoding(photo):
+    data = as_bytes(photo)
+    with pytest.raises(ImageTooLarge, match="160x96 = 15360 pixels, the limit is 15359"):
+        decode_image(data, max_pixels=15359)
+    assert decode_image(data, max_pixels=15360).size == (160, 96)
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A tiny PNG that claims to be width x height: a decompression bomb's header."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit grayscale
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_decompression_bomb_is_refused():
+    bomb = _png_header_only(60_000, 60_000)
+    assert len(bomb) < 100
+    with pytest.raises(ImageTooLarge, match="decompression bomb|pixels"):
+        decode_image(bomb)
+    # between Pillow's warning and error thresholds: refused by our own check, no decoding
+    with pytest.raises(ImageTooLarge, match="the limit is"):
+        decode_image(_png_header_only(12_000, 10_000))
+
+
+def test_output_format_names():
+    assert output_format("jpeg", "PNG") == "JPEG"
+    assert output_format(None, "WEBP") == "WEBP"
+    assert output_format(None, "BMP") == "PNG"
+    with pytest.raises(ValueError, match="unsupported output format"):
+        output_format("gif", "PNG")
+
+
+def test_factor_picture_darker_means_lower_factor():
+    x_r = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0]).view(1, 1, 5).expand(3, 1, 5)
+    picture = factor_to_picture(x_r)
+    assert picture.shape == (1, 5, 3) and picture.dtype == np.uint8
+    assert picture[0, :, 0].tolist() == [0, 64, 128, 191, 255]
