@@ -1,0 +1,53 @@
+"""`sgz serve`: run the HTTP service. Flags override SGZ_* environment variables."""
+import argparse
+import logging
+import sys
+
+from pydantic import ValidationError
+
+FLAGS = ("host", "port", "checkpoint", "device")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve", help="run the HTTP service (POST /enhance, GET /factor/..., /metrics)",
+        description="Run the HTTP service. Every setting can also come from the environment "
+                    "(SGZ_HOST, SGZ_PORT, SGZ_CHECKPOINT, SGZ_DEVICE, SGZ_API_KEY, "
+                    "SGZ_MAX_BATCH_SIZE, ...: see docs/service.md); flags win.")
+    p.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument("--checkpoint", help="checkpoint file (default: the built-in checkpoint)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
+    p.set_defaults(func=serve)
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from model import CheckpointError, load_model
+
+    from .app import create_app
+    from .settings import Settings
+
+    overrides = {k: getattr(args, k) for k in FLAGS if getattr(args, k) is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
+                             for err in e.errors())
+        print(f"sgz serve: invalid setting: {problems}", file=sys.stderr)
+        return 2
+    level = "DEBUG" if settings.log_level == "trace" else settings.log_level.upper()
+    logging.basicConfig(level=level,
+                        format="%(levelname)s:     %(name)s: %(message)s")
+    # Loaded here, before the server starts, so that a missing or broken checkpoint ends the
+    # command with one clear line instead of a lifespan traceback.
+    try:
+        enhancer = load_model(settings.checkpoint, settings.device)
+    except (CheckpointError, ValueError, RuntimeError, OSError) as e:
+        print(f"sgz serve: cannot load the model: {e}", file=sys.stderr)
+        return 2
+    app = create_app(settings, enhancer=enhancer)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=settings.shutdown_timeout_s)
+    return 0

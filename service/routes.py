@@ -1,0 +1,127 @@
+"""The HTTP endpoints. Thin: read, decode, queue, encode; the work lives in Runtime."""
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi.responses import JSONResponse
+
+from model.imageio import MEDIA_TYPES, encode_image, output_format, tensor_to_rgb
+
+from .errors import ApiError
+from .factor_store import StoredFactor, render_factor
+from .inference import ENHANCE, FACTOR, Work
+from .runtime import Runtime, Timing
+from .uploads import IMAGE_BODY, read_image_bytes
+
+router = APIRouter()
+
+FactorFormat = Literal["png", "npy"]
+FACTOR_MEDIA = {"png": "image/png", "npy": "application/octet-stream"}
+ERRORS = {code: {"description": text} for code, text in {
+    400: "empty, corrupt or truncated image, malformed upload",
+    401: "API key missing or wrong (only when SGZ_API_KEY is set)",
+    413: "upload over SGZ_MAX_UPLOAD_BYTES, or image over SGZ_MAX_PIXELS",
+    415: "not an image, or not a format this service reads",
+    422: "a query parameter out of range",
+    503: "queue full or not ready: retry after Retry-After seconds",
+    504: "the request's deadline (SGZ_REQUEST_TIMEOUT_S) passed while queued",
+}.items()}
+
+
+def runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+@router.post("/enhance", response_class=Response, openapi_extra=IMAGE_BODY,
+             responses={200: {"content": {m: {} for m in MEDIA_TYPES.values()},
+                              "description": "the enhanced image, same size"}, **ERRORS})
+async def enhance(
+        request: Request,
+        strength: Annotated[float, Query(ge=0, le=1, description="scales the factor map: "
+                                         "1 = the model, 0 = unchanged")] = 1.0,
+        format: Annotated[Literal["png", "jpeg", "webp"] | None,
+                          Query(description="output format; default: the input's "
+                                "(PNG for formats other than these)")] = None,
+        quality: Annotated[int, Query(ge=1, le=100, description="JPEG/WebP quality")] = 90,
+) -> Response:
+    """Brighten a dark photo. The image comes as multipart field `image` or as the raw body.
+    Its factor map stays available for a while at `GET /factor/{X-Request-ID}`."""
+    rt, timing = runtime(request), Timing()
+    rt.check_ready()
+    decoded, tensor = await rt.decode(await read_image_bytes(request, rt.settings.max_upload_bytes),
+                                      timing)
+    out = await rt.infer(request, Work(tensor, strength, ENHANCE), timing)
+    rt.factors.put(request.state.request_id, out.factor_lowres, tuple(tensor.shape[-2:]))
+    fmt = output_format(format, decoded.format)
+    body = await rt.encode(_encode, out.image, decoded, fmt, quality, timing=timing)
+    return Response(body, media_type=MEDIA_TYPES[fmt],
+                    headers={"Server-Timing": timing.header()})
+
+
+def _encode(image, decoded, fmt: str, quality: int) -> bytes:
+    return encode_image(tensor_to_rgb(image), decoded.alpha, decoded.gray, fmt, quality)
+
+
+@router.get("/factor/{request_id}", response_class=Response,
+            responses={200: {"content": {m: {} for m in FACTOR_MEDIA.values()},
+                             "description": "PNG picture or float32 .npy (H, W, 3)"},
+                       404: {"description": "unknown or evicted request id"}})
+async def get_factor(request: Request,
+                     request_id: Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$",
+                                                     max_length=128)],
+                     format: FactorFormat = "png") -> Response:
+    """The factor map x_r of a recent `/enhance` or `/factor` request: a picture where darker
+    means a lower factor (paper Fig. 3), or with `?format=npy` the float map in [-1, 1]."""
+    rt = runtime(request)
+    entry = rt.factors.get(request_id)
+    if entry is None:
+        raise ApiError(404, "unknown_request_id",
+                       f"no factor map for request {request_id!r}: unknown, or evicted from "
+                       "the store of recent maps (SGZ_FACTOR_STORE_ITEMS / _BYTES)")
+    return await _factor_response(rt, entry, format, request_id)
+
+
+@router.post("/factor", response_class=Response, openapi_extra=IMAGE_BODY,
+             responses={200: {"content": {m: {} for m in FACTOR_MEDIA.values()}}, **ERRORS})
+async def post_factor(request: Request, format: FactorFormat = "png") -> Response:
+    """Compute the factor map of an uploaded image (EFE only, no enhancement)."""
+    rt, timing = runtime(request), Timing()
+    rt.check_ready()
+    _, tensor = await rt.decode(await read_image_bytes(request, rt.settings.max_upload_bytes),
+                                timing)
+    out = await rt.infer(request, Work(tensor, 1.0, FACTOR), timing)
+    entry = StoredFactor(out.factor_lowres, tuple(tensor.shape[-2:]))
+    rt.factors.put(request.state.request_id, entry.lowres, entry.size)
+    response = await _factor_response(rt, entry, format, request.state.request_id, timing)
+    response.headers["Server-Timing"] = timing.header()
+    return response
+
+
+async def _factor_response(rt: Runtime, entry: StoredFactor, fmt: str, request_id: str,
+                           timing: Timing | None = None) -> Response:
+    body = await rt.encode(render_factor, entry, fmt, timing=timing or Timing())
+    headers = {"Content-Disposition": f'inline; filename="factor-{request_id}.{fmt}"'}
+    return Response(body, media_type=FACTOR_MEDIA[fmt], headers=headers)
+
+
+@router.get("/healthz")
+async def healthz() -> dict:
+    """Liveness: the process answers. Never needs the API key."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: {"description": "loading, warming up or shutting down"}})
+async def readyz(request: Request):
+    """Readiness: the model is loaded and warmed up. Never needs the API key."""
+    rt: Runtime | None = getattr(request.app.state, "runtime", None)
+    if rt is None or not rt.ready:
+        return JSONResponse({"error": "not_ready", "detail": "loading, warming up or shutting "
+                             "down"}, status_code=503)
+    return {"status": "ready", "device": str(rt.enhancer.device),
+            "checkpoint_sha256": rt.enhancer.sha256}
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    """Prometheus text format."""
+    m = request.app.state.metrics
+    return Response(m.render(), media_type=m.content_type)

@@ -1,0 +1,154 @@
+"""Everything one running app owns: the model, the batcher, the thread pool for image I/O,
+the factor store and the metrics. Created in the app's lifespan, reached by routes through
+`request.app.state.runtime`.
+"""
+import asyncio
+import io
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from model import Enhancer
+from model.imageio import DecodedImage, ImageDecodeError, ImageTooLarge, decode_image
+
+from .batching import Batcher, QueueFull
+from .errors import ApiError
+from .factor_store import FactorStore
+from .inference import Output, Work, run_batch, warmup_images
+from .metrics import Metrics
+from .settings import Settings
+
+log = logging.getLogger("sgz.service")
+
+
+@dataclass
+class Timing:
+    """Seconds spent per stage, for the Server-Timing header."""
+    queue: float = 0.0
+    inference: float = 0.0
+    decode: float = 0.0
+    encode: float = 0.0
+
+    def header(self) -> str:
+        return ", ".join(f"{name};dur={seconds * 1000:.1f}"
+                         for name, seconds in vars(self).items())
+
+
+class Runtime:
+    def __init__(self, settings: Settings, enhancer: Enhancer, metrics: Metrics):
+        self.settings = settings
+        self.enhancer = enhancer
+        self.metrics = metrics
+        self.ready = False
+        self.factors = FactorStore(settings.factor_store_items, settings.factor_store_bytes)
+        self.io_pool = ThreadPoolExecutor(settings.io_threads, thread_name_prefix="sgz-io")
+        self.batcher = Batcher(
+            partial(run_batch, enhancer), max_batch_size=settings.max_batch_size,
+            max_batch_pixels=settings.max_batch_pixels, max_wait_s=settings.max_wait_ms / 1000,
+            max_queue_size=settings.max_queue_size, on_batch=metrics.observe_batch,
+            on_drop=lambda reason: metrics.dropped.labels(reason).inc())
+        metrics.queue_depth.set_function(lambda: self.batcher.depth)
+        metrics.describe_model(enhancer.sha256, enhancer.checkpoint.source,
+                               str(enhancer.device), _versions())
+
+    def start(self) -> None:
+        self.batcher.start()
+
+    async def warm_up(self) -> None:
+        """Run the model once, then report ready (a failure leaves /readyz at 503)."""
+        if self.settings.warmup:
+            start = time.perf_counter()
+            try:
+                # in the inference thread (per-thread state such as cuDNN handles), but outside
+                # the queue so that metrics count only real traffic
+                await self.batcher.run_in_worker(run_batch, self.enhancer, warmup_images())
+            except Exception:
+                log.exception("warm-up failed: the service stays not ready")
+                return
+            log.info("warm-up took %.2f s", time.perf_counter() - start)
+        self.ready = True
+        log.info("ready: checkpoint %s on %s", self.enhancer.sha256[:12], self.enhancer.device)
+
+    async def close(self) -> None:
+        """Finish every queued request, then stop the threads."""
+        self.ready = False
+        await self.batcher.close()
+        self.io_pool.shutdown(wait=True)
+
+    async def run_io(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.io_pool, fn, *args)
+
+    def check_ready(self) -> None:
+        if not self.ready:
+            raise ApiError(503, "not_ready", "the model is still warming up; retry shortly",
+                           {"Retry-After": str(self.settings.retry_after_s)})
+
+    async def decode(self, data: bytes, timing: Timing) -> tuple[DecodedImage, torch.Tensor]:
+        if not data:
+            raise ApiError(400, "empty_image", "the upload is empty: no image bytes")
+        if self.batcher.full:  # no point decoding what cannot be queued
+            raise QueueFull("the queue is full")
+        start = time.perf_counter()
+        try:
+            decoded, tensor = await self.run_io(_decode, data, self.settings.max_pixels)
+        except ImageTooLarge as e:
+            raise ApiError(413, "image_too_large", f"{e} (SGZ_MAX_PIXELS)") from None
+        except ImageDecodeError as e:
+            if await self.run_io(_recognised, data):
+                raise ApiError(400, "corrupt_image", str(e)) from None
+            raise ApiError(415, "unsupported_image", str(e)) from None
+        except Exception as e:  # whatever a hostile file makes Pillow raise: still bad input
+            log.warning("decode failed: %s: %s", type(e).__name__, e)
+            raise ApiError(400, "corrupt_image", f"the image could not be decoded "
+                           f"({type(e).__name__}: {e})") from None
+        timing.decode = time.perf_counter() - start
+        self.metrics.decode.observe(timing.decode)
+        return decoded, tensor
+
+    async def infer(self, request, work: Work, timing: Timing) -> Output:
+        arrival = request.state.arrival
+        result = await self.batcher.submit(
+            work, key=work.key, pixels=work.pixels, arrival=arrival,
+            deadline=arrival + self.settings.request_timeout_s,
+            is_disconnected=request.is_disconnected)
+        timing.queue, timing.inference = result.queue_s, result.inference_s
+        self.metrics.queue_wait.observe(result.queue_s)
+        return result.value
+
+    async def encode(self, fn, *args, timing: Timing) -> bytes:
+        start = time.perf_counter()
+        body = await self.run_io(fn, *args)
+        timing.encode = time.perf_counter() - start
+        self.metrics.encode.observe(timing.encode)
+        return body
+
+
+def _decode(data: bytes, max_pixels: int) -> tuple[DecodedImage, torch.Tensor]:
+    decoded = decode_image(data, max_pixels=max_pixels)
+    return decoded, decoded.to_tensor()
+
+
+def _recognised(data: bytes) -> bool:
+    """Does Pillow know this format? (Then the file is broken: 400, else 415.)"""
+    try:
+        Image.open(io.BytesIO(data)).close()
+    except UnidentifiedImageError:
+        return False
+    except Exception:
+        pass
+    return True
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+    out = {"torch": torch.__version__}
+    try:
+        out["sgz"] = version("sgz-serve")
+    except PackageNotFoundError:
+        out["sgz"] = "unknown"
+    return out

@@ -1,0 +1,54 @@
+"""Every setting of the service, from the environment (prefix SGZ_) or from `sgz serve` flags.
+
+`sgz serve --port 9000` beats `SGZ_PORT=9000`, which beats the defaults below.
+"""
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SGZ_", env_ignore_empty=True, extra="forbid")
+
+    # Where and what to serve.
+    host: str = Field("127.0.0.1", description="interface to listen on (0.0.0.0 in Docker)")
+    port: int = Field(8000, ge=1, le=65535)
+    checkpoint: Path | None = Field(None, description="checkpoint file; unset = the built-in "
+                                    "default checkpoint")
+    device: str | None = Field(None, description="cpu, cuda, cuda:1...; unset = cuda when "
+                               "PyTorch sees a GPU, else cpu")
+    api_key: SecretStr | None = Field(None, description="when set, every endpoint but /healthz "
+                                      "and /readyz needs `X-API-Key` or `Authorization: Bearer`")
+
+    # Micro-batching (see service/batching.py).
+    max_batch_size: int = Field(16, ge=1, description="images per forward pass")
+    max_batch_pixels: int = Field(16 * MiB, ge=1, description="pixels per forward pass (an "
+                                  "image larger than this still runs, alone)")
+    max_wait_ms: float = Field(5.0, ge=0, description="longest a request waits, from its "
+                               "arrival, for others to share its forward pass")
+    max_queue_size: int = Field(256, ge=1, description="images waiting for a forward pass; "
+                                "beyond this requests get 503 at once")
+    request_timeout_s: float = Field(30.0, gt=0, description="deadline from arrival; a request "
+                                     "still queued then gets 504 and is never computed")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 503")
+
+    # Input limits.
+    max_upload_bytes: int = Field(32 * MiB, ge=1, description="request body size, counted "
+                                  "while reading (413 beyond)")
+    max_pixels: int = Field(16 * MiB, ge=1, description="decoded image size, checked before "
+                            "decompressing (413 beyond)")
+
+    # Recent factor maps for GET /factor/{request_id} (stored at EFE's low resolution).
+    factor_store_items: int = Field(1024, ge=0)
+    factor_store_bytes: int = Field(64 * MiB, ge=0)
+
+    # Process.
+    io_threads: int = Field(4, ge=1, description="threads decoding and encoding images")
+    warmup: bool = Field(True, description="run the model once before reporting ready")
+    shutdown_timeout_s: int = Field(30, ge=1, description="on SIGTERM, how long in-flight "
+                                    "requests may take to finish")
+    log_level: str = Field("info", pattern="^(critical|error|warning|info|debug|trace)$")
+

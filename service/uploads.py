@@ -1,0 +1,93 @@
+"""Reading an uploaded image: multipart field `image`, or a raw body with an image type.
+
+The size limit is enforced while the body streams in (and from Content-Length before any of
+it is read), so an oversized upload is answered with 413 after at most `max_bytes` bytes.
+"""
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.types import Message, Receive
+
+from .errors import ApiError
+
+IMAGE_FIELD = "image"
+RAW_TYPES = ("image/", "application/octet-stream")
+
+# For the OpenAPI schema: the body is read by hand, so FastAPI cannot infer it.
+IMAGE_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {
+        "type": "object", "required": [IMAGE_FIELD],
+        "properties": {IMAGE_FIELD: {"type": "string", "format": "binary"}}}},
+    "image/*": {"schema": {"type": "string", "format": "binary"}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+}}}
+
+
+def too_large(max_bytes: int, seen: str) -> ApiError:
+    return ApiError(413, "payload_too_large",
+                    f"the upload is {seen} bytes; this service accepts at most {max_bytes} "
+                    "bytes per request (SGZ_MAX_UPLOAD_BYTES)")
+
+
+async def read_image_bytes(request: Request, max_bytes: int) -> bytes:
+    try:
+        data = await _read(request, max_bytes)
+        # uvicorn stops reading the socket once the body's last chunk passes its high-water
+        # mark, and so would not notice the client leaving while the request is queued. A
+        # receive() (which is what this does) resumes reading.
+        await request.is_disconnected()
+        return data
+    except ClientDisconnect:
+        raise ApiError(499, "client_disconnected", "the client went away mid-upload") from None
+
+
+async def _read(request: Request, max_bytes: int) -> bytes:
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise ApiError(400, "bad_request", f"Content-Length {length!r} is not a number")
+        if int(length) > max_bytes:
+            raise too_large(max_bytes, length)
+    limited = Request(request.scope, _counting(request.receive, max_bytes))
+    if media == "multipart/form-data":
+        return await _from_multipart(limited)
+    if media.startswith(RAW_TYPES):
+        body = bytearray()
+        async for chunk in limited.stream():
+            body += chunk
+        return bytes(body)
+    raise ApiError(415, "unsupported_media_type",
+                   f"Content-Type {media or '(none)'!r} is not an image upload: send the image "
+                   f"as multipart field {IMAGE_FIELD!r} (curl -F {IMAGE_FIELD}=@photo.jpg) or "
+                   "as the raw body with its type (-H 'Content-Type: image/jpeg' "
+                   "--data-binary @photo.jpg)")
+
+
+def _counting(receive: Receive, max_bytes: int) -> Receive:
+    seen = 0
+
+    async def receive_counted() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > max_bytes:
+                raise too_large(max_bytes, f"more than {max_bytes}")
+        return message
+    return receive_counted
+
+
+async def _from_multipart(request: Request) -> bytes:
+    try:
+        form = await request.form(max_files=1, max_fields=16)
+    except HTTPException as e:  # malformed multipart: Starlette turns it into a 400
+        raise ApiError(400, "bad_multipart", f"malformed multipart body: {e.detail}") from None
+    try:
+        upload = form.get(IMAGE_FIELD)
+        if upload is None or isinstance(upload, str):
+            raise ApiError(400, "missing_image",
+                           f"multipart field {IMAGE_FIELD!r} with a file is required "
+                           f"(fields sent: {sorted(form.keys()) or 'none'})")
+        return await upload.read()
+    finally:
+        await form.close()

@@ -1,0 +1,83 @@
+"""End to end: a client that hangs up while queued, and a graceful shutdown with work queued.
+
+A 1.5 s batch timer keeps requests queued long enough to act on them; the module's last test
+shuts the server down.
+"""
+import asyncio
+import signal
+import socket
+import time
+
+import httpx
+import pytest
+
+from model.imageio import decode_image
+from sgz_server import Server, metric, photo
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server({"SGZ_MAX_WAIT_MS": "1500", "SGZ_MAX_BATCH_SIZE": "8"})
+    try:
+        yield s.wait_ready()
+    finally:
+        s.close()
+
+
+def metrics(server) -> str:
+    return httpx.get(f"{server.url}/metrics").text
+
+
+def wait_for_queue(server, depth: int, timeout: float = 10) -> None:
+    end = time.monotonic() + timeout
+    while metric(metrics(server), "sgz_queue_depth") != depth:
+        assert time.monotonic() < end, f"queue never reached {depth}"
+        time.sleep(0.02)
+
+
+def test_client_that_hung_up_is_dropped_before_its_batch_runs(server):
+    source = photo((512, 512)).read_bytes()
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall(b"POST /enhance HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(source), source))
+    wait_for_queue(server, 1)
+    sock.close()  # gone while its request waits for the batch timer
+    r = httpx.post(f"{server.url}/enhance", content=source, timeout=30,
+                   headers={"content-type": "image/png"})  # same size: same batch
+    assert r.status_code == 200
+    text = metrics(server)
+    assert metric(text, "sgz_requests_dropped_total", reason="disconnected") == 1
+    assert metric(text, "sgz_images_processed_total") == 1
+    assert metric(text, "sgz_batch_size_count") == 1
+
+
+def test_sigterm_finishes_queued_requests_then_exits(server, published_enhancer):
+    source = photo((512, 512)).read_bytes()
+    expected = published_enhancer.enhance(decode_image(source).to_tensor())
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+            queued = [asyncio.create_task(c.post("/enhance", content=source,
+                                                 headers={"content-type": "image/png"}))
+                      for _ in range(3)]
+            await asyncio.to_thread(wait_for_queue, server, 3)
+            server.proc.send_signal(signal.SIGTERM)
+            refused = False
+            for _ in range(50):  # new connections are refused while the queue drains
+                try:
+                    async with httpx.AsyncClient(timeout=1) as fresh:
+                        await fresh.get(f"{server.url}/healthz")
+                except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
+                    refused = True  # refused, or accepted just before and closed unanswered
+                    break
+                await asyncio.sleep(0.05)
+            return await asyncio.gather(*queued), refused
+    responses, refused = asyncio.run(scenario())
+    assert refused
+    for r in responses:
+        assert r.status_code == 200, r.text
+        got = decode_image(r.content).to_tensor()
+        assert (got.int() - expected.int()).abs().max().item() <= 1
+    assert server.proc.wait(20) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal
+    log = server.log()
+    assert "finishing" in log and "Application shutdown complete" in log, log

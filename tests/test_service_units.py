@@ -1,0 +1,88 @@
+"""Service parts that need no server: the factor store, settings precedence, `sgz serve`
+refusing to start without a usable model."""
+import io
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from model import upsample_factor
+from model.imageio import decode_image
+from service.factor_store import FactorStore, render_factor
+from service.settings import Settings
+from sgz_server import SGZ, photo
+
+
+def lowres(h=9, w=16, value=0.0):
+    return torch.full((3, h, w), value, dtype=torch.float32)
+
+
+def test_factor_store_is_bounded_by_count_oldest_first():
+    store = FactorStore(max_items=2, max_bytes=1 << 20)
+    for name in "abc":
+        assert store.put(name, lowres(), (108, 192))
+    assert store.get("a") is None and store.get("b") and store.get("c")
+    assert len(store) == 2 and store.nbytes == 2 * lowres().numel() * 4
+
+
+def test_factor_store_is_bounded_by_bytes_and_replaces_same_id():
+    one = lowres().numel() * 4
+    store = FactorStore(max_items=100, max_bytes=2 * one + 1)
+    store.put("a", lowres(), (1, 1))
+    store.put("b", lowres(), (1, 1))
+    store.put("a", lowres(value=0.5), (1, 1))  # same id: replaced, not duplicated
+    assert len(store) == 2 and store.nbytes == 2 * one
+    assert store.get("a").lowres[0, 0, 0] == 0.5
+    store.put("c", lowres(), (1, 1))  # over the byte limit: the oldest ("b") goes
+    assert store.get("b") is None and store.nbytes == 2 * one
+    assert not store.put("huge", lowres(100, 100), (1, 1))  # can never fit: not stored
+    assert store.get("huge") is None and len(store) == 2
+    assert not FactorStore(0, 1 << 20).put("x", lowres(), (1, 1))
+
+
+def test_stored_map_is_low_res_and_rendered_at_full_size(published_enhancer):
+    image = decode_image(photo((512, 512)).read_bytes()).to_tensor()
+    _, r_low = published_enhancer.enhance(image, return_factor=True)
+    store = FactorStore(10, 1 << 20)
+    store.put("id", r_low[0], (512, 512))
+    entry = store.get("id")
+    assert entry.nbytes * 100 < 3 * 512 * 512 * 4  # ~144x smaller than the full map
+    full = np.load(io.BytesIO(render_factor(entry, "npy")))
+    expected = upsample_factor(r_low, (512, 512))[0].permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(full, expected, atol=1e-6)
+    picture = decode_image(render_factor(entry, "png"))
+    assert picture.size == (512, 512) and picture.format == "PNG"
+
+
+def test_settings_flags_beat_environment_beat_defaults(monkeypatch):
+    assert Settings.model_construct().port == 8000
+    monkeypatch.setenv("SGZ_PORT", "9001")
+    monkeypatch.setenv("SGZ_MAX_BATCH_SIZE", "4")
+    monkeypatch.setenv("SGZ_API_KEY", "")  # empty means unset
+    settings = Settings()
+    assert settings.port == 9001 and settings.max_batch_size == 4 and settings.api_key is None
+    assert Settings(port=9002).port == 9002
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--checkpoint", "/nonexistent/model.pt"], {}, "/nonexistent/model.pt"),
+    (["--checkpoint", "{garbage}"], {}, "garbage.pt"),
+    (["--device", "nonsense"], {}, "cannot load the model"),
+    ([], {"SGZ_MAX_BATCH_SIZE": "0"}, "max_batch_size"),
+])
+def test_sgz_serve_refuses_to_start_without_a_usable_model(tmp_path, args, env, message):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    args = [a.replace("{garbage}", str(garbage)) for a in args]
+    if "--checkpoint" not in args:
+        from conftest import SGZ_PUBLISHED
+        args += ["--checkpoint", str(SGZ_PUBLISHED)]
+    result = subprocess.run([str(SGZ), "serve", "--port", "1", *args], capture_output=True,
+                            text=True, timeout=60, env={**os.environ, **env})
+    assert result.returncode == 2
+    assert result.stderr.startswith("sgz serve: cannot load the model: "
+                                    if env == {} else "sgz serve: invalid setting: ")
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
