@@ -44,8 +44,9 @@ def test_gradients_reach_efe_and_uss_does_not_change(uss):
     before = {k: v.clone() for k, v in uss.state_dict().items()}
     opt = torch.optim.Adam(efe.parameters(), lr=1e-3)
     x = torch.rand(2, 3, 64, 64) * 0.3
-    y, x_r = forward(efe, x, scale_factor=4)
-    loss, terms = Objective(variant="code")(y, x, x_r, uss)
+    y, x_r, x_r_efe = forward(efe, x, scale_factor=4)
+    assert x_r_efe.shape == (2, 3, 16, 16) and x_r.shape == (2, 3, 64, 64)
+    loss, terms = Objective(variant="code")(y, x, x_r, uss, x_r_efe)
     opt.zero_grad()
     loss.backward()
     assert set(terms) == {"spa", "rgb", "bri", "tv", "sem"}

@@ -50,7 +50,7 @@ class CropDataset(Dataset):
             a = a[:, ::-1]
         if rng.random() < 0.5:
             a = a[::-1]
-        return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).float().div_(255)
+        return torch.from_numpy(a.copy()).permute(2, 0, 1).float().div_(255)
 
 
 def make_loader(dataset: CropDataset, batch_size: int, workers: int, seed: int,

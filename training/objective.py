@@ -22,15 +22,22 @@ class Objective:
     spa_patch: int = losses.SPA_PATCH
     sem_size: int | None = None     # USS sees the enhanced image resized to this (None: as is)
     sem_batch: int | None = None    # USS sees only the first K images of a batch (None: all)
+    tv_on: str | None = None        # "efe": x_r as EFE outputs it, "full": x_r upsampled to the
+                                    # image, "image": Y. Default: "efe" (code), "image" (paper)
 
     def __post_init__(self):
         if self.variant not in DEFAULT_WEIGHTS:
             raise ValueError(f"loss variant must be 'paper' or 'code', got {self.variant!r}")
         self.weights = {**DEFAULT_WEIGHTS[self.variant], **(self.weights or {})}
+        self.tv_on = self.tv_on or ("efe" if self.variant == "code" else "image")
+        if self.tv_on not in ("efe", "full", "image"):
+            raise ValueError(f"tv_on must be 'efe', 'full' or 'image', got {self.tv_on!r}")
 
     def __call__(self, y: torch.Tensor, x: torch.Tensor, x_r: torch.Tensor,
-                 uss=None) -> tuple[torch.Tensor, dict[str, float]]:
-        """y: enhanced, x: input, x_r: the factor map RIE used (full size)."""
+                 uss=None, x_r_efe: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+        """y: enhanced, x: input, x_r: the factor map RIE used (full size), x_r_efe: the same
+        map at EFE's resolution (defaults to x_r, as when training at scale 1)."""
         w, v, terms = self.weights, self.variant, {}
         if w["spa"]:
             terms["spa"] = losses.spatial_consistency(y, x, self.spa_patch)
@@ -39,8 +46,11 @@ class Objective:
         if w["bri"]:
             terms["bri"] = losses.brightness(y, self.exposure, variant=v)
         if w["tv"]:
-            # code: TV on the factor map x_r; paper (Eq. 7): TV on the enhanced image Y
-            terms["tv"] = losses.total_variation(x_r if v == "code" else y)
+            # The published code puts TV on x_r, which it trains at full resolution; at a
+            # training scale > 1 the map EFE outputs is the analogue ("efe"): its upsampled copy
+            # is smooth by construction, so TV on it barely constrains EFE. Paper Eq. 7: on Y.
+            target = {"efe": x_r if x_r_efe is None else x_r_efe, "full": x_r, "image": y}
+            terms["tv"] = losses.total_variation(target[self.tv_on])
         if w["sem"]:
             if uss is None:
                 raise ValueError("the semantic loss needs a USS network (or --w-sem 0)")

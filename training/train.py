@@ -40,10 +40,12 @@ class TrainConfig:
     uss_weights: str | None = None
 
 
-def forward(efe: EFE, x: torch.Tensor, scale_factor: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """EFE on the downscaled image, x_r upsampled to full size, then RIE (Eq. 1)."""
-    x_r = upsample_factor(efe(downscale(x, scale_factor)), tuple(x.shape[-2:]))
-    return rie(x, x_r, STEPS), x_r
+def forward(efe: EFE, x: torch.Tensor, scale_factor: int):
+    """EFE on the downscaled image, x_r upsampled to full size, then RIE (Eq. 1).
+    Returns the enhanced image, x_r at full size and x_r at EFE's resolution."""
+    x_r_efe = efe(downscale(x, scale_factor))
+    x_r = upsample_factor(x_r_efe, tuple(x.shape[-2:]))
+    return rie(x, x_r, STEPS), x_r, x_r_efe
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
@@ -81,8 +83,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             x = x.to(device, non_blocking=True)
             # bf16 autocast: the range of fp32, so no gradient scaler is needed
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
-                y, x_r = forward(efe, x, cfg.scale_factor)
-                loss, terms = objective(y.float(), x, x_r.float(), uss)
+                y, x_r, x_r_efe = forward(efe, x, cfg.scale_factor)
+                loss, terms = objective(y.float(), x, x_r.float(), uss, x_r_efe.float())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(efe.parameters(), cfg.grad_clip)
