@@ -3,10 +3,12 @@
 The CLI, the service and the benchmarks all go through `Enhancer.enhance` / `Enhancer.factor`.
 Images are uint8 (N, 3, H, W) tensors; outputs have exactly the input's size.
 """
+import time
 from pathlib import Path
 
 import torch
 
+from . import fast as fastpath
 from .checkpoint import DEFAULT_CHECKPOINT, Checkpoint, CheckpointError, load_checkpoint
 from .efe import EFE
 from .rie import downscale, rie, upsample_factor
@@ -39,7 +41,12 @@ def to_uint8(y: torch.Tensor) -> torch.Tensor:
 
 
 class Enhancer:
-    """EFE + RIE on one device, inference only."""
+    """EFE + RIE on one device, inference only.
+
+    `fast=True` runs the fused path of model/fast.py (numba kernels on CPU, torch ops
+    elsewhere); `fast=False` the eager reference below, which the fast path is tested against.
+    `backend` names the one in use: "numba", "torch" or "eager".
+    """
 
     def __init__(self, checkpoint: Checkpoint, device: torch.device, fast: bool = True):
         self.checkpoint = checkpoint
@@ -50,6 +57,9 @@ class Enhancer:
         self.efe.load_state_dict(checkpoint.state_dict)
         self.efe.eval().requires_grad_(False).to(device)
         self.fast = fast
+        self._fast = (fastpath.build(self.efe, device, self.scale_factor, self.steps)
+                      if fast else None)
+        self.backend = self._fast.name if fast else "eager"
 
     @property
     def sha256(self) -> str:
@@ -59,6 +69,8 @@ class Enhancer:
     def factor_lowres(self, images: torch.Tensor) -> torch.Tensor:
         """x_r at EFE's resolution: (N, 3, h, w) float32, h ~ H / scale_factor."""
         check_images(images)
+        if self._fast is not None:
+            return self._fast.factor_lowres(images.to(self.device))
         x = images.to(self.device).float().div_(255)
         return self.efe(downscale(x, self.scale_factor))
 
@@ -88,9 +100,21 @@ class Enhancer:
     @torch.inference_mode()
     def apply_factor(self, images: torch.Tensor, r_low: torch.Tensor) -> torch.Tensor:
         """Upsample x_r, run the RIE steps and round to uint8: the full-resolution part."""
+        check_images(images)
+        if self._fast is not None:
+            return self._fast.apply_factor(images.to(self.device), r_low)
         x = images.to(self.device).float().div_(255)
         r = upsample_factor(r_low.to(self.device), tuple(images.shape[-2:]))
         return to_uint8(rie(x, r, self.steps))
+
+    def warmup(self) -> float:
+        """Compile (or load from numba's on-disk cache) the fast path's kernels and initialise
+        the backend on a few tiny batches, so that the first request does not pay for it.
+        Returns the seconds taken; call once at service start."""
+        start = time.perf_counter()
+        for n, h, w in ((1, 37, 53), (2, 24, 24)):  # one image and a batch: both code paths
+            self.enhance(torch.zeros(n, 3, h, w, dtype=torch.uint8), strength=0.5)
+        return time.perf_counter() - start
 
 
 def load_model(checkpoint: str | Path | None = None, device: str | torch.device | None = None,
@@ -99,6 +123,8 @@ def load_model(checkpoint: str | Path | None = None, device: str | torch.device 
 
     checkpoint: a path to our checkpoint format or a published raw state dict; None loads the
     project's own default checkpoint. device: None picks cuda when available, else cpu.
+    fast: the fused path of model/fast.py (benchmarked faster on CPU: `sgz bench`); False runs
+    the eager reference.
     """
     if checkpoint is None:
         if not DEFAULT_CHECKPOINT.is_file():

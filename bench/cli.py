@@ -1,0 +1,179 @@
+"""`sgz bench`: the model-step benchmark (part 1) and the HTTP benchmark with server memory
+(parts 2 and 3). Prints tables, and with --out writes everything as JSON.
+
+Every comparison is made within one run on one machine: absolute numbers move with the machine
+and its load, the ratios are the result.
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SIZES = "600x400,1200x900,1920x1080,3840x2160"
+PATHS = ("fast", "eager", "published")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "bench", help="benchmark the model step and the HTTP service against baselines",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="checkpoint to run (default: the built-in checkpoint)")
+    p.add_argument("--shared", default=os.environ.get("SGZ_SHARED", "../shared"),
+                   help="the shared folder with data/sice-real (default: $SGZ_SHARED or ../shared)")
+    p.add_argument("--out", help="write the results as JSON to this file")
+    p.add_argument("--parts", default="model,http", help="model, http, or both (default)")
+    g = p.add_argument_group("model step")
+    g.add_argument("--sizes", default=SIZES, help=f"WxH list (default {SIZES})")
+    g.add_argument("--batches", default="1,8", help="batch sizes (default 1,8)")
+    g.add_argument("--paths", default=",".join(PATHS), help="fast, eager, published")
+    g.add_argument("--repeats", type=int, default=10, help="timed calls per path and cell")
+    g.add_argument("--cell-budget", type=float, default=60.0,
+                   help="seconds per cell after which repeats stop (at least 3 are made)")
+    p.add_argument("--threads", type=int, help="torch (and fast path) threads; default: torch's")
+    g = p.add_argument_group("HTTP")
+    g.add_argument("--servers", default="sgz,naive,litserve")
+    g.add_argument("--concurrency", default="1,8,32,64")
+    g.add_argument("--duration", type=float, default=10.0, help="seconds of load per level")
+    g.add_argument("--images", default="mixed", choices=["small", "mixed", "all"],
+                   help="photos sent: small = the 512x512 ones, mixed = up to 1920x1080 "
+                        "(default), all = with the 3840x2160 ones")
+    p.set_defaults(func=bench)
+
+
+def _list(text: str, conv=str) -> list:
+    return [conv(v) for v in text.split(",") if v.strip()]
+
+
+def _size(text: str) -> tuple[int, int]:
+    w, h = text.lower().split("x")
+    return int(w), int(h)
+
+
+def bench(args: argparse.Namespace) -> int:
+    from model import DEFAULT_CHECKPOINT
+
+    checkpoint = args.checkpoint or (str(DEFAULT_CHECKPOINT) if DEFAULT_CHECKPOINT.is_file() else None)
+    if checkpoint is None or not Path(checkpoint).is_file():
+        print(f"sgz bench: checkpoint {checkpoint or DEFAULT_CHECKPOINT} not found; "
+              "pass --checkpoint PATH", file=sys.stderr)
+        return 2
+    shared = Path(args.shared)
+    if not (shared / "data" / "sice-real").is_dir():
+        print(f"sgz bench: no photos at {shared}/data/sice-real; pass --shared", file=sys.stderr)
+        return 2
+    parts = set(_list(args.parts))
+    try:
+        sizes, batches = _list(args.sizes, _size), _list(args.batches, int)
+        paths, levels = _list(args.paths), _list(args.concurrency, int)
+    except ValueError as e:
+        print(f"sgz bench: bad list: {e}", file=sys.stderr)
+        return 2
+    unknown = (parts - {"model", "http"}) | (set(paths) - set(PATHS))
+    if unknown:
+        print(f"sgz bench: unknown part or path {sorted(unknown)}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "checkpoint": checkpoint,
+               "machine": machine(), "command": "sgz bench " + " ".join(sys.argv[2:])}
+    m = results["machine"]
+    print(f"machine: {m['cores']} cores, torch {m['torch']} with {m['torch_threads']} threads, "
+          f"load average {m['load_avg_1m']:.1f} at start (other processes share the cores: "
+          "compare the ratios, which are measured side by side)", flush=True)
+    if "model" in parts:
+        from .model_bench import run_model_bench
+        print(f"model step: {', '.join(paths)} (median of {args.repeats} calls each)", flush=True)
+        results["model"] = run_model_bench(checkpoint, shared, sizes, batches, paths,
+                                           args.repeats, args.cell_budget,
+                                           log=lambda s: print(s, flush=True))
+        print(model_table(results["model"]))
+    if "http" in parts:
+        from .http_bench import run_http_bench
+        print(f"HTTP: {args.servers}, {args.duration:g} s per level", flush=True)
+        results["http"] = run_http_bench(checkpoint, shared, _list(args.servers), levels,
+                                         args.duration, args.images,
+                                         log=lambda s: print(s, flush=True))
+        print(http_table(results["http"]))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=1))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def machine() -> dict:
+    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "load_avg_1m": os.getloadavg()[0]}
+    for package in ("numba", "litserve"):
+        try:
+            info[package] = __import__(package).__version__
+        except ImportError:
+            info[package] = None
+    return info
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    cells = [header] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |"
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+                      *map(line, cells[1:])])
+
+
+def model_table(res: dict) -> str:
+    by_cell = {}
+    for r in res["rows"]:
+        by_cell.setdefault((r["width"], r["height"], r["batch"]), {})[r["path"]] = r
+    paths = [p for p in PATHS if any(p in c for c in by_cell.values())]
+    floors = {(f["width"], f["height"]): f["floor_ms"] for f in res["floor"]["sizes"]}
+    header = ["size", "batch", *[f"{p} ms/img (img/s)" for p in paths],
+              *[f"{p}/fast" for p in paths if p != "fast"], "floor ms", "fast/floor"]
+    rows = []
+    for (w, h, b), got in sorted(by_cell.items(), key=lambda kv: (kv[0][0] * kv[0][1], kv[0][2])):
+        row = [f"{w}x{h}", b]
+        row += [f"{got[p]['ms_per_image']:.1f} ({got[p]['images_per_s']:.0f})" if p in got else "-"
+                for p in paths]
+        row += [f"{got[p]['ms_per_image'] / got['fast']['ms_per_image']:.1f}x"
+                if p in got and "fast" in got else "-" for p in paths if p != "fast"]
+        fl = floors[(w, h)]
+        row += [f"{fl:.2f}", f"{got['fast']['ms_per_image'] / fl:.1f}x" if "fast" in got else "-"]
+        rows.append(row)
+    pk = res["floor"]["peaks"]
+    f = next((f for f in res["floor"]["sizes"] if (f["width"], f["height"]) == (1200, 900)),
+             res["floor"]["sizes"][0])
+    note = (f"floor = max(FLOPs / measured matmul {pk['matmul_gflops']:.0f} GFLOP/s, bytes / "
+            f"measured copy {pk['copy_gb_per_s']:.1f} GB/s); at {f['width']}x{f['height']}: "
+            f"{f['flops'] / 1e6:.0f} MFLOP (2 per multiply-add), {f['bytes'] / 1e6:.1f} MB")
+    return table(header, rows) + "\n" + note
+
+
+def http_table(res: dict) -> str:
+    header = ["server", "concurrency", "req/s", "p50 ms", "p95 ms", "p99 ms", "failed",
+              "RSS idle MB", "RSS peak MB"]
+    rows = []
+    for s in res["servers"]:
+        if "error" in s:
+            rows.append([s["server"], "-", "error", "-", "-", "-", "-", "-", "-"])
+            continue
+        for lv in s["levels"]:
+            rows.append([s["server"], lv["concurrency"], f"{lv['throughput_rps']:.1f}",
+                         f"{lv['p50_ms']:.0f}", f"{lv['p95_ms']:.0f}", f"{lv['p99_ms']:.0f}",
+                         lv["failed"], f"{s['rss_idle_mb']:.0f}", f"{s['rss_peak_mb']:.0f}"])
+    out = table(header, rows)
+    ours = next((s for s in res["servers"] if s["server"] == "sgz" and "error" not in s), None)
+    ratios = []
+    for s in res["servers"]:
+        if ours is None or s is ours or "error" in s:
+            continue
+        for mine, theirs in zip(ours["levels"], s["levels"]):
+            ratios.append(f"c={mine['concurrency']}: sgz/{s['server']} throughput "
+                          f"{mine['throughput_rps'] / max(theirs['throughput_rps'], 1e-9):.2f}x, "
+                          f"p99 {mine['p99_ms'] / theirs['p99_ms']:.2f}x")
+    return out + ("\n" + "\n".join(ratios) if ratios else "") + f"\nimages: {len(res['images'])} " \
+        f"JPEGs (q90) from sice-real, set '{res['image_set']}'"

@@ -1,0 +1,68 @@
+"""Baseline (c): LitServe serving the same `enhancer`, with LitServe's own dynamic batching
+(the same batch size and wait as `sgz serve`'s defaults). LitServe batches whatever arrives;
+EFE needs one size per forward pass, so `predict` runs one `enhance` per distinct size.
+
+    python -m bench.litserve_server --port 8002 --checkpoint PATH
+"""
+import argparse
+
+import litserve as ls
+import torch
+from fastapi import Request, Response
+
+from model import load_model
+from model.imageio import decode_image, encode_image, tensor_to_rgb
+
+MAX_BATCH_SIZE = 16    # sgz serve's default SGZ_MAX_BATCH_SIZE
+BATCH_TIMEOUT_S = 0.005  # sgz serve's default SGZ_MAX_WAIT_MS
+
+
+class EnhanceAPI(ls.LitAPI):
+    def __init__(self, checkpoint: str):
+        super().__init__(max_batch_size=MAX_BATCH_SIZE, batch_timeout=BATCH_TIMEOUT_S,
+                         api_path="/enhance")
+        self.checkpoint = checkpoint
+
+    def setup(self, device):
+        self.enhancer = load_model(self.checkpoint, "cpu")
+        self.enhancer.warmup()
+
+    def decode_request(self, request: Request):
+        return decode_image(request["image"].file.read())
+
+    def batch(self, inputs):
+        return inputs
+
+    def predict(self, decoded_images):
+        outs = [None] * len(decoded_images)
+        by_size: dict[tuple, list[int]] = {}
+        for i, d in enumerate(decoded_images):
+            by_size.setdefault(d.rgb.shape, []).append(i)
+        for idx in by_size.values():
+            batch = torch.cat([decoded_images[i].to_tensor() for i in idx])
+            for i, image in zip(idx, self.enhancer.enhance(batch)):
+                outs[i] = (decoded_images[i], image)
+        return outs
+
+    def unbatch(self, output):
+        return output
+
+    def encode_response(self, output):
+        decoded, image = output
+        body = encode_image(tensor_to_rgb(image), decoded.alpha, decoded.gray, "JPEG", 90)
+        return Response(body, media_type="image/jpeg")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--checkpoint", required=True)
+    args = p.parse_args()
+    server = ls.LitServer(EnhanceAPI(args.checkpoint), accelerator="cpu", devices=1,
+                          workers_per_device=1, timeout=120)
+    server.run(host="127.0.0.1", port=args.port, num_api_servers=1, log_level="warning",
+               generate_client_file=False)
+
+
+if __name__ == "__main__":
+    main()

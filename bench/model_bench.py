@@ -1,0 +1,189 @@
+"""Part 1: the model step, uint8 pixels in, uint8 pixels out, for three implementations in the
+same process and the same loop, so machine noise hits them alike:
+
+  fast       `load_model(...)`: the default path (model/fast.py)
+  eager      `load_model(..., fast=False)`: our eager reference
+  published  the published SGZ / Zero-DCE++ test script's formulation, re-stated below
+
+Every timed call is one batch; the paths take turns call by call and each cell reports the
+median. Then the floor: what the arithmetic and the unavoidable memory traffic would cost at
+this machine's own measured matmul throughput and copy bandwidth.
+"""
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from model import EFE, load_model
+from model.rie import STEPS
+
+PUBLISHED_SCALE = 12  # the published test script's `scale_factor = 12`
+
+
+class PublishedSGZ(nn.Module):
+    """The published model's forward, as in its `modeling/model.py` (enhance_net_nopool):
+    F.interpolate(scale_factor=1/12), EFE, nn.UpsamplingBilinear2d(scale_factor=12), then
+    eight written-out `x = x + x_r * (torch.pow(x, 2) - x)` steps."""
+
+    def __init__(self, state_dict: dict):
+        super().__init__()
+        self.efe = EFE()
+        self.efe.load_state_dict(state_dict)
+        self.upsample = nn.UpsamplingBilinear2d(scale_factor=PUBLISHED_SCALE)
+
+    def forward(self, x):
+        x_down = F.interpolate(x, scale_factor=1 / PUBLISHED_SCALE, mode="bilinear")
+        x_r = self.upsample(self.efe(x_down))
+        for _ in range(STEPS):
+            x = x + x_r * (torch.pow(x, 2) - x)
+        return x, x_r
+
+
+def published_step(net: PublishedSGZ, hwc: np.ndarray) -> torch.Tensor:
+    """The published test script around the forward: `np.asarray(img) / 255.0`, `.float()`,
+    crop to a multiple of 12, HWC -> CHW by permute (no copy), then torchvision's save_image
+    conversion to uint8. Run under no_grad: the script itself leaves autograd on, which is
+    slower still, so this is the stronger baseline."""
+    x = torch.from_numpy(hwc / 255.0).float()
+    h, w = (x.shape[1] // PUBLISHED_SCALE) * PUBLISHED_SCALE, (x.shape[2] // PUBLISHED_SCALE) * PUBLISHED_SCALE
+    x = x[:, :h, :w, :].permute(0, 3, 1, 2)
+    with torch.no_grad():
+        y, _ = net(x)
+    return y.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
+
+
+def photos(shared: Path, size: tuple[int, int], n: int) -> np.ndarray:
+    """n real photos (N, H, W, 3) uint8 of size (W, H): top-left crops of the shared photos
+    large enough, cycled; a photo too small is resized up (never happens at the standard sizes)."""
+    w, h = size
+    files = sorted((shared / "data" / "sice-real").glob("*.png"))
+    if not files:
+        raise FileNotFoundError(f"no photos in {shared / 'data' / 'sice-real'}")
+    big = [f for f in files if _size(f)[0] >= w and _size(f)[1] >= h] or files
+    out = []
+    for i in range(n):
+        with Image.open(big[i % len(big)]) as im:
+            im = im.convert("RGB")
+            if im.width < w or im.height < h:
+                im = im.resize((max(w, im.width), max(h, im.height)))
+            out.append(np.asarray(im.crop((0, 0, w, h))))
+    return np.stack(out)
+
+
+def _size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as im:
+        return im.size
+
+
+def paths_for(checkpoint: str, names: list[str]) -> dict:
+    """name -> callable(hwc batch) for each implementation asked for."""
+    make = {}
+    if "fast" in names:
+        fast = load_model(checkpoint, "cpu")
+        fast.warmup()
+        make["fast"] = lambda hwc, t: fast.enhance(t)
+    if "eager" in names:
+        eager = load_model(checkpoint, "cpu", fast=False)
+        make["eager"] = lambda hwc, t: eager.enhance(t)
+    if "published" in names:
+        ref = load_model(checkpoint, "cpu", fast=False)  # reads either checkpoint format
+        net = PublishedSGZ(ref.efe.state_dict()).eval()
+        make["published"] = lambda hwc, t: published_step(net, hwc)
+    return make
+
+
+def run_model_bench(checkpoint: str, shared: Path, sizes, batches, names, repeats: int,
+                    cell_budget_s: float = 60.0, log=print) -> dict:
+    """Up to `repeats` timed calls per path and cell; fewer (at least 3) once a cell has
+    taken `cell_budget_s`, so slow baselines at 4K do not stretch the run to an hour."""
+    impls = paths_for(checkpoint, names)
+    rows = []
+    for size in sizes:
+        for batch in batches:
+            hwc = photos(shared, size, batch)
+            nchw = torch.from_numpy(hwc).permute(0, 3, 1, 2).contiguous()
+            times = {name: [] for name in impls}
+            for name, f in impls.items():
+                f(hwc, nchw)  # first call per shape: allocator, oneDNN primitives
+            start = time.perf_counter()
+            for i in range(repeats):
+                if i >= 3 and time.perf_counter() - start > cell_budget_s:
+                    break
+                for name, f in impls.items():
+                    t0 = time.perf_counter()
+                    f(hwc, nchw)
+                    times[name].append(time.perf_counter() - t0)
+            for name, ts in times.items():
+                med = statistics.median(ts)
+                rows.append({"path": name, "width": size[0], "height": size[1], "batch": batch,
+                             "repeats": len(ts), "ms_per_image": 1000 * med / batch,
+                             "images_per_s": batch / med,
+                             "min_ms_per_image": 1000 * min(ts) / batch})
+            log(f"  {size[0]}x{size[1]} batch {batch}: " + ", ".join(
+                f"{r['path']} {r['ms_per_image']:.1f} ms/img" for r in rows[-len(times):]))
+    return {"rows": rows, "ratios": ratios(rows), "floor": floor(sizes)}
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """eager / fast and published / fast, per size and batch (how many times faster fast is)."""
+    out = []
+    cells = {(r["width"], r["height"], r["batch"]) for r in rows}
+    for cell in sorted(cells):
+        got = {r["path"]: r["ms_per_image"] for r in rows
+               if (r["width"], r["height"], r["batch"]) == cell}
+        if "fast" not in got:
+            continue
+        out.append({"width": cell[0], "height": cell[1], "batch": cell[2],
+                    **{f"{p}_over_fast": got[p] / got["fast"] for p in got if p != "fast"}})
+    return out
+
+
+def efe_macs(h: int, w: int) -> int:
+    """Multiply-accumulates of EFE at h x w: per block 9 * Cin (depthwise) + Cin * Cout."""
+    shapes = [(3, 32), (32, 32), (32, 32), (32, 32), (64, 32), (64, 32), (64, 3)]
+    return h * w * sum(9 * cin + cin * cout for cin, cout in shapes)
+
+
+def work(width: int, height: int) -> dict:
+    """FLOPs (2 per multiply-add) and unavoidable bytes of one image at width x height."""
+    values = width * height * 3
+    # per value: u8 -> float and /255 (2), bilinear factor upsample (6), 8 RIE steps of
+    # x*x, -x, *r, +x (32: Eq. 1), clamp and *255 and round (4)
+    flops = 2 * efe_macs(round(height / PUBLISHED_SCALE), round(width / PUBLISHED_SCALE)) + values * 44
+    return {"flops": flops, "bytes": 2 * values}  # read the uint8 image once, write it once
+
+
+def machine_peaks(seconds: float = 0.5) -> dict:
+    """This machine's fp32 matmul throughput and copy bandwidth, measured now (all threads)."""
+    a = torch.randn(1024, 1024)
+    torch.mm(a, a)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        torch.mm(a, a)
+        n += 1
+    gflops = n * 2 * 1024 ** 3 / (time.perf_counter() - t0) / 1e9
+    src = torch.empty(64 * 2 ** 20, dtype=torch.uint8).fill_(1)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        dst.copy_(src)
+        n += 1
+    gbs = n * 2 * src.numel() / (time.perf_counter() - t0) / 1e9
+    return {"matmul_gflops": gflops, "copy_gb_per_s": gbs}
+
+
+def floor(sizes) -> dict:
+    peaks = machine_peaks()
+    out = {"peaks": peaks, "sizes": []}
+    for w, h in sizes:
+        wk = work(w, h)
+        ms = 1000 * max(wk["flops"] / (peaks["matmul_gflops"] * 1e9),
+                        wk["bytes"] / (peaks["copy_gb_per_s"] * 1e9))
+        out["sizes"].append({"width": w, "height": h, **wk, "floor_ms": ms})
+    return out

@@ -1,0 +1,48 @@
+"""Baseline (b): the FastAPI endpoint people write first. One `enhancer.enhance` per request,
+no batching: FastAPI runs the sync endpoint in its thread pool, so requests run side by side.
+
+    python -m bench.naive_server --port 8001 --checkpoint PATH
+"""
+import argparse
+import contextlib
+
+import uvicorn
+from fastapi import FastAPI, File, Response, UploadFile
+
+from model import load_model
+from model.imageio import decode_image, encode_image, tensor_to_rgb
+
+
+def create_app(checkpoint: str) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.enhancer = load_model(checkpoint, "cpu")
+        app.state.enhancer.warmup()
+        yield
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.post("/enhance")
+    def enhance(image: UploadFile = File(...)) -> Response:
+        decoded = decode_image(image.file.read())
+        out = app.state.enhancer.enhance(decoded.to_tensor())
+        body = encode_image(tensor_to_rgb(out), decoded.alpha, decoded.gray, "JPEG", 90)
+        return Response(body, media_type="image/jpeg")
+
+    @app.get("/readyz")
+    def ready() -> dict:
+        return {"status": "ready"}
+
+    return app
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--checkpoint", required=True)
+    args = p.parse_args()
+    uvicorn.run(create_app(args.checkpoint), host="127.0.0.1", port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

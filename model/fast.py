@@ -1,0 +1,315 @@
+"""The fast path behind `Enhancer`: the same EFE + RIE arithmetic, far fewer passes over memory.
+
+Why the eager path is slow on a 2-core CPU (profiled for issue 5 at 1200x900): the whole image
+becomes float (13 MB) only to be downscaled by 12; EFE's ~30 small ops are each an OpenMP
+fork/join whose waiting thread spins, so on a busy machine every join waits for a scheduler
+slice (EFE: 3.5 ms idle, 25-150 ms at load average 6); RIE is ~30 full-size elementwise ops,
+each page-faulting a new 13 MB tensor. `NumbaFast` (CPU) instead reads only the 4 source pixels
+of each EFE input pixel straight from uint8, runs EFE as one compiled loop nest per block with
+at most one fork/join per call, and fuses factor upsampling, the RIE steps and rounding to
+uint8 into one pass over the image. Its kernels are compiled on first use, cached on disk
+(`Enhancer.warmup()` does it at start) and release the GIL. `TorchFast` is the same
+formulation in torch ops, for CUDA and for CPUs without numba. Both match the eager reference
+(`fast=False`) within 1 grey level (tests/test_fast.py): only float summation order differs.
+"""
+import os
+import threading
+
+import numpy as np
+import torch
+
+from .efe import EFE
+from .rie import upsample_factor
+
+try:
+    import numba
+    from numba import njit, prange
+except ImportError:  # the torch path still works; NumbaFast.available() says False
+    numba = None
+    prange = range
+
+    def njit(*args, **kwargs):
+        return lambda f: f
+
+if numba is not None and "NUMBA_THREADING_LAYER" not in os.environ:
+    # numba's own thread pool, not OpenMP: GNU OpenMP threads spin while they wait, and on a
+    # busy 2-core machine the spinning starves the thread being waited for (measured: the
+    # 1200x900 fused path at ~120 ms with OpenMP, ~30 ms with this, at load average 6).
+    # It is not safe for concurrent launches: NumbaFast serialises them with one lock.
+    numba.config.THREADING_LAYER = "workqueue"
+
+
+
+def _compile(parallel: bool):
+    """numba-compiled, releasing the GIL, cached on disk (next to this file, or in
+    NUMBA_CACHE_DIR); with nowhere writable to cache, compiled at every start instead."""
+    def wrap(f):
+        try:
+            return njit(parallel=parallel, cache=True, nogil=True)(f)
+        except RuntimeError:  # numba: "cannot cache function ...: no locator available"
+            return njit(parallel=parallel, nogil=True)(f)
+    return wrap
+
+
+kernel, serial = _compile(parallel=True), _compile(parallel=False)
+
+ROWS = 8  # image rows per work item of the fused RIE kernel: enough work to amortise scheduling
+HALO = 7  # EFE has 7 blocks of 3x3 convolutions: each reaches one row further
+MIN_BAND_ROWS = 4 * HALO  # below this a single image's EFE is too small to split in two
+
+
+def lowres_size(h: int, w: int, scale_factor: float) -> tuple[int, int]:
+    """EFE's input size, exactly as `rie.downscale` rounds it."""
+    if scale_factor == 1:
+        return h, w
+    return max(1, round(h / scale_factor)), max(1, round(w / scale_factor))
+
+
+def taps(n_in: int, n_out: int, align_corners: bool):
+    """Source indices and weights of 1-D bilinear resampling, in float32 as PyTorch's CPU
+    kernel computes them (area_pixel_compute_source_index + guard_index_and_lambda)."""
+    o = np.arange(n_out, dtype=np.float32)
+    if align_corners:
+        scale = np.float32(n_in - 1) / np.float32(n_out - 1) if n_out > 1 else np.float32(0)
+        src = scale * o
+    else:
+        scale = np.float32(n_in) / np.float32(n_out)
+        src = np.maximum(scale * (o + np.float32(0.5)) - np.float32(0.5), np.float32(0))
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    lam = np.clip(src - i0.astype(np.float32), 0, 1).astype(np.float32)
+    i1 = np.where(i0 < n_in - 1, i0 + 1, i0)
+    return i0, i1, lam
+
+
+# ---- numba kernels (CPU) -------------------------------------------------------------------
+
+@serial
+def _downscale(img, y0, y1, ly, x0, x1, lx, out):
+    """One image: out[:, 1:-1, 1:-1] = bilinear(img / 255) at the taps; reads 4 pixels per
+    output pixel, never the rest of the image."""
+    one, s = np.float32(1), np.float32(255)
+    for c in range(img.shape[0]):
+        for y in range(ly.shape[0]):
+            a, b = img[c, y0[y]], img[c, y1[y]]
+            for x in range(lx.shape[0]):
+                p, q = lx[x], one - lx[x]
+                top = (np.float32(a[x0[x]]) / s) * q + (np.float32(a[x1[x]]) / s) * p
+                bot = (np.float32(b[x0[x]]) / s) * q + (np.float32(b[x1[x]]) / s) * p
+                out[c, y + 1, x + 1] = top * (one - ly[y]) + bot * ly[y]
+
+
+@serial
+def _block(a, b, dw, pw, bias, out, tanh):
+    """One EFE block of one image on zero-bordered maps (C, h+2, w+2): the input is the channel
+    concat [a, b]; out = act(pw @ depthwise3x3(input) + bias), act = tanh or ReLU."""
+    ca, hp, wp = a.shape
+    cin, cout = ca + b.shape[0], pw.shape[0]
+    h, w = hp - 2, wp - 2
+    d = np.empty((cin, w), np.float32)
+    acc = np.empty(w, np.float32)
+    for y in range(h):
+        for i in range(cin):
+            src = a[i] if i < ca else b[i - ca]
+            r0, r1, r2, k = src[y], src[y + 1], src[y + 2], dw[i]
+            for x in range(w):
+                d[i, x] = (k[0, 0] * r0[x] + k[0, 1] * r0[x + 1] + k[0, 2] * r0[x + 2]
+                           + k[1, 0] * r1[x] + k[1, 1] * r1[x + 1] + k[1, 2] * r1[x + 2]
+                           + k[2, 0] * r2[x] + k[2, 1] * r2[x + 1] + k[2, 2] * r2[x + 2])
+        for o in range(cout):
+            acc[:] = bias[o]
+            for i in range(cin):
+                p, di = pw[o, i], d[i]
+                for x in range(w):
+                    acc[x] += p * di[x]
+            dst = out[o, y + 1]
+            if tanh:
+                for x in range(w):
+                    dst[x + 1] = np.tanh(acc[x])
+            else:
+                for x in range(w):
+                    dst[x + 1] = max(acc[x], np.float32(0))
+
+
+@serial
+def _efe_one(img, y0, y1, ly, x0, x1, lx, dws, pws, biases, out):
+    """EFE of one image, uint8 in, x_r into out (3, h+2, w+2). Its maps are allocated here, per
+    image: a batch's worth in one array would exceed malloc's reuse threshold and page-fault
+    afresh on every call. maps holds x1..x6 (the paper's block outputs) in slots 0..5; zero
+    borders are the convolutions' padding."""
+    hp, wp = out.shape[1], out.shape[2]
+    x = np.zeros((3, hp, wp), np.float32)
+    maps = np.zeros((6, dws[1].shape[0], hp, wp), np.float32)
+    none = np.zeros((0, hp, wp), np.float32)
+    _downscale(img, y0, y1, ly, x0, x1, lx, x)
+    _block(x, none, dws[0], pws[0], biases[0], maps[0], False)
+    _block(maps[0], none, dws[1], pws[1], biases[1], maps[1], False)
+    _block(maps[1], none, dws[2], pws[2], biases[2], maps[2], False)
+    _block(maps[2], none, dws[3], pws[3], biases[3], maps[3], False)
+    _block(maps[2], maps[3], dws[4], pws[4], biases[4], maps[4], False)  # [x3, x4]
+    _block(maps[1], maps[4], dws[5], pws[5], biases[5], maps[5], False)  # [x2, x5]
+    _block(maps[0], maps[5], dws[6], pws[6], biases[6], out, True)       # [x1, x6]
+
+
+@kernel
+def _efe_items(img, which, y0, y1, ly, x0, x1, lx, dws, pws, biases, out):
+    """EFE of several items in parallel, one per thread: a single fork/join for the whole
+    network. Item k is image which[k] at EFE rows given by its own row taps y0[k], y1[k], ly[k]
+    (whole images for a batch, overlapping bands of one image; see NumbaFast.factor_lowres)."""
+    for k in prange(which.shape[0]):
+        _efe_one(img[which[k]], y0[k], y1[k], ly[k], x0, x1, lx, dws, pws, biases, out[k])
+
+
+@kernel
+def _rie_uint8(img, r_low, y0, y1, ly, x0, x1, lx, steps, out):
+    """out = round(255 * RIE(img / 255, upsample(r_low))): one read of img, one write of out.
+    The factor is upsampled along rows first, at EFE's height (1/12 of the work), so the
+    full-size loop reads it contiguously; the steps loop runs over a row held in L1, so the
+    compiler vectorises it. Same order of operations as PyTorch's bilinear kernel."""
+    n_img, ch, H, W = img.shape
+    n_r, _, h, _ = r_low.shape
+    one, zero, s = np.float32(1), np.float32(0), np.float32(255)
+    rows = np.empty((n_r, ch, h, W), np.float32)
+    for job in range(n_r * ch * h):  # small: not worth a fork/join
+        n, c, j = job // (ch * h), (job // h) % ch, job % h
+        src, dst = r_low[n, c, j], rows[n, c, j]
+        for x in range(W):
+            dst[x] = src[x0[x]] * (one - lx[x]) + src[x1[x]] * lx[x]
+    n_blocks = (H + ROWS - 1) // ROWS
+    for job in prange(n_img * ch * n_blocks):
+        n, c, blk = job // (ch * n_blocks), (job // n_blocks) % ch, job % n_blocks
+        nr = n if n_r > 1 else 0
+        r = np.empty(W, np.float32)
+        v = np.empty(W, np.float32)
+        for y in range(blk * ROWS, min(H, blk * ROWS + ROWS)):
+            ra, rb, wa, wb = rows[nr, c, y0[y]], rows[nr, c, y1[y]], one - ly[y], ly[y]
+            src, dst = img[n, c, y], out[n, c, y]
+            for x in range(W):
+                r[x] = ra[x] * wa + rb[x] * wb
+                v[x] = np.float32(src[x]) / s
+            for _ in range(steps):  # Eq. 1: x_t = x_{t-1} + x_r * (x_{t-1}^2 - x_{t-1})
+                for x in range(W):
+                    v[x] = v[x] + r[x] * (v[x] * v[x] - v[x])
+            for x in range(W):
+                dst[x] = np.uint8(np.rint(min(max(v[x], zero), one) * s))
+
+
+# ---- the two fast paths --------------------------------------------------------------------
+
+def check_factor(images: torch.Tensor, r_low: torch.Tensor) -> None:
+    if r_low.dim() != 4 or r_low.shape[1] != 3 or r_low.shape[0] not in (1, images.shape[0]):
+        raise ValueError(f"factor map must have shape (1 or {images.shape[0]}, 3, h, w), "
+                         f"got {tuple(r_low.shape)}")
+
+
+class NumbaFast:
+    """CPU: numba kernels. Inputs: uint8 (N, 3, H, W) CPU tensors, already validated."""
+    name = "numba"
+    _launch = threading.Lock()  # one kernel at a time per process: each one uses every core
+
+    @staticmethod
+    def available() -> bool:
+        return numba is not None
+
+    def __init__(self, efe: EFE, scale_factor: float, steps: int):
+        self.scale_factor, self.steps = scale_factor, steps
+        blocks = [self._fold(getattr(efe, f"e_conv{k}")) for k in range(1, 8)]
+        self.weights = tuple(tuple(b[i] for b in blocks) for i in range(3))  # dws, pws, biases
+
+    @staticmethod
+    def _fold(block):
+        """(depthwise 3x3, pointwise matrix, bias) with the depthwise bias folded into the
+        pointwise one: pw @ (dw * x + bd) + bp = pw @ (dw * x) + (pw @ bd + bp)."""
+        dw, bd, pw, bp = (t.detach().cpu().double() for t in (
+            block.depth_conv.weight, block.depth_conv.bias,
+            block.point_conv.weight, block.point_conv.bias))
+        pw = pw[:, :, 0, 0]
+        return tuple(t.float().numpy().copy() for t in (dw[:, 0], pw, pw @ bd + bp))
+
+    def _run(self, kernel, *args):
+        with self._launch:  # follows torch's thread setting, so one knob limits both
+            numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+            kernel(*args)
+
+    def factor_lowres(self, images: torch.Tensor) -> torch.Tensor:
+        """A batch runs one image per thread. A single image is cut into two bands of EFE rows
+        that overlap by HALO rows on each side of the cut, one per thread: the wrong (zero)
+        padding at a band's cut edge reaches one row further per 3x3 block, so rows HALO or
+        more from the cut are exact, and each band keeps only those."""
+        img = images.contiguous().numpy()
+        n, _, H, W = img.shape
+        h, w = lowres_size(H, W, self.scale_factor)
+        y0, y1, ly = taps(H, h, False)
+        threads = torch.get_num_threads()
+        if n == 1 and (h < MIN_BAND_ROWS or threads < 2):
+            which, rows = np.zeros(1, np.int64), [slice(0, h)]
+        elif n == 1:  # two bands of `length` rows: [0, length) and [h - length, h)
+            length = min(h, (h + 1) // 2 + HALO)
+            which, rows = np.zeros(2, np.int64), [slice(0, length), slice(h - length, h)]
+        else:
+            which, rows = np.arange(n), [slice(0, h)] * n
+        hb = rows[0].stop - rows[0].start
+        out = np.zeros((len(rows), 3, hb + 2, w + 2), np.float32)
+        ys = [np.stack([t[r] for r in rows]) for t in (y0, y1, ly)]
+        xs = taps(W, w, False)
+        if len(rows) == 1:  # on the calling thread: waking the pool would cost more
+            _efe_one(img[0], ys[0][0], ys[1][0], ys[2][0], *xs, *self.weights, out[0])
+        else:
+            self._run(_efe_items, img, which, *ys, *xs, *self.weights, out)
+        out = out[:, :, 1:-1, 1:-1]
+        if n == 1 and len(rows) == 2:
+            cut = (h + 1) // 2
+            out = np.concatenate([out[:1, :, :cut], out[1:, :, cut - (h - hb):]], axis=2)
+        return torch.from_numpy(np.ascontiguousarray(out))
+
+    def apply_factor(self, images: torch.Tensor, r_low: torch.Tensor) -> torch.Tensor:
+        check_factor(images, r_low)
+        img = images.contiguous().numpy()
+        r = r_low.detach().to("cpu", torch.float32).contiguous().numpy()
+        out = np.empty_like(img)
+        (H, W), (h, w) = img.shape[-2:], r.shape[-2:]
+        self._run(_rie_uint8, img, r, *taps(h, H, True), *taps(w, W, True), self.steps, out)
+        return torch.from_numpy(out)
+
+
+class TorchFast:
+    """Any device: the same formulation in torch ops (CUDA, or CPU without numba)."""
+    name = "torch"
+
+    def __init__(self, efe: EFE, scale_factor: float, steps: int):
+        self.efe, self.scale_factor, self.steps = efe, scale_factor, steps
+
+    def _gather_downscale(self, images: torch.Tensor) -> torch.Tensor:
+        """Bilinear downscale of images / 255 from only the 4 source pixels per output pixel."""
+        H, W = images.shape[-2:]
+        h, w = lowres_size(H, W, self.scale_factor)
+        dev = images.device
+        y0, y1, ly = (torch.from_numpy(t).to(dev) for t in taps(H, h, False))
+        x0, x1, lx = (torch.from_numpy(t).to(dev) for t in taps(W, w, False))
+        rows = images.index_select(2, torch.cat([y0, y1]))
+        v = rows.index_select(3, torch.cat([x0, x1])).float().div_(255)
+        t = v[..., :w] * (1 - lx) + v[..., w:] * lx
+        ly = ly[:, None]
+        return t[:, :, :h] * (1 - ly) + t[:, :, h:] * ly
+
+    def factor_lowres(self, images: torch.Tensor) -> torch.Tensor:
+        if self.scale_factor == 1:
+            return self.efe(images.float().div_(255))
+        return self.efe(self._gather_downscale(images))
+
+    def apply_factor(self, images: torch.Tensor, r_low: torch.Tensor) -> torch.Tensor:
+        check_factor(images, r_low)
+        x = images.float().div_(255)
+        r = upsample_factor(r_low.to(images.device, torch.float32), tuple(images.shape[-2:]))
+        t = torch.empty_like(x)
+        for _ in range(self.steps):  # Eq. 1, in place: the same roundings as rie()
+            torch.mul(x, x, out=t).sub_(x).mul_(r)
+            x.add_(t)
+        return x.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
+
+
+def build(efe: EFE, device: torch.device, scale_factor: float, steps: int):
+    """The fastest path for the device: numba kernels on CPU when numba is installed, else torch."""
+    if device.type == "cpu" and NumbaFast.available():
+        return NumbaFast(efe, scale_factor, steps)
+    return TorchFast(efe, scale_factor, steps)
+

@@ -1,0 +1,174 @@
+"""The fast path (model/fast.py) against the eager reference, on real photos and the published
+checkpoint: every output pixel within 1 grey level, and almost all of them identical."""
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import SGZ_PUBLISHED, SICE
+from model import EFE, Checkpoint, Enhancer, load_model
+from model import fast as fastpath
+
+
+@pytest.fixture(scope="module")
+def fast():
+    enhancer = load_model(SGZ_PUBLISHED, "cpu")
+    enhancer.warmup()
+    return enhancer
+
+
+@pytest.fixture(scope="module")
+def eager():
+    return load_model(SGZ_PUBLISHED, "cpu", fast=False)
+
+
+def photo(name: str) -> torch.Tensor:
+    with Image.open(SICE / name) as im:
+        return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)[None].contiguous()
+
+
+def wide_photo() -> torch.Tensor:
+    """The first 1920x1080 photo."""
+    for f in sorted(SICE.glob("*.png")):
+        with Image.open(f) as im:
+            if im.size == (1920, 1080):
+                return photo(f.name)
+    pytest.fail("no 1920x1080 photo in sice-real")
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.dtype == torch.uint8 and got.shape == want.shape
+    diff = (got.int() - want.int()).abs()
+    assert diff.max().item() <= 1, f"{diff.max().item()} grey levels apart"
+    # float summation order may flip a rounding, not shift the picture
+    assert (diff > 0).float().mean().item() < 1e-3
+
+
+def test_default_is_fast_and_eager_selectable(fast, eager):
+    assert fast.fast and fast.backend == "numba"
+    assert not eager.fast and eager.backend == "eager"
+
+
+def test_real_photos_match_reference(fast, eager):
+    for image in (photo("101_0_.png"), wide_photo()):
+        out, r_fast = fast.enhance(image, return_factor=True)
+        ref, r_eager = eager.enhance(image, return_factor=True)
+        assert_close(out, ref)
+        assert r_fast.shape == r_eager.shape
+        torch.testing.assert_close(r_fast, r_eager, atol=1e-5, rtol=0)
+        assert not torch.equal(out, image)  # the model did brighten it
+
+
+@pytest.mark.parametrize("size", [(1, 1), (13, 7), (4001, 3), (2, 3000), (12, 12), (25, 37),
+                                  (900, 1200)])
+def test_odd_sizes_match_reference(fast, eager, size):
+    h, w = size
+    big = wide_photo()
+    if h > big.shape[2] or w > big.shape[3]:  # 4001 rows: stack the photo's columns
+        image = big[:, :, :, :w].repeat(1, 1, -(-h // big.shape[2]), 1)[:, :, :h].contiguous()
+    else:
+        image = big[:, :, 100:100 + h, 200:200 + w].contiguous()
+    assert_close(fast.enhance(image), eager.enhance(image))
+    assert fast.factor_lowres(image).shape == eager.factor_lowres(image).shape
+
+
+def test_single_image_bands_are_exact():
+    """One image's EFE runs as two overlapping bands on two threads; the halo makes the seam
+    exact, so the factor map equals the one-thread (unsplit) computation bit for bit. Dense
+    random weights: a trained EFE's dead channels can hide a too-small halo."""
+    efe = EFE()
+    efe.init_weights(std=0.3, generator=torch.Generator().manual_seed(0))
+    for m in efe.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.normal_(m.bias, 0.0, 0.3)
+    enhancer = Enhancer(Checkpoint(state_dict=efe.state_dict()), torch.device("cpu"))
+    image = wide_photo()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        split = enhancer.factor_lowres(image)
+        torch.set_num_threads(1)
+        whole = enhancer.factor_lowres(image)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(split, whole)
+
+
+def test_batch_of_one_size(fast, eager):
+    names = ["101_0_.png", "101_1_.png", "1021_2_.png"]
+    batch = torch.cat([photo(n)[:, :, :300, :401] for n in names])
+    out = fast.enhance(batch)
+    assert_close(out, eager.enhance(batch))
+    for i in range(len(names)):  # batching does not mix images
+        assert torch.equal(out[i:i + 1], fast.enhance(batch[i:i + 1].contiguous()))
+
+
+def test_strength_scales_the_factor(fast, eager):
+    image = photo("11_0_.png")
+    assert torch.equal(fast.enhance(image, strength=0.0), image)
+    for s in (0.3, 0.75):
+        assert_close(fast.enhance(image, strength=s), eager.enhance(image, strength=s))
+
+
+def test_apply_factor_broadcasts_and_checks_shape(fast, eager):
+    batch = torch.cat([photo("101_0_.png"), photo("101_1_.png")])
+    r_low = fast.factor_lowres(batch[:1])
+    assert_close(fast.apply_factor(batch, r_low), eager.apply_factor(batch, r_low))
+    with pytest.raises(ValueError, match="factor map"):
+        fast.apply_factor(batch, r_low[:, :2])
+    with pytest.raises(TypeError, match="uint8"):
+        fast.enhance(batch.float())
+
+
+def test_non_contiguous_input(fast):
+    image = photo("101_0_.png")
+    hwc = image[0].permute(1, 2, 0).contiguous()
+    view = hwc.permute(2, 0, 1)[None]  # what torch.from_numpy(hwc).permute gives
+    assert not view.is_contiguous()
+    assert torch.equal(fast.enhance(view), fast.enhance(image))
+
+
+def test_concurrent_callers_get_their_own_results(fast):
+    images = [photo(n) for n in ("101_0_.png", "101_1_.png", "101_2_.png", "101_3_.png")]
+    want = [fast.enhance(im) for im in images]
+    got, errors = [None] * len(images), []
+
+    def run(i):
+        try:
+            for _ in range(3):
+                got[i] = fast.enhance(images[i])
+        except Exception as e:  # surfaced below: a thread's exception is otherwise lost
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(images))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_torch_path_matches_reference(eager):
+    """TorchFast is what CUDA runs; its logic is checked here on CPU."""
+    path = fastpath.TorchFast(eager.efe, eager.scale_factor, eager.steps)
+    image = wide_photo()[:, :, :601, :1203].contiguous()
+    with torch.inference_mode():
+        r_low = path.factor_lowres(image)
+        torch.testing.assert_close(r_low, eager.factor_lowres(image), atol=1e-5, rtol=0)
+        assert torch.equal(path.apply_factor(image, r_low), eager.apply_factor(image, r_low))
+
+
+def test_warmup_reports_seconds(fast):
+    seconds = fast.warmup()
+    assert 0 < seconds < 30
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_cpu_reference(eager):
+    gpu = load_model(SGZ_PUBLISHED, "cuda")
+    assert gpu.backend == "torch"
+    image = wide_photo()
+    assert_close(gpu.enhance(image).cpu(), eager.enhance(image))
