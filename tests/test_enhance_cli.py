@@ -184,8 +184,6 @@ def test_bad_checkpoint_is_a_clear_error_with_exit_code_2(inputs, tmp_path, kind
 def test_default_checkpoint(inputs, tmp_path):
     result = sgz("enhance", inputs / "gray.png", "-o", tmp_path / "out")
     assert "Traceback" not in result.stderr
-    if DEFAULT_CHECKPOINT.is_file():
-        assert result.returncode == 0, result.stderr
-    else:  # until the training issue delivers it, the user is told so
-        assert result.returncode == 2
-        assert "default checkpoint" in result.stderr and "--checkpoint" in result.stderr
+    assert DEFAULT_CHECKPOINT.is_file()
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "gray.png").is_file()

@@ -177,12 +177,21 @@ def test_published_checkpoints_load_as_published():
     assert load_checkpoint(SGZ_PUBLISHED).sha256 != load_checkpoint(ZERO_DCE_PP_PUBLISHED).sha256
 
 
-def test_default_checkpoint_missing_is_a_clear_error_until_trained():
-    if DEFAULT_CHECKPOINT.is_file():
-        assert load_model(device="cpu").checkpoint.source == "sgz-serve"
-    else:
-        with pytest.raises(CheckpointError, match="default checkpoint .* not in this build"):
-            load_model(device="cpu")
+def test_default_checkpoint_is_our_own_trained_one():
+    enhancer = load_model(device="cpu")
+    ckpt = enhancer.checkpoint
+    assert ckpt.source == "sgz-serve" and ckpt.path == str(DEFAULT_CHECKPOINT)
+    published = {load_checkpoint(p).sha256 for p in (SGZ_PUBLISHED, ZERO_DCE_PP_PUBLISHED)}
+    assert ckpt.sha256 not in published
+    assert ckpt.recipe["command"].startswith("sgz train") and ckpt.recipe["steps_done"] > 0
+    assert DEFAULT_CHECKPOINT.stat().st_size < 200_000
+
+
+def test_missing_default_checkpoint_is_a_clear_error(monkeypatch, tmp_path):
+    import model.enhancer
+    monkeypatch.setattr(model.enhancer, "DEFAULT_CHECKPOINT", tmp_path / "absent.pt")
+    with pytest.raises(CheckpointError, match="default checkpoint .* not in this build"):
+        load_model(device="cpu")
 
 
 class _Marker:
