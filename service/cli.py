@@ -13,7 +13,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "serve", help="run the HTTP service (POST /enhance, GET /factor/..., /metrics)",
         description="Run the HTTP service. Every setting can also come from the environment "
                     "(SGZ_HOST, SGZ_PORT, SGZ_CHECKPOINT, SGZ_DEVICE, SGZ_API_KEY, "
-                    "SGZ_MAX_BATCH_SIZE, ...: see docs/service.md); flags win.")
+                    "SGZ_MAX_BATCH_SIZE, ...: see the README); flags win.")
     p.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8000)")
     p.add_argument("--checkpoint", help="checkpoint file (default: the built-in checkpoint)")
