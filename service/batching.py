@@ -190,13 +190,15 @@ class Batcher:
                 self._fail(jobs, e)
 
     def _next_due(self) -> tuple[Hashable, float]:
-        """The group to run next and when it is due: now if full, else when its oldest job has
-        waited max_wait_s. Among due groups the one with the oldest job goes first."""
+        """The group to run next and when it is due: a full group since its oldest job
+        arrived, any other when its oldest job has waited max_wait_s. The earliest due goes
+        first, so a group that never fills (a rare image size) cannot be starved by groups
+        that keep filling under load."""
         def due(group: deque[_Job]) -> tuple[float, float]:
             head = group[0].arrival
             full = (len(group) >= self.max_batch_size
                     or sum(j.pixels for j in group) >= self.max_batch_pixels)
-            return (float("-inf") if full else head + self.max_wait_s), head
+            return (head if full else head + self.max_wait_s), head
         key = min(self._groups, key=lambda k: due(self._groups[k]))
         return key, due(self._groups[key])[0]
 

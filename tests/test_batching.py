@@ -70,6 +70,25 @@ def test_full_batch_goes_without_waiting_for_the_timer():
     assert [r.value for r in results] == [i * 10 for i in range(8)]
 
 
+def test_a_group_that_never_fills_is_not_starved_by_groups_that_keep_filling():
+    # Under load one image size keeps filling batches; a rare size must still run once it has
+    # waited max_wait_s, before full batches that arrived after it (a p99 tail otherwise).
+    async def main():
+        rec = Recorder(sleep_s=0.1)
+        b = await started(rec, max_batch_size=2, max_wait_s=0.01)
+        busy = [asyncio.ensure_future(b.submit(i, key="common")) for i in range(2)]
+        await asyncio.sleep(0.005)  # the first common batch is running
+        rare = asyncio.ensure_future(b.submit(-1, key="rare"))
+        await asyncio.sleep(0.03)  # rare is due; full common batches arrive after that
+        later = [asyncio.ensure_future(b.submit(i, key="common")) for i in range(2, 12)]
+        await asyncio.gather(rare, *busy, *later)
+        await b.close()
+        return rec
+    rec = run(main())
+    rare_at = next(i for i, batch in enumerate(rec.batches) if -1 in batch)
+    assert rare_at == 1, rec.batches  # right after the running batch, not after five full ones
+
+
 def test_pixel_budget_closes_a_batch_and_a_huge_image_runs_alone():
     async def main():
         rec = Recorder()
