@@ -46,7 +46,10 @@ class Runtime:
         self.metrics = metrics
         self.ready = False
         self.factors = FactorStore(settings.factor_store_items, settings.factor_store_bytes)
-        self.io_pool = ThreadPoolExecutor(settings.io_threads, thread_name_prefix="sgz-io")
+        # Separate pools: under load, the encodes of finished batches do not queue behind the
+        # decodes of newly arrived uploads.
+        self.decode_pool = ThreadPoolExecutor(settings.io_threads, thread_name_prefix="sgz-decode")
+        self.encode_pool = ThreadPoolExecutor(settings.io_threads, thread_name_prefix="sgz-encode")
         self.batcher = Batcher(
             partial(run_batch, enhancer), max_batch_size=settings.max_batch_size,
             max_batch_pixels=settings.max_batch_pixels, max_wait_s=settings.max_wait_ms / 1000,
@@ -78,10 +81,12 @@ class Runtime:
         """Finish every queued request, then stop the threads."""
         self.ready = False
         await self.batcher.close()
-        self.io_pool.shutdown(wait=True)
+        self.decode_pool.shutdown(wait=True)
+        self.encode_pool.shutdown(wait=True)
 
-    async def run_io(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.io_pool, fn, *args)
+    @staticmethod
+    async def run_in(pool: ThreadPoolExecutor, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
     def check_ready(self) -> None:
         if not self.ready:
@@ -95,11 +100,12 @@ class Runtime:
             raise QueueFull("the queue is full")
         start = time.perf_counter()
         try:
-            decoded, tensor = await self.run_io(_decode, data, self.settings.max_pixels)
+            decoded, tensor = await self.run_in(self.decode_pool, _decode, data,
+                                                 self.settings.max_pixels)
         except ImageTooLarge as e:
             raise ApiError(413, "image_too_large", f"{e} (SGZ_MAX_PIXELS)") from None
         except ImageDecodeError as e:
-            if await self.run_io(_recognised, data):
+            if await self.run_in(self.decode_pool, _recognised, data):
                 raise ApiError(400, "corrupt_image", str(e)) from None
             raise ApiError(415, "unsupported_image", str(e)) from None
         except Exception as e:  # whatever a hostile file makes Pillow raise: still bad input
@@ -122,7 +128,7 @@ class Runtime:
 
     async def encode(self, fn, *args, timing: Timing) -> bytes:
         start = time.perf_counter()
-        body = await self.run_io(fn, *args)
+        body = await self.run_in(self.encode_pool, fn, *args)
         timing.encode = time.perf_counter() - start
         self.metrics.encode.observe(timing.encode)
         return body

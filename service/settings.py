@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     factor_store_bytes: int = Field(64 * MiB, ge=0)
 
     # Process.
-    io_threads: int = Field(4, ge=1, description="threads decoding and encoding images")
+    io_threads: int = Field(4, ge=1, description="threads decoding images, and as many encoding them")
     warmup: bool = Field(True, description="run the model once before reporting ready")
     shutdown_timeout_s: int = Field(30, ge=1, description="on SIGTERM, how long in-flight "
                                     "requests may take to finish")
