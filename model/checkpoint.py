@@ -9,6 +9,7 @@ import json
 import pickle
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -36,8 +37,9 @@ class Checkpoint:
     source: str = "sgz-serve"  # "sgz-serve" or "published" (a raw state dict)
     path: str | None = None
 
-    @property
+    @cached_property
     def sha256(self) -> str:
+        """Computed once: /readyz and the metrics report it on every call."""
         return state_dict_sha256(self.state_dict)
 
 
