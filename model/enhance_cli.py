@@ -15,17 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from PIL import Image
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError
 from .enhancer import load_model
-from .imageio import (FORMATS, DecodedImage, ImageDecodeError, ImageTooLarge, decode_image,
-                      encode_image, factor_to_picture, tensor_to_rgb)
+from .imageio import (FORMATS, IMAGE_SUFFIXES, DecodedImage, ImageDecodeError, ImageTooLarge,
+                      decode_image, encode_image, factor_to_picture, tensor_to_rgb)
 from .rie import upsample_factor
 
 IN_FLIGHT = 2  # images decoded ahead of the model, and encoded behind it
-IMAGE_SUFFIXES = set(Image.registered_extensions())  # ".png", ".jpg", ... as Pillow reads them
 EXIT_FAILED_FILES = 1
 EXIT_USAGE = 2
 

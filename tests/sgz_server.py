@@ -1,7 +1,6 @@
 """Start the real `sgz serve` as a subprocess on a free port, for end-to-end tests."""
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -11,15 +10,10 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
+from bench.http_bench import free_port
 from conftest import SGZ_PUBLISHED, SICE
 
 SGZ = Path(sys.executable).with_name("sgz")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+from model.imageio import IMAGE_SUFFIXES
 
 
 def list_images(folder: str | Path) -> list[Path]:
