@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .efe import EFE
-from .rie import upsample_factor
+from .rie import STEPS, upsample_factor
 
 try:
     import numba
@@ -40,20 +40,21 @@ if numba is not None and "NUMBA_THREADING_LAYER" not in os.environ:
 
 
 
-def _compile(parallel: bool):
+def _compile(parallel: bool, fastmath=False):
     """numba-compiled, releasing the GIL, cached on disk (next to this file, or in
     NUMBA_CACHE_DIR); with nowhere writable to cache, compiled at every start instead."""
     def wrap(f):
         try:
-            return njit(parallel=parallel, cache=True, nogil=True)(f)
+            return njit(parallel=parallel, fastmath=fastmath, cache=True, nogil=True)(f)
         except RuntimeError:  # numba: "cannot cache function ...: no locator available"
-            return njit(parallel=parallel, nogil=True)(f)
+            return njit(parallel=parallel, fastmath=fastmath, nogil=True)(f)
     return wrap
 
 
 kernel, serial = _compile(parallel=True), _compile(parallel=False)
 
 ROWS = 8  # image rows per work item of the fused RIE kernel: enough work to amortise scheduling
+CHUNK = 512  # EFE pixels per pass of _block: its depthwise results (<= 64 x 2 KB) stay in L2
 HALO = 7  # EFE has 7 blocks of 3x3 convolutions: each reaches one row further
 MIN_BAND_ROWS = 4 * HALO  # below this a single image's EFE is too small to split in two
 
@@ -101,33 +102,75 @@ def _downscale(img, y0, y1, ly, x0, x1, lx, out):
 @serial
 def _block(a, b, dw, pw, bias, out, tanh):
     """One EFE block of one image on zero-bordered maps (C, h+2, w+2): the input is the channel
-    concat [a, b]; out = act(pw @ depthwise3x3(input) + bias), act = tanh or ReLU."""
+    concat [a, b]; out = act(pw @ depthwise3x3(input) + bias), act = tanh or ReLU.
+
+    The maps are walked as flat arrays, CHUNK pixels at a time, so every inner loop is long and
+    contiguous (row by row, w ~ 100 left a third of each vectorised loop to its scalar tail).
+    The depthwise results of a chunk stay in cache for the pointwise sum, which adds 8 input
+    channels per pass over the accumulator (in the same order as one at a time) to cut its
+    loads and stores 8-fold. The border columns inside the span get junk and are zeroed after."""
     ca, hp, wp = a.shape
-    cin, cout = ca + b.shape[0], pw.shape[0]
-    h, w = hp - 2, wp - 2
-    d = np.empty((cin, w), np.float32)
-    acc = np.empty(w, np.float32)
-    for y in range(h):
+    cb, cout = b.shape[0], pw.shape[0]
+    cin = ca + cb
+    fa, fb, fo = a.reshape(ca, hp * wp), b.reshape(cb, hp * wp), out.reshape(cout, hp * wp)
+    start, stop = wp + 1, wp * (hp - 1) - 1  # first to last interior pixel: neighbours in range
+    d = np.empty((cin, CHUNK), np.float32)
+    acc = np.empty(CHUNK, np.float32)
+    zero = np.float32(0)
+    for c0 in range(start, stop, CHUNK):
+        n = min(CHUNK, stop - c0)
         for i in range(cin):
-            src = a[i] if i < ca else b[i - ca]
-            r0, r1, r2, k = src[y], src[y + 1], src[y + 2], dw[i]
-            for x in range(w):
-                d[i, x] = (k[0, 0] * r0[x] + k[0, 1] * r0[x + 1] + k[0, 2] * r0[x + 2]
-                           + k[1, 0] * r1[x] + k[1, 1] * r1[x + 1] + k[1, 2] * r1[x + 2]
-                           + k[2, 0] * r2[x] + k[2, 1] * r2[x + 1] + k[2, 2] * r2[x + 2])
+            src, k, di = (fa[i] if i < ca else fb[i - ca]), dw[i], d[i]
+            r0, r1, r2 = src[c0 - wp - 1:], src[c0 - 1:], src[c0 + wp - 1:]
+            for j in range(n):
+                di[j] = (k[0, 0] * r0[j] + k[0, 1] * r0[j + 1] + k[0, 2] * r0[j + 2]
+                         + k[1, 0] * r1[j] + k[1, 1] * r1[j + 1] + k[1, 2] * r1[j + 2]
+                         + k[2, 0] * r2[j] + k[2, 1] * r2[j + 1] + k[2, 2] * r2[j + 2])
         for o in range(cout):
-            acc[:] = bias[o]
-            for i in range(cin):
-                p, di = pw[o, i], d[i]
-                for x in range(w):
-                    acc[x] += p * di[x]
-            dst = out[o, y + 1]
+            _pointwise(pw[o], d, bias[o], acc, n)
+            dst = fo[o, c0:]
             if tanh:
-                for x in range(w):
-                    dst[x + 1] = np.tanh(acc[x])
+                for j in range(n):
+                    dst[j] = np.tanh(acc[j])
             else:
-                for x in range(w):
-                    dst[x + 1] = max(acc[x], np.float32(0))
+                for j in range(n):
+                    dst[j] = max(acc[j], zero)
+    _zero_border(out)
+
+
+@serial
+def _pointwise(p, d, bias, acc, n):
+    """acc[:n] = bias + sum_i p[i] * d[i, :n], summed in order of i."""
+    cin = p.shape[0]
+    for j in range(n):
+        acc[j] = bias
+    i = 0
+    while i + 8 <= cin:
+        p0, p1, p2, p3, p4, p5, p6, p7 = p[i], p[i + 1], p[i + 2], p[i + 3], \
+            p[i + 4], p[i + 5], p[i + 6], p[i + 7]
+        d0, d1, d2, d3, d4, d5, d6, d7 = d[i], d[i + 1], d[i + 2], d[i + 3], \
+            d[i + 4], d[i + 5], d[i + 6], d[i + 7]
+        for j in range(n):
+            acc[j] = (acc[j] + p0 * d0[j] + p1 * d1[j] + p2 * d2[j] + p3 * d3[j]
+                      + p4 * d4[j] + p5 * d5[j] + p6 * d6[j] + p7 * d7[j])
+        i += 8
+    for i in range(i, cin):
+        pi, di = p[i], d[i]
+        for j in range(n):
+            acc[j] += pi * di[j]
+
+
+@serial
+def _zero_border(maps):
+    """Zero the one-pixel frame of (C, h+2, w+2) maps: the next convolution's padding."""
+    zero = np.float32(0)
+    c, hp, wp = maps.shape
+    for o in range(c):
+        maps[o, 0, :] = zero
+        maps[o, hp - 1, :] = zero
+        for y in range(1, hp - 1):
+            maps[o, y, 0] = zero
+            maps[o, y, wp - 1] = zero
 
 
 @serial
@@ -138,7 +181,7 @@ def _efe_one(img, y0, y1, ly, x0, x1, lx, dws, pws, biases, out):
     borders are the convolutions' padding."""
     hp, wp = out.shape[1], out.shape[2]
     x = np.zeros((3, hp, wp), np.float32)
-    maps = np.zeros((6, dws[1].shape[0], hp, wp), np.float32)
+    maps = np.empty((6, dws[1].shape[0], hp, wp), np.float32)  # _block zeroes their borders
     none = np.zeros((0, hp, wp), np.float32)
     _downscale(img, y0, y1, ly, x0, x1, lx, x)
     _block(x, none, dws[0], pws[0], biases[0], maps[0], False)
@@ -163,11 +206,10 @@ def _efe_items(img, which, y0, y1, ly, x0, x1, lx, dws, pws, biases, out):
 def _rie_uint8(img, r_low, y0, y1, ly, x0, x1, lx, steps, out):
     """out = round(255 * RIE(img / 255, upsample(r_low))): one read of img, one write of out.
     The factor is upsampled along rows first, at EFE's height (1/12 of the work), so the
-    full-size loop reads it contiguously; the steps loop runs over a row held in L1, so the
-    compiler vectorises it. Same order of operations as PyTorch's bilinear kernel."""
+    full-size loop reads it contiguously. Same order of operations as PyTorch's bilinear kernel."""
     n_img, ch, H, W = img.shape
     n_r, _, h, _ = r_low.shape
-    one, zero, s = np.float32(1), np.float32(0), np.float32(255)
+    one = np.float32(1)
     rows = np.empty((n_r, ch, h, W), np.float32)
     for job in range(n_r * ch * h):  # small: not worth a fork/join
         n, c, j = job // (ch * h), (job // h) % ch, job % h
@@ -178,19 +220,43 @@ def _rie_uint8(img, r_low, y0, y1, ly, x0, x1, lx, steps, out):
     for job in prange(n_img * ch * n_blocks):
         n, c, blk = job // (ch * n_blocks), (job // n_blocks) % ch, job % n_blocks
         nr = n if n_r > 1 else 0
-        r = np.empty(W, np.float32)
-        v = np.empty(W, np.float32)
         for y in range(blk * ROWS, min(H, blk * ROWS + ROWS)):
             ra, rb, wa, wb = rows[nr, c, y0[y]], rows[nr, c, y1[y]], one - ly[y], ly[y]
-            src, dst = img[n, c, y], out[n, c, y]
-            for x in range(W):
-                r[x] = ra[x] * wa + rb[x] * wb
-                v[x] = np.float32(src[x]) / s
-            for _ in range(steps):  # Eq. 1: x_t = x_{t-1} + x_r * (x_{t-1}^2 - x_{t-1})
-                for x in range(W):
-                    v[x] = v[x] + r[x] * (v[x] * v[x] - v[x])
-            for x in range(W):
-                dst[x] = np.uint8(np.rint(min(max(v[x], zero), one) * s))
+            if steps == STEPS:
+                _rie_row_fixed(img[n, c, y], ra, rb, wa, wb, out[n, c, y])
+            else:
+                _rie_row(img[n, c, y], ra, rb, wa, wb, steps, out[n, c, y])
+
+
+@_compile(parallel=False, fastmath={"contract"})
+def _rie_row_fixed(src, ra, rb, wa, wb, dst):
+    """One row, STEPS steps: a loop count known when compiling lets the compiler unroll the
+    steps and keep each pixel in a register, so the loop over x vectorises. Multiply-adds
+    may fuse (one rounding instead of two): still within 1 grey level of the reference."""
+    zero, one, s = np.float32(0), np.float32(1), np.float32(255)
+    for x in range(src.shape[0]):
+        r = ra[x] * wa + rb[x] * wb
+        v = np.float32(src[x]) / s
+        for _ in range(STEPS):  # Eq. 1: x_t = x_{t-1} + x_r * (x_{t-1}^2 - x_{t-1})
+            v = v + r * (v * v - v)
+        dst[x] = np.uint8(np.rint(min(max(v, zero), one) * s))
+
+
+@serial
+def _rie_row(src, ra, rb, wa, wb, steps, dst):
+    """One row, any number of steps: each step a pass over the row (held in L1)."""
+    zero, one, s = np.float32(0), np.float32(1), np.float32(255)
+    W = src.shape[0]
+    r = np.empty(W, np.float32)
+    v = np.empty(W, np.float32)
+    for x in range(W):
+        r[x] = ra[x] * wa + rb[x] * wb
+        v[x] = np.float32(src[x]) / s
+    for _ in range(steps):  # Eq. 1
+        for x in range(W):
+            v[x] = v[x] + r[x] * (v[x] * v[x] - v[x])
+    for x in range(W):
+        dst[x] = np.uint8(np.rint(min(max(v[x], zero), one) * s))
 
 
 # ---- the two fast paths --------------------------------------------------------------------
