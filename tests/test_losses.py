@@ -41,6 +41,12 @@ def test_colour_constancy_code_form():
     assert losses.colour_constancy(y, "code").item() == pytest.approx(math.sqrt(0.1568), rel=1e-5)
 
 
+def test_colour_constancy_code_form_has_a_gradient_on_grey_images():
+    y = torch.full((2, 3, 4, 4), 0.3, requires_grad=True)  # equal channel means: d = 0
+    losses.colour_constancy(y, "code").backward()
+    assert torch.isfinite(y.grad).all()
+
+
 def test_brightness_paper_l1_and_code_l2():
     y = torch.full((2, 3, 32, 32), 0.3)
     assert losses.brightness(y, variant="paper").item() == pytest.approx(0.3)

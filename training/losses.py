@@ -52,7 +52,9 @@ def colour_constancy(y: torch.Tensor, variant: str = "paper") -> torch.Tensor:
     pairs = [r - g, r - b, g - b]
     if variant == "paper":
         return sum(torch.sqrt(d * d + CHARBONNIER_EPS ** 2) for d in pairs).mean()
-    return torch.sqrt(sum((d * d) ** 2 for d in pairs)).mean()
+    # clamp: sqrt's gradient at 0 is infinite, and 0 * inf = NaN when the three channel means
+    # agree exactly (a grey crop): it stopped a scale-1 training run at step 99
+    return torch.sqrt(sum((d * d) ** 2 for d in pairs).clamp_min(1e-30)).mean()
 
 
 def brightness(y: torch.Tensor, e: float = BRI_E, patch: int = BRI_PATCH,
