@@ -74,13 +74,15 @@ class _Job:
 class Batcher:
     """`run_batch(payloads) -> values` (one value per payload) is called in the worker thread
     with payloads that share a key. `on_batch(size, pixels, seconds)` and `on_drop(reason)` are
-    observation hooks (metrics); they run on the event loop."""
+    observation hooks (metrics); they run on the event loop. `worker_initializer` runs once in
+    the worker thread when it starts."""
 
     def __init__(self, run_batch: Callable[[list[Any]], Sequence[Any]], *,
                  max_batch_size: int = 16, max_batch_pixels: int = 1 << 24,
                  max_wait_s: float = 0.005, max_queue_size: int = 256,
                  on_batch: Callable[[int, int, float], None] | None = None,
-                 on_drop: Callable[[str], None] | None = None):
+                 on_drop: Callable[[str], None] | None = None,
+                 worker_initializer: Callable[[], None] | None = None):
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_batch_pixels = max_batch_pixels
@@ -91,7 +93,8 @@ class Batcher:
         self._groups: dict[Hashable, deque[_Job]] = {}
         self._depth = 0
         self._wakeup = asyncio.Event()
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sgz-inference")
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sgz-inference",
+                                          initializer=worker_initializer)
         self._task: asyncio.Task | None = None
         self._closing = False
 

@@ -47,6 +47,9 @@ class Settings(BaseSettings):
 
     # Process.
     io_threads: int = Field(4, ge=1, description="threads decoding images, and as many encoding them")
+    worker_nice: int = Field(10, ge=0, le=19, description="nice value of the threads that "
+                             "decode, run the model and encode (Linux), so that they never "
+                             "starve the event loop that reads requests; 0 = no change")
     warmup: bool = Field(True, description="run the model once before reporting ready")
     shutdown_timeout_s: int = Field(30, ge=1, description="on SIGTERM, how long in-flight "
                                     "requests may take to finish")

@@ -1,4 +1,5 @@
-"""End to end: a client that hangs up while queued, and a graceful shutdown with work queued.
+"""End to end: a client that hangs up while queued, the worker threads' priority, and a graceful
+shutdown with work queued.
 
 A 1.5 s batch timer keeps requests queued long enough to act on them; the module's last test
 shuts the server down.
@@ -6,7 +7,9 @@ shuts the server down.
 import asyncio
 import signal
 import socket
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -17,7 +20,8 @@ from sgz_server import Server, metric, photo
 
 @pytest.fixture(scope="module")
 def server():
-    s = Server({"SGZ_MAX_WAIT_MS": "1500", "SGZ_MAX_BATCH_SIZE": "8"})
+    s = Server({"SGZ_MAX_WAIT_MS": "1500", "SGZ_MAX_BATCH_SIZE": "8", "SGZ_WORKER_NICE": "7",
+                "SGZ_IO_THREADS": "2"})
     try:
         yield s.wait_ready()
     finally:
@@ -49,6 +53,27 @@ def test_client_that_hung_up_is_dropped_before_its_batch_runs(server):
     assert metric(text, "sgz_requests_dropped_total", reason="disconnected") == 1
     assert metric(text, "sgz_images_processed_total") == 1
     assert metric(text, "sgz_batch_size_count") == 1
+
+
+def thread_nices(pid: int) -> dict[int, int]:
+    """nice value of every thread of a process, by thread id (field 19 of /proc/.../stat)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        stat = (task / "stat").read_text()
+        out[int(task.name)] = int(stat[stat.rindex(")") + 2:].split()[16])
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_worker_threads_run_below_the_event_loop(server):
+    r = httpx.post(f"{server.url}/enhance", content=photo((512, 512)).read_bytes(), timeout=30,
+                   headers={"content-type": "image/png"})  # the decode and encode threads start
+    assert r.status_code == 200
+    nices = thread_nices(server.proc.pid)
+    assert nices[server.proc.pid] == 0  # the main thread runs the event loop
+    # at least the decode, inference and encode threads, plus numba's pool started from the
+    # inference thread (they inherit its priority)
+    assert sum(n == 7 for n in nices.values()) >= 4, nices
 
 
 def test_sigterm_finishes_queued_requests_then_exits(server, published_enhancer):
