@@ -1,15 +1,18 @@
-"""Part 1: the model step, uint8 pixels in, uint8 pixels out, for three implementations in the
-same process and the same loop, so machine noise hits them alike:
+"""Part 1: the model step, uint8 pixels in, uint8 pixels out, for three implementations, each
+in a process of its own (see run_model_bench):
 
   fast       `load_model(...)`: the default path (model/fast.py)
   eager      `load_model(..., fast=False)`: our eager reference
   published  the published SGZ / Zero-DCE++ test script's formulation, re-stated below
 
-Every timed call is one batch; the paths take turns call by call and each cell reports the
-median. Then the floor: what the arithmetic and the unavoidable memory traffic would cost at
+Every timed call is one batch; each cell reports the median. Then the floor: what the arithmetic and the unavoidable memory traffic would cost at
 this machine's own measured matmul throughput and copy bandwidth.
 """
+import argparse
+import json
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -97,36 +100,74 @@ def paths_for(checkpoint: str, names: list[str]) -> dict:
     return make
 
 
+ROUNDS = 2  # processes per path, alternating paths, so slow drift of the machine hits all alike
+
+
 def run_model_bench(checkpoint: str, shared: Path, sizes, batches, names, repeats: int,
                     cell_budget_s: float = 60.0, log=print) -> dict:
-    """Up to `repeats` timed calls per path and cell; fewer (at least 3) once a cell has
-    taken `cell_budget_s`, so slow baselines at 4K do not stretch the run to an hour."""
-    impls = paths_for(checkpoint, names)
+    """Each path runs in its own process (`python -m bench.model_bench`), one path after the
+    other, twice over. In one process the paths disturbed each other: PyTorch's OpenMP workers
+    keep spinning after an eager call, and numba's and PyTorch's thread pools fought for the
+    two cores (at 1200x900, batch 1: fast 7.5 ms and eager 249 ms side by side, 3.8 ms and 72 ms
+    each alone). Up to `repeats` timed calls per path and cell; fewer (at least 3) once a cell
+    has taken `cell_budget_s`, so slow baselines at 4K do not stretch the run to an hour."""
+    times: dict[tuple, list[float]] = {}
+    for r in range(ROUNDS):
+        share = repeats // ROUNDS + (r < repeats % ROUNDS)
+        if share == 0:
+            continue
+        for name in names:
+            for cell in _time_in_child(name, checkpoint, shared, sizes, batches, share,
+                                       cell_budget_s / ROUNDS):
+                times.setdefault((name, cell["width"], cell["height"], cell["batch"]),
+                                 []).extend(cell["times"])
     rows = []
+    for (w, h) in sizes:
+        for batch in batches:
+            for name in names:
+                ts = times[name, w, h, batch]
+                med = statistics.median(ts)
+                rows.append({"path": name, "width": w, "height": h, "batch": batch,
+                             "repeats": len(ts), "ms_per_image": 1000 * med / batch,
+                             "images_per_s": batch / med,
+                             "min_ms_per_image": 1000 * min(ts) / batch})
+            log(f"  {w}x{h} batch {batch}: " + ", ".join(
+                f"{r['path']} {r['ms_per_image']:.1f} ms/img" for r in rows[-len(names):]))
+    return {"rows": rows, "ratios": ratios(rows), "floor": floor(sizes)}
+
+
+def _time_in_child(name: str, checkpoint: str, shared: Path, sizes, batches, repeats: int,
+                   cell_budget_s: float) -> list[dict]:
+    cmd = [sys.executable, "-m", "bench.model_bench", "--path", name, "--checkpoint",
+           str(checkpoint), "--shared", str(shared), "--repeats", str(repeats),
+           "--cell-budget", str(cell_budget_s), "--threads", str(torch.get_num_threads()),
+           "--sizes", ",".join(f"{w}x{h}" for w, h in sizes),
+           "--batches", ",".join(map(str, batches))]
+    root = Path(__file__).resolve().parent.parent  # so `-m bench...` imports this checkout
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
+    if done.returncode != 0:
+        raise RuntimeError(f"model bench of {name!r} failed:\n{done.stderr}")
+    return json.loads(done.stdout)
+
+
+def time_path(name: str, checkpoint: str, shared: Path, sizes, batches, repeats: int,
+              cell_budget_s: float) -> list[dict]:
+    """In this process: seconds per call of one path, for every cell (after one untimed call
+    per cell: allocator, oneDNN primitives)."""
+    f = paths_for(checkpoint, [name])[name]
+    out = []
     for size in sizes:
         for batch in batches:
             hwc = photos(shared, size, batch)
             nchw = torch.from_numpy(hwc).permute(0, 3, 1, 2).contiguous()
-            times = {name: [] for name in impls}
-            for name, f in impls.items():
-                f(hwc, nchw)  # first call per shape: allocator, oneDNN primitives
-            start = time.perf_counter()
-            for i in range(repeats):
-                if i >= 3 and time.perf_counter() - start > cell_budget_s:
-                    break
-                for name, f in impls.items():
-                    t0 = time.perf_counter()
-                    f(hwc, nchw)
-                    times[name].append(time.perf_counter() - t0)
-            for name, ts in times.items():
-                med = statistics.median(ts)
-                rows.append({"path": name, "width": size[0], "height": size[1], "batch": batch,
-                             "repeats": len(ts), "ms_per_image": 1000 * med / batch,
-                             "images_per_s": batch / med,
-                             "min_ms_per_image": 1000 * min(ts) / batch})
-            log(f"  {size[0]}x{size[1]} batch {batch}: " + ", ".join(
-                f"{r['path']} {r['ms_per_image']:.1f} ms/img" for r in rows[-len(times):]))
-    return {"rows": rows, "ratios": ratios(rows), "floor": floor(sizes)}
+            f(hwc, nchw)
+            ts, start = [], time.perf_counter()
+            while len(ts) < repeats and (len(ts) < 2 or time.perf_counter() - start < cell_budget_s):
+                t0 = time.perf_counter()
+                f(hwc, nchw)
+                ts.append(time.perf_counter() - t0)
+            out.append({"width": size[0], "height": size[1], "batch": batch, "times": ts})
+    return out
 
 
 def ratios(rows: list[dict]) -> list[dict]:
@@ -187,3 +228,26 @@ def floor(sizes) -> dict:
                         wk["bytes"] / (peaks["copy_gb_per_s"] * 1e9))
         out["sizes"].append({"width": w, "height": h, **wk, "floor_ms": ms})
     return out
+
+
+def main() -> None:
+    """The child process of run_model_bench: times one path, prints JSON."""
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--path", required=True, choices=["fast", "eager", "published"])
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--shared", required=True)
+    p.add_argument("--sizes", required=True, help="WxH,WxH,...")
+    p.add_argument("--batches", required=True, help="1,8,...")
+    p.add_argument("--repeats", type=int, required=True)
+    p.add_argument("--cell-budget", type=float, required=True)
+    p.add_argument("--threads", type=int, required=True)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    sizes = [tuple(int(v) for v in s.lower().split("x")) for s in a.sizes.split(",")]
+    batches = [int(b) for b in a.batches.split(",")]
+    print(json.dumps(time_path(a.path, a.checkpoint, Path(a.shared), sizes, batches,
+                               a.repeats, a.cell_budget)))
+
+
+if __name__ == "__main__":
+    main()
