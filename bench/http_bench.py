@@ -11,6 +11,7 @@ sum over the server's process tree (LitServe runs its model in worker processes)
 0.1 s: idle once ready, and the peak while loaded.
 """
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -86,46 +87,61 @@ class RssSampler:
 
 
 class ServerProcess:
-    def __init__(self, kind: str, checkpoint: str, log_dir: Path):
+    """One server (`kind` in SERVERS) as a subprocess on a free port, its output in
+    `log_dir/KIND.log`; `env` is added to this process's environment."""
+
+    def __init__(self, kind: str, checkpoint: str, log_dir: Path,
+                 env: dict[str, str] | None = None):
         args, self.ready_path = SERVERS[kind]
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_dir / f"{kind}.log"
+        self.log_path = Path(log_dir) / f"{kind}.log"
         self._log = open(self.log_path, "w")
-        cmd = [sys.executable, *args, "--port", str(self.port), "--checkpoint", checkpoint]
+        cmd = [sys.executable, *args, "--port", str(self.port), "--checkpoint", str(checkpoint)]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     cwd=Path(__file__).resolve().parents[1])
+                                     cwd=Path(__file__).resolve().parents[1],
+                                     env={**os.environ, **(env or {})})
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()
 
     def wait_ready(self, timeout: float) -> float:
+        """Seconds until the ready endpoint answered 200."""
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}; log:\n"
-                                   + self.log_path.read_text()[-3000:])
+                                   + self.log()[-3000:])
             try:
                 if httpx.get(self.url + self.ready_path, timeout=2).status_code == 200:
                     return time.monotonic() - t0
             except httpx.TransportError:
                 pass
-            time.sleep(0.2)
-        raise TimeoutError(f"not ready after {timeout} s; log:\n" + self.log_path.read_text()[-3000:])
+            time.sleep(0.1)
+        raise TimeoutError(f"not ready after {timeout} s; log:\n" + self.log()[-3000:])
+
+    def terminate(self, timeout: float = 20) -> int:
+        """SIGTERM to the server; SIGKILL after `timeout` s. Returns its exit status."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
 
     def stop(self) -> None:
-        # SIGTERM to the server and its workers; kill what is left after 20 s
-        procs = [self.proc.pid]
+        """Terminate the server, kill whatever of its worker processes is left, close the log."""
         try:
-            procs += [c.pid for c in psutil.Process(self.proc.pid).children(recursive=True)]
+            children = psutil.Process(self.proc.pid).children(recursive=True)
         except psutil.Error:
-            pass
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        for pid in procs[1:]:
+            children = []
+        self.terminate()
+        for child in children:
             try:
-                psutil.Process(pid).kill()
+                child.kill()
             except psutil.Error:
                 pass
         self._log.close()

@@ -1,61 +1,31 @@
-"""Start the real `sgz serve` as a subprocess on a free port, for end-to-end tests."""
-import os
-import signal
-import subprocess
+"""Start the real `sgz serve` as a subprocess on a free port, for end-to-end tests: the
+benchmark's ServerProcess, with the published checkpoint and info logging by default."""
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 from PIL import Image
 
-from bench.http_bench import free_port
+from bench.http_bench import ServerProcess
 from conftest import SGZ_PUBLISHED, SICE
 
 SGZ = Path(sys.executable).with_name("sgz")
 
 
-class Server:
+class Server(ServerProcess):
     def __init__(self, env: dict[str, str] | None = None, checkpoint: Path = SGZ_PUBLISHED):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_file = tempfile.NamedTemporaryFile("w+", prefix="sgz-serve-", suffix=".log")
-        env = {**os.environ, "SGZ_LOG_LEVEL": "info", **(env or {})}
-        self.proc = subprocess.Popen(
-            [str(SGZ), "serve", "--port", str(self.port), "--checkpoint", str(checkpoint)],
-            env=env, stdout=self.log_file, stderr=subprocess.STDOUT)
+        self._dir = tempfile.TemporaryDirectory(prefix="sgz-serve-")
+        super().__init__("sgz", str(checkpoint), Path(self._dir.name),
+                         env={"SGZ_LOG_LEVEL": "info", **(env or {})})
 
     def wait_ready(self, timeout: float = 90) -> "Server":
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"sgz serve exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"sgz serve not ready after {timeout} s:\n{self.log()}")
-
-    def log(self) -> str:
-        self.log_file.flush()
-        return Path(self.log_file.name).read_text()
-
-    def terminate(self, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        super().wait_ready(timeout)
+        return self
 
     def close(self) -> None:
-        self.terminate()
-        self.log_file.close()
+        self.stop()
+        self._dir.cleanup()
 
 
 def metric(text: str, name: str, **labels) -> float:

@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from service.settings import Settings
-from sgz_server import Server, free_port
+from bench.http_bench import free_port
+from sgz_server import Server
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = Settings.model_construct()  # the defaults, without reading the environment
