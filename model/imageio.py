@@ -66,7 +66,9 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> DecodedImage:
         raise ImageDecodeError(f"corrupt or truncated image: {e}") from None
     fmt = img.format or "PNG"
     try:
-        img = ImageOps.exif_transpose(img)
+        # in place: without an orientation tag (most images) this copies nothing; the default
+        # returned a copy of every image (~9 ms at 1920x1080)
+        ImageOps.exif_transpose(img, in_place=True)
     except Exception:  # a broken EXIF block must not cost the user the picture
         pass
     return _split_modes(img, fmt)
@@ -84,7 +86,7 @@ def _split_modes(img: Image.Image, fmt: str) -> DecodedImage:
     if mode.startswith("I") or mode == "F":
         rgb = _high_depth_to_rgb(img)
     else:
-        rgb = np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+        rgb = np.asarray(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8).copy()
     return DecodedImage(rgb=rgb, alpha=alpha, gray=gray, format=fmt)
 
 
@@ -106,10 +108,17 @@ def _palette_is_gray(img: Image.Image) -> bool:
 
 
 def tensor_to_rgb(t: torch.Tensor) -> np.ndarray:
-    """(3, H, W) or (1, 3, H, W) uint8 tensor -> (H, W, 3) uint8 array."""
+    """(3, H, W) or (1, 3, H, W) uint8 tensor -> (H, W, 3) uint8 array.
+
+    One plane at a time: a copy of the whole permuted view (torch or numpy) walks the 3-long
+    channel axis innermost and took 10-15 ms at 1920x1080, this ~2 ms."""
     if t.dim() == 4:
         t = t[0]
-    return t.permute(1, 2, 0).contiguous().cpu().numpy()
+    planes = t.cpu().numpy()
+    rgb = np.empty((planes.shape[1], planes.shape[2], 3), np.uint8)
+    for c in range(3):
+        rgb[..., c] = planes[c]
+    return rgb
 
 
 def output_format(name: str | None, source_format: str) -> str:

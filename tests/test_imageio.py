@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import SICE
 from model.imageio import (ImageDecodeError, ImageTooLarge, decode_image, encode_image,
-                           factor_to_picture, output_format)
+                           factor_to_picture, output_format, tensor_to_rgb)
 
 
 @pytest.fixture(scope="module")
@@ -184,3 +184,10 @@ def test_factor_picture_darker_means_lower_factor():
     picture = factor_to_picture(x_r)
     assert picture.shape == (1, 5, 3) and picture.dtype == np.uint8
     assert picture[0, :, 0].tolist() == [0, 64, 128, 191, 255]
+
+
+def test_tensor_to_rgb_is_the_channels_last_copy(photo):
+    chw = decode_image(as_bytes(photo, "PNG")).to_tensor()
+    want = chw[0].permute(1, 2, 0).numpy()
+    assert np.array_equal(tensor_to_rgb(chw), want)     # (1, 3, H, W)
+    assert np.array_equal(tensor_to_rgb(chw[0]), want)  # (3, H, W)
