@@ -129,9 +129,9 @@ def _block(a, b, dw, pw, bias, out, tanh):
             _pointwise2(pw[o], pw[o + 1], d, bias[o], bias[o + 1], acc[0], acc[1], n)
             _activate(acc[0], fo[o, c0:], n, tanh)
             _activate(acc[1], fo[o + 1, c0:], n, tanh)
-        if cout % 2:
+        if cout % 2:  # the last one (of EFE's final 3) paired with itself: small, one kernel
             o = cout - 1
-            _pointwise(pw[o], d, bias[o], acc[0], n)
+            _pointwise2(pw[o], pw[o], d, bias[o], bias[o], acc[0], acc[1], n)
             _activate(acc[0], fo[o, c0:], n, tanh)
     _zero_border(out)
 
@@ -149,7 +149,9 @@ def _activate(acc, dst, n, tanh):
 
 @serial
 def _pointwise2(p, q, d, bias_p, bias_q, acc_p, acc_q, n):
-    """_pointwise for two outputs at once: each load of d feeds two multiply-adds."""
+    """acc_p[:n] = bias_p + sum_i p[i] * d[i, :n], and the same for q: two output channels at
+    once, so each load of d feeds two multiply-adds. Summed in order of i, 8 channels per pass
+    over the accumulators (loaded and stored once per pass, not once per channel)."""
     cin = p.shape[0]
     for j in range(n):
         acc_p[j] = bias_p
@@ -174,28 +176,6 @@ def _pointwise2(p, q, d, bias_p, bias_q, acc_p, acc_q, n):
         for j in range(n):
             acc_p[j] += pi * di[j]
             acc_q[j] += qi * di[j]
-
-
-@serial
-def _pointwise(p, d, bias, acc, n):
-    """acc[:n] = bias + sum_i p[i] * d[i, :n], summed in order of i."""
-    cin = p.shape[0]
-    for j in range(n):
-        acc[j] = bias
-    i = 0
-    while i + 8 <= cin:
-        p0, p1, p2, p3, p4, p5, p6, p7 = p[i], p[i + 1], p[i + 2], p[i + 3], \
-            p[i + 4], p[i + 5], p[i + 6], p[i + 7]
-        d0, d1, d2, d3, d4, d5, d6, d7 = d[i], d[i + 1], d[i + 2], d[i + 3], \
-            d[i + 4], d[i + 5], d[i + 6], d[i + 7]
-        for j in range(n):
-            acc[j] = (acc[j] + p0 * d0[j] + p1 * d1[j] + p2 * d2[j] + p3 * d3[j]
-                      + p4 * d4[j] + p5 * d5[j] + p6 * d6[j] + p7 * d7[j])
-        i += 8
-    for i in range(i, cin):
-        pi, di = p[i], d[i]
-        for j in range(n):
-            acc[j] += pi * di[j]
 
 
 @serial
