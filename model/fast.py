@@ -115,7 +115,7 @@ def _block(a, b, dw, pw, bias, out, tanh):
     fa, fb, fo = a.reshape(ca, hp * wp), b.reshape(cb, hp * wp), out.reshape(cout, hp * wp)
     start, stop = wp + 1, wp * (hp - 1) - 1  # first to last interior pixel: neighbours in range
     d = np.empty((cin, CHUNK), np.float32)
-    acc = np.empty((2, CHUNK), np.float32)
+    acc = np.empty((4, CHUNK), np.float32)
     for c0 in range(start, stop, CHUNK):
         n = min(CHUNK, stop - c0)
         for i in range(cin):
@@ -125,14 +125,12 @@ def _block(a, b, dw, pw, bias, out, tanh):
                 di[j] = (k[0, 0] * r0[j] + k[0, 1] * r0[j + 1] + k[0, 2] * r0[j + 2]
                          + k[1, 0] * r1[j] + k[1, 1] * r1[j + 1] + k[1, 2] * r1[j + 2]
                          + k[2, 0] * r2[j] + k[2, 1] * r2[j + 1] + k[2, 2] * r2[j + 2])
-        for o in range(0, cout - 1, 2):
-            _pointwise2(pw[o], pw[o + 1], d, bias[o], bias[o + 1], acc[0], acc[1], n)
-            _activate(acc[0], fo[o, c0:], n, tanh)
-            _activate(acc[1], fo[o + 1, c0:], n, tanh)
-        if cout % 2:  # the last one (of EFE's final 3) paired with itself: small, one kernel
-            o = cout - 1
-            _pointwise2(pw[o], pw[o], d, bias[o], bias[o], acc[0], acc[1], n)
-            _activate(acc[0], fo[o, c0:], n, tanh)
+        for o in range(0, cout, 4):  # a last group of fewer than 4 repeats its last row
+            a, b, c, e = o, min(o + 1, cout - 1), min(o + 2, cout - 1), min(o + 3, cout - 1)
+            _pointwise4(pw[a], pw[b], pw[c], pw[e], d, bias[a], bias[b], bias[c], bias[e],
+                        acc[0], acc[1], acc[2], acc[3], n)
+            for k in range(min(4, cout - o)):
+                _activate(acc[k], fo[o + k, c0:], n, tanh)
     _zero_border(out)
 
 
@@ -148,34 +146,39 @@ def _activate(acc, dst, n, tanh):
 
 
 @serial
-def _pointwise2(p, q, d, bias_p, bias_q, acc_p, acc_q, n):
-    """acc_p[:n] = bias_p + sum_i p[i] * d[i, :n], and the same for q: two output channels at
-    once, so each load of d feeds two multiply-adds. Summed in order of i, 8 channels per pass
-    over the accumulators (loaded and stored once per pass, not once per channel)."""
+def _pointwise4(p, q, r, t, d, bp, bq, br, bt, ap, aq, ar, at, n):
+    """ap[:n] = bp + sum_i p[i] * d[i, :n], and the same for q, r, t: four output channels at
+    once, so each load of d feeds four multiply-adds. Summed in order of i, 8 channels per
+    pass over the accumulators (loaded and stored once per pass, not once per channel)."""
     cin = p.shape[0]
     for j in range(n):
-        acc_p[j] = bias_p
-        acc_q[j] = bias_q
+        ap[j], aq[j], ar[j], at[j] = bp, bq, br, bt
     i = 0
     while i + 8 <= cin:
-        p0, p1, p2, p3, p4, p5, p6, p7 = p[i], p[i + 1], p[i + 2], p[i + 3], \
-            p[i + 4], p[i + 5], p[i + 6], p[i + 7]
-        q0, q1, q2, q3, q4, q5, q6, q7 = q[i], q[i + 1], q[i + 2], q[i + 3], \
-            q[i + 4], q[i + 5], q[i + 6], q[i + 7]
         d0, d1, d2, d3, d4, d5, d6, d7 = d[i], d[i + 1], d[i + 2], d[i + 3], \
             d[i + 4], d[i + 5], d[i + 6], d[i + 7]
+        p0, p1, p2, p3, p4, p5, p6, p7 = p[i:i + 8]
+        q0, q1, q2, q3, q4, q5, q6, q7 = q[i:i + 8]
+        r0, r1, r2, r3, r4, r5, r6, r7 = r[i:i + 8]
+        t0, t1, t2, t3, t4, t5, t6, t7 = t[i:i + 8]
         for j in range(n):
             e0, e1, e2, e3, e4, e5, e6, e7 = d0[j], d1[j], d2[j], d3[j], d4[j], d5[j], d6[j], d7[j]
-            acc_p[j] = (acc_p[j] + p0 * e0 + p1 * e1 + p2 * e2 + p3 * e3
-                        + p4 * e4 + p5 * e5 + p6 * e6 + p7 * e7)
-            acc_q[j] = (acc_q[j] + q0 * e0 + q1 * e1 + q2 * e2 + q3 * e3
-                        + q4 * e4 + q5 * e5 + q6 * e6 + q7 * e7)
+            ap[j] = (ap[j] + p0 * e0 + p1 * e1 + p2 * e2 + p3 * e3
+                     + p4 * e4 + p5 * e5 + p6 * e6 + p7 * e7)
+            aq[j] = (aq[j] + q0 * e0 + q1 * e1 + q2 * e2 + q3 * e3
+                     + q4 * e4 + q5 * e5 + q6 * e6 + q7 * e7)
+            ar[j] = (ar[j] + r0 * e0 + r1 * e1 + r2 * e2 + r3 * e3
+                     + r4 * e4 + r5 * e5 + r6 * e6 + r7 * e7)
+            at[j] = (at[j] + t0 * e0 + t1 * e1 + t2 * e2 + t3 * e3
+                     + t4 * e4 + t5 * e5 + t6 * e6 + t7 * e7)
         i += 8
     for i in range(i, cin):
-        pi, qi, di = p[i], q[i], d[i]
+        pi, qi, ri, ti, di = p[i], q[i], r[i], t[i], d[i]
         for j in range(n):
-            acc_p[j] += pi * di[j]
-            acc_q[j] += qi * di[j]
+            ap[j] += pi * di[j]
+            aq[j] += qi * di[j]
+            ar[j] += ri * di[j]
+            at[j] += ti * di[j]
 
 
 @serial
