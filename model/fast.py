@@ -106,9 +106,8 @@ def _block(a, b, dw, pw, bias, out, tanh):
 
     The maps are walked as flat arrays, CHUNK pixels at a time, so every inner loop is long and
     contiguous (row by row, w ~ 100 left a third of each vectorised loop to its scalar tail).
-    The depthwise results of a chunk stay in cache for the pointwise sum, which adds 8 input
-    channels per pass over the accumulator (in the same order as one at a time) to cut its
-    loads and stores 8-fold. The border columns inside the span get junk and are zeroed after."""
+    The depthwise results of a chunk stay in cache for the pointwise sums (_pointwise4). The
+    border columns inside the span get junk and are zeroed after."""
     ca, hp, wp = a.shape
     cb, cout = b.shape[0], pw.shape[0]
     cin = ca + cb
