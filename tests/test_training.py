@@ -97,6 +97,16 @@ def test_sgz_eval_paired_json(tmp_path):
     assert report["images"] == 3
     s = report["summary"]
     assert 10 < s["psnr"] < 30 and 0 < s["ssim"] < 1 and s["gt_mean_psnr"] > s["psnr"]
+    # the per-channel oracle can only remove more error than the global scale
+    assert all(row["channel_gt_mean_psnr"] > row["gt_mean_psnr"] - 0.5 for row in report["rows"])
+    weaker = subprocess.run([sys.executable, "-m", "training", "eval", "--checkpoint",
+                             str(SGZ_PUBLISHED), "--low", str(low), "--high", str(high),
+                             "--json", "--strength", "0.5"],
+                            capture_output=True, text=True, timeout=300)
+    assert weaker.returncode == 0, weaker.stderr
+    weaker = json.loads(weaker.stdout)
+    assert weaker["strength"] == 0.5
+    assert weaker["summary"]["brightness"] < s["brightness"]
 
 
 def test_sgz_eval_unpaired_and_bad_checkpoint(tmp_path):

@@ -59,6 +59,8 @@ def register(sub) -> None:
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.add_argument("--no-rows", action="store_true", help="summary only")
     e.add_argument("--save", default=None, help="also write the enhanced images here")
+    e.add_argument("--strength", type=float, default=1.0,
+                   help="scale the factor map (1 = the model; a diagnostic, as the API's)")
     e.set_defaults(func=run_eval)
 
 
@@ -92,7 +94,7 @@ def run_eval(args) -> int:
     from .evaluate import evaluate, format_report
     try:
         report = evaluate(args.checkpoint, Path(args.low), Path(args.high) if args.high else None,
-                          device=args.device, save=args.save)
+                          device=args.device, save=args.save, strength=args.strength)
     except (FileNotFoundError, ValueError, CheckpointError, ImportError) as e:
         print(f"sgz eval: {e}", file=sys.stderr)
         return 2

@@ -2,7 +2,8 @@
 
 Paired (LOL-style, same file names in --low and --high): PSNR, SSIM and GT-mean PSNR (the
 output scaled so that its mean matches the ground truth's: the protocol that removes the global
-brightness choice a zero-reference method cannot know). Unpaired: mean brightness and PIQE.
+brightness choice a zero-reference method cannot know), and as a diagnostic the same with each
+channel scaled to the ground truth's channel mean. Unpaired: mean brightness and PIQE.
 """
 import json
 import time
@@ -27,6 +28,14 @@ def gt_mean_psnr(out: np.ndarray, gt: np.ndarray) -> float:
     return psnr(scaled, gt)
 
 
+def channel_gt_mean_psnr(out: np.ndarray, gt: np.ndarray) -> float:
+    """GT-mean PSNR with each channel scaled to the ground truth's channel mean: an oracle that
+    also removes any colour cast, so what is left is how the brightening is spread."""
+    o = out.astype(np.float64)
+    scale = gt.reshape(-1, 3).mean(0) / np.maximum(o.reshape(-1, 3).mean(0), 1e-6)
+    return psnr(np.clip(o * scale, 0, 255), gt)
+
+
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
     from skimage.metrics import structural_similarity
     return float(structural_similarity(a, b, channel_axis=2, data_range=255))
@@ -48,7 +57,7 @@ def _require_scoring():
 
 
 def evaluate(checkpoint, low: Path, high: Path | None = None, device=None,
-             save: str | None = None) -> dict:
+             save: str | None = None, strength: float = 1.0) -> dict:
     _require_scoring()
     enhancer = load_model(checkpoint, device=device)
     files = list_images(low)
@@ -56,7 +65,7 @@ def evaluate(checkpoint, low: Path, high: Path | None = None, device=None,
     for f in files:
         img = decode_image(f.read_bytes())
         t = time.perf_counter()
-        out = tensor_to_rgb(enhancer.enhance(img.to_tensor()))
+        out = tensor_to_rgb(enhancer.enhance(img.to_tensor(), strength))
         row = {"image": f.name, "ms": round((time.perf_counter() - t) * 1000, 1),
                "brightness": round(float(out.mean()) / 255, 4)}
         if high is not None:
@@ -64,7 +73,8 @@ def evaluate(checkpoint, low: Path, high: Path | None = None, device=None,
             if not gt_file.is_file():
                 raise FileNotFoundError(f"no ground truth {gt_file} for {f.name}")
             gt = decode_image(gt_file.read_bytes()).rgb
-            row.update(psnr=psnr(out, gt), ssim=ssim(out, gt), gt_mean_psnr=gt_mean_psnr(out, gt))
+            row.update(psnr=psnr(out, gt), ssim=ssim(out, gt), gt_mean_psnr=gt_mean_psnr(out, gt),
+                       channel_gt_mean_psnr=channel_gt_mean_psnr(out, gt))
         else:
             row["piqe"] = piqe(out)
         if save:
@@ -74,6 +84,7 @@ def evaluate(checkpoint, low: Path, high: Path | None = None, device=None,
     keys = [k for k in rows[0] if k not in ("image", "ms")]
     summary = {k: float(np.mean([r[k] for r in rows])) for k in keys}
     return {"checkpoint": str(checkpoint or "default"), "sha256": enhancer.sha256[:16],
+            "strength": strength,
             "low": str(low), "high": str(high) if high else None, "images": len(rows),
             "summary": summary, "rows": rows}
 
