@@ -145,9 +145,9 @@ def lower_priority(nice: int) -> None:
     """Run the calling thread at a lower CPU priority (Linux: nice is per thread; threads it
     starts, such as numba's pool, inherit it). The CPU-heavy threads (decode, model, encode)
     get it so that the event loop, which accepts connections and reads requests, is never
-    starved by them: measured at 64 concurrent clients on 2 cores, p99 latency 5.7 s -> 1.7 s
-    and throughput 51 -> 63 req/s, because requests no longer wait seconds before uvicorn
-    reads them (docs/performance.md). Elsewhere, or if refused, the thread keeps its priority."""
+    starved by them: at 64 concurrent clients on 2 cores, p99 latency ~3.9 s -> 1.6-2.5 s,
+    because requests no longer wait seconds before uvicorn reads them (docs/performance.md).
+    Elsewhere, or if refused, the thread keeps its priority."""
     if nice <= 0 or not sys.platform.startswith("linux"):
         return
     try:
