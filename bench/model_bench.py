@@ -5,8 +5,9 @@ in a process of its own (see run_model_bench):
   eager      `load_model(..., fast=False)`: our eager reference
   published  the published SGZ / Zero-DCE++ test script's formulation, re-stated below
 
-Every timed call is one batch; each cell reports the median. Then the floor: what the arithmetic and the unavoidable memory traffic would cost at
-this machine's own measured matmul throughput and copy bandwidth.
+Every timed call is one batch; each cell reports the median. Then the floor: what the
+arithmetic and the unavoidable memory traffic would cost at this machine's own measured matmul
+throughput and copy bandwidth.
 """
 import argparse
 import json
@@ -232,8 +233,9 @@ def floor(sizes) -> dict:
 
 def main() -> None:
     """The child process of run_model_bench: times one path, prints JSON."""
+    from .cli import PATHS, _list, _size
     p = argparse.ArgumentParser(description=main.__doc__)
-    p.add_argument("--path", required=True, choices=["fast", "eager", "published"])
+    p.add_argument("--path", required=True, choices=PATHS)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--shared", required=True)
     p.add_argument("--sizes", required=True, help="WxH,WxH,...")
@@ -243,10 +245,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, required=True)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    sizes = [tuple(int(v) for v in s.lower().split("x")) for s in a.sizes.split(",")]
-    batches = [int(b) for b in a.batches.split(",")]
-    print(json.dumps(time_path(a.path, a.checkpoint, Path(a.shared), sizes, batches,
-                               a.repeats, a.cell_budget)))
+    print(json.dumps(time_path(a.path, a.checkpoint, Path(a.shared), _list(a.sizes, _size),
+                               _list(a.batches, int), a.repeats, a.cell_budget)))
 
 
 if __name__ == "__main__":
