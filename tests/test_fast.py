@@ -161,6 +161,20 @@ def test_torch_path_matches_reference(eager):
         assert torch.equal(path.apply_factor(image, r_low), eager.apply_factor(image, r_low))
 
 
+@pytest.mark.parametrize("steps", [3, 8])
+def test_any_step_count_matches_reference(eager, steps):
+    """The RIE kernel unrolls the paper's 8 steps; other counts take the general loop."""
+    from model.enhancer import to_uint8
+    from model.rie import rie, upsample_factor
+    path = fastpath.NumbaFast(eager.efe, eager.scale_factor, steps)
+    image = photo("761_0_.png")
+    with torch.inference_mode():
+        r_low = eager.factor_lowres(image)
+        x = image.float().div(255)
+        want = to_uint8(rie(x, upsample_factor(r_low, tuple(image.shape[-2:])), steps))
+        assert_close(path.apply_factor(image, r_low), want)
+
+
 def test_warmup_reports_seconds(fast):
     seconds = fast.warmup()
     assert 0 < seconds < 30
