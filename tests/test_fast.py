@@ -10,6 +10,8 @@ from PIL import Image
 from conftest import SGZ_PUBLISHED, SICE
 from model import EFE, Checkpoint, Enhancer, load_model
 from model import fast as fastpath
+from model.enhancer import to_uint8
+from model.rie import rie, upsample_factor
 
 
 @pytest.fixture(scope="module")
@@ -164,8 +166,6 @@ def test_torch_path_matches_reference(eager):
 @pytest.mark.parametrize("steps", [3, 8])
 def test_any_step_count_matches_reference(eager, steps):
     """The RIE kernel unrolls the paper's 8 steps; other counts take the general loop."""
-    from model.enhancer import to_uint8
-    from model.rie import rie, upsample_factor
     path = fastpath.NumbaFast(eager.efe, eager.scale_factor, steps)
     image = photo("761_0_.png")
     with torch.inference_mode():
