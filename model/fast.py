@@ -248,6 +248,34 @@ def _rie_uint8(img, r_low, y0, y1, ly, x0, x1, lx, steps, out):
                 _rie_row(img[n, c, y], ra, rb, wa, wb, steps, out[n, c, y])
 
 
+@kernel
+def _rie_uint8_hwc(img, r_low, y0, y1, ly, x0, x1, lx, steps, out):
+    """_rie_uint8 for channels-last images: img and out (N, H, W * 3), the channels of a pixel
+    side by side. The factor rows are interleaved the same way, so a row is still one
+    contiguous pass of the same per-value arithmetic (results identical to _rie_uint8)."""
+    n_img, H, W3 = img.shape
+    n_r, ch, h, _ = r_low.shape
+    one = np.float32(1)
+    rows = np.empty((n_r, h, W3), np.float32)
+    for job in range(n_r * h):
+        n, j = job // h, job % h
+        dst = rows[n, j]
+        for c in range(ch):
+            src = r_low[n, c, j]
+            for x in range(W3 // ch):
+                dst[x * ch + c] = src[x0[x]] * (one - lx[x]) + src[x1[x]] * lx[x]
+    n_blocks = (H + ROWS - 1) // ROWS
+    for job in prange(n_img * n_blocks):
+        n, blk = job // n_blocks, job % n_blocks
+        nr = n if n_r > 1 else 0
+        for y in range(blk * ROWS, min(H, blk * ROWS + ROWS)):
+            ra, rb, wa, wb = rows[nr, y0[y]], rows[nr, y1[y]], one - ly[y], ly[y]
+            if steps == STEPS:
+                _rie_row_fixed(img[n, y], ra, rb, wa, wb, out[n, y])
+            else:
+                _rie_row(img[n, y], ra, rb, wa, wb, steps, out[n, y])
+
+
 @_compile(parallel=False, fastmath={"contract"})
 def _rie_row_fixed(src, ra, rb, wa, wb, dst):
     """One row, STEPS steps: a loop count known when compiling lets the compiler unroll the
@@ -280,6 +308,11 @@ def _rie_row(src, ra, rb, wa, wb, steps, dst):
 
 
 # ---- the two fast paths --------------------------------------------------------------------
+
+def channels_last(images: torch.Tensor) -> bool:
+    """(N, 3, H, W) stored as (N, H, W, 3): what `DecodedImage.to_tensor` gives."""
+    return images.dim() == 4 and images.permute(0, 2, 3, 1).is_contiguous()
+
 
 def check_factor(images: torch.Tensor, r_low: torch.Tensor) -> None:
     if r_low.dim() != 4 or r_low.shape[1] != 3 or r_low.shape[0] not in (1, images.shape[0]):
@@ -321,7 +354,9 @@ class NumbaFast:
         that overlap by HALO rows on each side of the cut, one per thread: the wrong (zero)
         padding at a band's cut edge reaches one row further per 3x3 block, so rows HALO or
         more from the cut are exact, and each band keeps only those."""
-        img = images.contiguous().numpy()
+        # a channels-last batch as an (N, 3, H, W) view: the downscale reads only 4 pixels
+        # per EFE pixel, in any layout
+        img = images.numpy() if channels_last(images) else images.contiguous().numpy()
         n, _, H, W = img.shape
         h, w = lowres_size(H, W, self.scale_factor)
         y0, y1, ly = taps(H, h, False)
@@ -349,11 +384,17 @@ class NumbaFast:
 
     def apply_factor(self, images: torch.Tensor, r_low: torch.Tensor) -> torch.Tensor:
         check_factor(images, r_low)
-        img = images.contiguous().numpy()
         r = r_low.detach().to("cpu", torch.float32).contiguous().numpy()
+        (H, W), (h, w) = images.shape[-2:], r.shape[-2:]
+        row_taps, col_taps = taps(h, H, True), taps(w, W, True)
+        if channels_last(images):  # answered in the same layout: no transposes either side
+            img = images.permute(0, 2, 3, 1).numpy().reshape(images.shape[0], H, W * 3)
+            out = np.empty_like(img)
+            self._run(_rie_uint8_hwc, img, r, *row_taps, *col_taps, self.steps, out)
+            return torch.from_numpy(out).view(-1, H, W, 3).permute(0, 3, 1, 2)
+        img = images.contiguous().numpy()
         out = np.empty_like(img)
-        (H, W), (h, w) = img.shape[-2:], r.shape[-2:]
-        self._run(_rie_uint8, img, r, *taps(h, H, True), *taps(w, W, True), self.steps, out)
+        self._run(_rie_uint8, img, r, *row_taps, *col_taps, self.steps, out)
         return torch.from_numpy(out)
 
 

@@ -11,9 +11,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+try:  # libjpeg-turbo straight to and from numpy, without holding the GIL (see _decode_jpeg)
+    import simplejpeg
+except ImportError:  # Pillow does everything, a little slower
+    simplejpeg = None
+
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
 MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 IMAGE_SUFFIXES = set(Image.registered_extensions())  # ".png", ".jpg", ... as Pillow reads them
+ORIENTATION = 0x0112  # the EXIF tag
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
 
@@ -37,8 +43,9 @@ class DecodedImage:
         return self.rgb.shape[1], self.rgb.shape[0]  # (width, height), as Pillow
 
     def to_tensor(self) -> torch.Tensor:
-        """(1, 3, H, W) uint8."""
-        return torch.from_numpy(np.ascontiguousarray(self.rgb.transpose(2, 0, 1)))[None]
+        """(1, 3, H, W) uint8, channels-last: a view of `rgb`, no copy (the model's fast
+        path reads and writes this layout directly)."""
+        return torch.from_numpy(self.rgb).permute(2, 0, 1)[None]
 
 
 def decode_image(data: bytes, max_pixels: int | None = None) -> DecodedImage:
@@ -54,6 +61,9 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> DecodedImage:
         w, h = img.size
         if limit is not None and w * h > limit:
             raise ImageTooLarge(f"image is {w}x{h} = {w * h} pixels, the limit is {limit}")
+        decoded = _decode_jpeg(img, data)
+        if decoded is not None:
+            return decoded
         img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageTooLarge(f"decompression bomb refused: {e}") from None
@@ -72,6 +82,25 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> DecodedImage:
     except Exception:  # a broken EXIF block must not cost the user the picture
         pass
     return _split_modes(img, fmt)
+
+
+def _decode_jpeg(img: Image.Image, data: bytes) -> DecodedImage | None:
+    """The common case, an upright colour JPEG, by simplejpeg: the same libjpeg-turbo decoder
+    and settings as Pillow (identical pixels, tests/test_imageio.py), but straight into a numpy
+    array and with the GIL released throughout. Pillow's route holds the GIL while it copies
+    the pixels out (Image.tobytes), which stalls the service's event loop. None: let Pillow
+    do it (other formats and modes, EXIF rotation, and any error, so that its messages stay)."""
+    if simplejpeg is None or img.format != "JPEG" or img.mode != "RGB":
+        return None
+    try:
+        if img.getexif().get(ORIENTATION, 1) != 1:
+            return None
+        rgb = simplejpeg.decode_jpeg(data, colorspace="RGB")
+    except Exception:
+        return None
+    if rgb.shape != (img.height, img.width, 3):
+        return None
+    return DecodedImage(rgb=rgb, alpha=None, gray=False, format="JPEG")
 
 
 def _split_modes(img: Image.Image, fmt: str) -> DecodedImage:
@@ -110,10 +139,14 @@ def _palette_is_gray(img: Image.Image) -> bool:
 def tensor_to_rgb(t: torch.Tensor) -> np.ndarray:
     """(3, H, W) or (1, 3, H, W) uint8 tensor -> (H, W, 3) uint8 array.
 
-    One plane at a time: a copy of the whole permuted view (torch or numpy) walks the 3-long
-    channel axis innermost and took 10-15 ms at 1920x1080, this ~2 ms."""
+    Channels-last (what `to_tensor` gives and the model returns for it): a view, no copy.
+    Otherwise one plane at a time: a copy of the whole permuted view (torch or numpy) walks
+    the 3-long channel axis innermost and took 10-15 ms at 1920x1080, this ~2 ms."""
     if t.dim() == 4:
         t = t[0]
+    hwc = t.cpu().permute(1, 2, 0)
+    if hwc.is_contiguous():
+        return hwc.numpy()
     planes = t.cpu().numpy()
     rgb = np.empty((planes.shape[1], planes.shape[2], 3), np.uint8)
     for c in range(3):
@@ -136,6 +169,11 @@ def encode_image(rgb: np.ndarray, alpha: np.ndarray | None, gray: bool, fmt: str
                  quality: int = 90) -> bytes:
     """Write the enhanced picture back: grayscale sources as L, alpha re-attached where the
     format can hold it (JPEG cannot: alpha is dropped there)."""
+    if fmt == "JPEG" and not gray and simplejpeg is not None:
+        # Pillow's JPEG encoder holds the GIL throughout, this one does not; the same
+        # libjpeg-turbo, with Pillow's default 4:2:0 chroma subsampling
+        return simplejpeg.encode_jpeg(np.ascontiguousarray(rgb), quality=quality,
+                                      colorspace="RGB", colorsubsampling="420")
     img = Image.fromarray(rgb, "RGB")
     if gray:
         img = img.convert("L")

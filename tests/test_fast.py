@@ -125,11 +125,26 @@ def test_apply_factor_broadcasts_and_checks_shape(fast, eager):
 
 
 def test_non_contiguous_input(fast):
-    image = photo("101_0_.png")
-    hwc = image[0].permute(1, 2, 0).contiguous()
-    view = hwc.permute(2, 0, 1)[None]  # what torch.from_numpy(hwc).permute gives
-    assert not view.is_contiguous()
-    assert torch.equal(fast.enhance(view), fast.enhance(image))
+    image = photo("101_0_.png")[:, :, 50:250]  # rows cut: neither layout is contiguous
+    assert not image.is_contiguous() and not fastpath.channels_last(image)
+    assert torch.equal(fast.enhance(image), fast.enhance(image.contiguous()))
+
+
+@pytest.mark.parametrize("size", [(1, 1), (13, 7), (300, 401), (1080, 1920)])
+def test_channels_last_is_read_and_answered_as_such(fast, size):
+    """Decoded images come channels-last (a view of the decoded array): the kernels read that
+    layout directly and answer in it, with the same values as for a contiguous copy."""
+    h, w = size
+    batch = torch.cat([wide_photo()[:, :, :h, :w], wide_photo()[:, :, -h:, -w:]])
+    for images in (batch[:1], batch):
+        hwc = images.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+        assert fastpath.channels_last(hwc) and (h * w == 1 or not hwc.is_contiguous())
+        out, r_low = fast.enhance(hwc, return_factor=True)
+        want, r_want = fast.enhance(images.contiguous(), return_factor=True)
+        assert torch.equal(out, want) and torch.equal(r_low, r_want)
+        assert fastpath.channels_last(out)
+        half = fast.enhance(hwc, strength=0.5)
+        assert torch.equal(half, fast.enhance(images.contiguous(), strength=0.5))
 
 
 def test_concurrent_callers_get_their_own_results(fast):
@@ -161,6 +176,8 @@ def test_torch_path_matches_reference(eager):
         r_low = path.factor_lowres(image)
         torch.testing.assert_close(r_low, eager.factor_lowres(image), atol=1e-5, rtol=0)
         assert torch.equal(path.apply_factor(image, r_low), eager.apply_factor(image, r_low))
+        hwc = image.to(memory_format=torch.channels_last)
+        assert torch.equal(path.apply_factor(hwc, r_low), eager.apply_factor(image, r_low))
 
 
 @pytest.mark.parametrize("steps", [3, 8])
@@ -173,6 +190,8 @@ def test_any_step_count_matches_reference(eager, steps):
         x = image.float().div(255)
         want = to_uint8(rie(x, upsample_factor(r_low, tuple(image.shape[-2:])), steps))
         assert_close(path.apply_factor(image, r_low), want)
+        hwc = image.to(memory_format=torch.channels_last)  # the channels-last kernel's loops
+        assert torch.equal(path.apply_factor(hwc, r_low), path.apply_factor(image, r_low))
 
 
 def test_warmup_reports_seconds(fast):

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from conftest import SICE
+from model import imageio
 from model.imageio import (ImageDecodeError, ImageTooLarge, decode_image, encode_image,
                            factor_to_picture, output_format, tensor_to_rgb)
 
@@ -187,7 +188,47 @@ def test_factor_picture_darker_means_lower_factor():
 
 
 def test_tensor_to_rgb_is_the_channels_last_copy(photo):
-    chw = decode_image(as_bytes(photo, "PNG")).to_tensor()
+    chw = decode_image(as_bytes(photo, "PNG")).to_tensor().contiguous()
     want = chw[0].permute(1, 2, 0).numpy()
     assert np.array_equal(tensor_to_rgb(chw), want)     # (1, 3, H, W)
     assert np.array_equal(tensor_to_rgb(chw[0]), want)  # (3, H, W)
+
+
+def test_to_tensor_and_back_share_the_decoded_pixels(photo):
+    image = decode_image(as_bytes(photo, "PNG"))
+    t = image.to_tensor()
+    assert t.shape == (1, 3, 96, 160) and t.is_contiguous(memory_format=torch.channels_last)
+    assert np.array_equal(t[0, 1].numpy(), image.rgb[:, :, 1])
+    rgb = tensor_to_rgb(t)
+    assert np.shares_memory(rgb, image.rgb) and np.array_equal(rgb, image.rgb)
+
+
+def jpegs() -> list[bytes]:
+    """Real photos as JPEG: baseline and progressive, 4:2:0 and 4:4:4, odd sizes."""
+    out = []
+    for i, f in enumerate(sorted(SICE.glob("*.png"))[:4]):
+        img = Image.open(f).convert("RGB").crop((0, 0, 301 + 2 * i, 203 + i))
+        out.append(as_bytes(img, "JPEG", quality=90, progressive=bool(i % 2),
+                            subsampling=0 if i >= 2 else 2))
+    return out
+
+
+@pytest.mark.skipif(imageio.simplejpeg is None, reason="simplejpeg not installed")
+def test_jpeg_decodes_to_exactly_pillows_pixels():
+    for data in jpegs():
+        image = decode_image(data)
+        assert np.array_equal(image.rgb, np.asarray(reopen(data).convert("RGB")))
+        assert image.format == "JPEG" and not image.gray and image.alpha is None
+
+
+@pytest.mark.skipif(imageio.simplejpeg is None, reason="simplejpeg not installed")
+def test_jpeg_encodes_like_pillow(photo):
+    """Same quality and chroma subsampling as Pillow's encoder: a round trip lands as close to
+    the original as Pillow's does, and in a file of about the same size."""
+    rgb = np.asarray(photo).copy()
+    ours = encode_image(rgb, None, False, "JPEG", 90)
+    pillow = as_bytes(photo, "JPEG", quality=90)
+    err = [np.abs(np.asarray(reopen(d), np.int16) - rgb).mean() for d in (ours, pillow)]
+    assert reopen(ours).size == photo.size and reopen(ours).mode == "RGB"
+    assert abs(err[0] - err[1]) < 0.1 * err[1]
+    assert abs(len(ours) - len(pillow)) < 0.05 * len(pillow)
