@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,7 +39,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("HTTP")
     g.add_argument("--servers", default="sgz,naive,litserve")
     g.add_argument("--concurrency", default="1,8,32,64")
-    g.add_argument("--duration", type=float, default=10.0, help="seconds of load per level")
+    g.add_argument("--duration", type=float, default=10.0,
+                   help="seconds of load per server, level and round")
+    g.add_argument("--rounds", type=int, default=3,
+                   help="interleaved rounds; figures are medians over them (default 3)")
     g.add_argument("--images", default="mixed", choices=["small", "mixed", "all"],
                    help="photos sent: small = the 512x512 ones, mixed = up to 1920x1080 "
                         "(default), all = with the 3840x2160 ones")
@@ -94,9 +98,10 @@ def bench(args: argparse.Namespace) -> int:
         print(model_table(results["model"]))
     if "http" in parts:
         from .http_bench import run_http_bench
-        print(f"HTTP: {args.servers}, {args.duration:g} s per level", flush=True)
+        print(f"HTTP: {args.servers}, {args.rounds} interleaved rounds of {args.duration:g} s "
+              "per server and level", flush=True)
         results["http"] = run_http_bench(checkpoint, shared, _list(args.servers), levels,
-                                         args.duration, args.images,
+                                         args.duration, args.images, rounds=max(1, args.rounds),
                                          log=lambda s: print(s, flush=True))
         print(http_table(results["http"]))
     if args.out:
@@ -172,8 +177,17 @@ def http_table(res: dict) -> str:
         if ours is None or s is ours or "error" in s:
             continue
         for mine, theirs in zip(ours["levels"], s["levels"]):
+            tput = round_ratios(mine, theirs, "throughput_rps")
+            p99 = round_ratios(mine, theirs, "p99_ms")
             ratios.append(f"c={mine['concurrency']}: sgz/{s['server']} throughput "
-                          f"{mine['throughput_rps'] / max(theirs['throughput_rps'], 1e-9):.2f}x, "
-                          f"p99 {mine['p99_ms'] / theirs['p99_ms']:.2f}x")
-    return out + ("\n" + "\n".join(ratios) if ratios else "") + f"\nimages: {len(res['images'])} " \
-        f"JPEGs (q90) from sice-real, set '{res['image_set']}'"
+                          f"{statistics.median(tput):.2f}x ({' '.join(f'{x:.2f}' for x in tput)}), "
+                          f"p99 {statistics.median(p99):.2f}x ({' '.join(f'{x:.2f}' for x in p99)})")
+    rounds = res.get("rounds", 1)
+    return out + ("\n" + "\n".join(ratios) if ratios else "") + \
+        f"\nfigures: medians over {rounds} interleaved rounds; ratios: median (each round's)" \
+        f"\nimages: {len(res['images'])} JPEGs (q90) from sice-real, set '{res['image_set']}'"
+
+
+def round_ratios(mine: dict, theirs: dict, key: str) -> list[float]:
+    """Ours over theirs, round by round (turns of the same round ran minutes apart at most)."""
+    return [a[key] / max(b[key], 1e-9) for a, b in zip(mine["rounds"], theirs["rounds"])]

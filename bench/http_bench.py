@@ -4,15 +4,25 @@
   naive      bench/naive_server.py: FastAPI, one enhance per request
   litserve   bench/litserve_server.py: LitServe with its batching
 
-each started as its own process on this machine, one at a time, loaded by the same client
-(bench/load_client.py, another process) with the same JPEGs, at each concurrency. The servers
-run the same `load_model(checkpoint)` enhancer; only the serving around it differs. RSS is the
-sum over the server's process tree (LitServe runs its model in worker processes), sampled every
-0.1 s: idle once ready, and the peak while loaded.
+each its own process on this machine, loaded by the same client (bench/load_client.py,
+another process) with the same JPEGs. The servers run the same `load_model(checkpoint)`
+enhancer and the same image I/O functions; only the serving around them differs.
+
+All servers are started first; while one is measured, the others are paused (SIGSTOP to their
+whole process tree), so none takes CPU during another's turn (idle LitServe polls its queues:
+~11% of a core here). Turns are interleaved: each of `rounds` rounds loads every server at
+every concurrency, in alternating order, and each figure reported is the median over rounds;
+ratios are medians of the per-round ratios. On a shared 2-core machine whose speed drifts,
+that is what makes a ~10% difference measurable at all (one pass per server gave ratios that
+flipped from run to run).
+
+RSS is the sum over the server's process tree (LitServe runs its model in worker processes),
+sampled every 0.1 s: idle once ready, and the peak while loaded.
 """
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -132,6 +142,28 @@ class ServerProcess:
                 self.proc.wait()
         return self.proc.returncode
 
+    def _tree(self) -> list[psutil.Process]:
+        try:
+            root = psutil.Process(self.proc.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return []
+
+    def pause(self) -> None:
+        """SIGSTOP the whole process tree (workers included)."""
+        for p in self._tree():
+            try:
+                p.suspend()
+            except psutil.Error:
+                pass
+
+    def resume(self) -> None:
+        for p in reversed(self._tree()):  # workers first, then the one that talks to them
+            try:
+                p.resume()
+            except psutil.Error:
+                pass
+
     def stop(self) -> None:
         """Terminate the server, kill whatever of its worker processes is left, close the log."""
         try:
@@ -158,33 +190,69 @@ def load(url: str, images: Path, concurrency: int, duration: float) -> dict:
 
 
 def run_http_bench(checkpoint: str, shared: Path, servers, concurrencies, duration: float,
-                   image_set: str, ready_timeout: float = 180, log=print) -> dict:
-    results = {"image_set": image_set, "servers": []}
+                   image_set: str, rounds: int = 3, ready_timeout: float = 180,
+                   log=print) -> dict:
+    results = {"image_set": image_set, "rounds": rounds, "servers": []}
     with tempfile.TemporaryDirectory(prefix="sgz-bench-") as tmp:
         tmp = Path(tmp)
         (tmp / "jpeg").mkdir()
         results["images"] = write_jpegs(shared, image_set, tmp / "jpeg")
-        for kind in servers:
-            server = ServerProcess(kind, checkpoint, tmp)
-            entry = {"server": kind, "levels": []}
-            try:
-                entry["startup_s"] = server.wait_ready(ready_timeout)
-                time.sleep(1.0)  # let start-up garbage settle before the idle reading
-                entry["rss_idle_mb"] = tree_rss(psutil.Process(server.proc.pid)) / 2 ** 20
-                peak = 0
-                for c in concurrencies:
-                    with RssSampler(server.proc.pid) as rss:
-                        level = load(server.url + "/enhance", tmp / "jpeg", c, duration)
-                    peak = max(peak, rss.peak)
-                    entry["levels"].append(level)
-                    log(f"  {kind:8s} c={c:<3d} {level['throughput_rps']:7.1f} req/s  "
-                        f"p50 {level['p50_ms']:7.0f}  p99 {level['p99_ms']:7.0f} ms  "
-                        f"failed {level['failed']}")
-                entry["rss_peak_mb"] = peak / 2 ** 20
-            except (RuntimeError, TimeoutError) as e:
-                entry["error"] = str(e)
-                log(f"  {kind}: {e}")
-            finally:
+        running = {}
+        try:
+            for kind in servers:
+                entry = {"server": kind, "turns": {c: [] for c in concurrencies}, "rss_peak": 0}
+                results["servers"].append(entry)
+                server = ServerProcess(kind, checkpoint, tmp)
+                running[kind] = server
+                try:
+                    entry["startup_s"] = server.wait_ready(ready_timeout)
+                    time.sleep(1.0)  # let start-up garbage settle before the idle reading
+                    entry["rss_idle_mb"] = tree_rss(psutil.Process(server.proc.pid)) / 2 ** 20
+                except (RuntimeError, TimeoutError) as e:
+                    entry["error"] = str(e)
+                    log(f"  {kind}: {e}")
+                server.pause()
+            for r in range(rounds):
+                for i, c in enumerate(concurrencies):
+                    order = results["servers"] if (r + i) % 2 == 0 else results["servers"][::-1]
+                    for entry in order:
+                        if "error" not in entry:
+                            _turn(running[entry["server"]], entry, tmp / "jpeg", c, duration,
+                                  f"round {r + 1}/{rounds}", log)
+        finally:
+            for server in running.values():
+                server.resume()
                 server.stop()
-            results["servers"].append(entry)
+    for entry in results["servers"]:
+        turns, peak = entry.pop("turns"), entry.pop("rss_peak")
+        if "error" not in entry:
+            entry["levels"] = [summarise(c, turns[c]) for c in concurrencies]
+            entry["rss_peak_mb"] = peak / 2 ** 20
     return results
+
+
+def _turn(server: ServerProcess, entry: dict, images: Path, c: int, duration: float,
+          label: str, log) -> None:
+    """One server's turn at one concurrency: resumed, loaded, paused again."""
+    server.resume()
+    try:
+        with RssSampler(server.proc.pid) as rss:
+            level = load(server.url + "/enhance", images, c, duration)
+        entry["rss_peak"] = max(entry["rss_peak"], rss.peak)
+        entry["turns"][c].append(level)
+        log(f"  {label} {entry['server']:8s} c={c:<3d} {level['throughput_rps']:7.1f} req/s  "
+            f"p50 {level['p50_ms']:7.0f}  p99 {level['p99_ms']:7.0f} ms  failed {level['failed']}")
+    except RuntimeError as e:
+        entry["error"] = str(e)
+        log(f"  {entry['server']}: {e}")
+    finally:
+        server.pause()
+
+
+def summarise(c: int, turns: list[dict]) -> dict:
+    """Medians over a server's rounds at one concurrency; counts summed; the rounds kept."""
+    level = {"concurrency": c, "ok": sum(t["ok"] for t in turns),
+             "failed": sum(t["failed"] for t in turns), "rounds": turns}
+    for key in ("throughput_rps", "p50_ms", "p95_ms", "p99_ms", "mean_ms"):
+        level[key] = statistics.median(t[key] for t in turns)
+    return level

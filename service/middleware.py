@@ -1,6 +1,6 @@
 """One pure ASGI middleware for what every request shares: its id, the API key, the request
 count / latency / in-flight metrics. Pure ASGI (not BaseHTTPMiddleware) so the body streams
-through untouched and `request.is_disconnected()` sees the real connection.
+through untouched and the disconnect check (uploads.client_gone) sees the real connection.
 """
 import hmac
 import re

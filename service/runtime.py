@@ -25,6 +25,7 @@ from .factor_store import FactorStore
 from .inference import Output, Work, run_batch, warmup_images
 from .metrics import Metrics
 from .settings import Settings
+from .uploads import client_gone
 
 log = logging.getLogger("sgz.service")
 
@@ -128,7 +129,7 @@ class Runtime:
         result = await self.batcher.submit(
             work, key=work.key, pixels=work.pixels, arrival=arrival,
             deadline=arrival + self.settings.request_timeout_s,
-            is_disconnected=request.is_disconnected)
+            is_disconnected=partial(client_gone, request))
         timing.queue, timing.inference = result.queue_s, result.inference_s
         self.metrics.queue_wait.observe(result.queue_s)
         return result.value

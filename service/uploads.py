@@ -34,7 +34,7 @@ async def read_image_bytes(request: Request, max_bytes: int) -> bytes:
         # uvicorn stops reading the socket once the body's last chunk passes its high-water
         # mark, and so would not notice the client leaving while the request is queued. A
         # receive() (which is what this does) resumes reading.
-        await request.is_disconnected()
+        await client_gone(request)
         return data
     except ClientDisconnect:
         raise ApiError(499, "client_disconnected", "the client went away mid-upload") from None
@@ -61,6 +61,29 @@ async def _read(request: Request, max_bytes: int) -> bytes:
                    f"as multipart field {IMAGE_FIELD!r} (curl -F {IMAGE_FIELD}=@photo.jpg) or "
                    "as the raw body with its type (-H 'Content-Type: image/jpeg' "
                    "--data-binary @photo.jpg)")
+
+
+async def client_gone(request: Request) -> bool:
+    """`request.is_disconnected()` without its anyio cancel scope, which formats the task's
+    repr on every call (with two calls per request, ~6% of the service's Python time at 8
+    concurrent clients in a development profile).
+
+    Steps the ASGI receive() once, as that scope does: a message that is there already comes
+    back at once; otherwise receive() suspends and is closed right there, as the cancelled
+    one would be. After the body, the only message that can come is http.disconnect."""
+    if request.scope.get("sgz.gone"):
+        return True
+    pending = request.receive()
+    try:
+        pending.send(None)
+    except StopIteration as done:
+        message = done.value
+    else:
+        pending.close()
+        return False
+    gone = message.get("type") == "http.disconnect"
+    request.scope["sgz.gone"] = gone
+    return gone
 
 
 def _counting(receive: Receive, max_bytes: int) -> Receive:

@@ -69,7 +69,7 @@ def test_http_bench_smoke(tmp_path):
         servers.insert(0, "sgz")
     out = tmp_path / "http.json"
     r = sgz_bench("--parts", "http", "--servers", ",".join(servers), "--concurrency", "1,3",
-                  "--duration", "1", "--images", "small", "--out", str(out))
+                  "--duration", "1", "--rounds", "2", "--images", "small", "--out", str(out))
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())["http"]
     assert [s["server"] for s in res["servers"]] == servers
@@ -79,6 +79,7 @@ def test_http_bench_smoke(tmp_path):
         for lv in s["levels"]:
             assert lv["ok"] > 0 and lv["failed"] == 0, (s["server"], lv)
             assert lv["p50_ms"] <= lv["p95_ms"] <= lv["p99_ms"]
+            assert len(lv["rounds"]) == 2 and lv["ok"] == sum(t["ok"] for t in lv["rounds"])
         assert 50 < s["rss_idle_mb"] <= s["rss_peak_mb"]
 
 

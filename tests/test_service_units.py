@@ -1,5 +1,6 @@
 """Service parts that need no server: the factor store, settings precedence, `sgz serve`
 refusing to start without a usable model."""
+import asyncio
 import io
 import os
 import subprocess
@@ -7,11 +8,13 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+from starlette.requests import Request
 
 from model import upsample_factor
 from model.imageio import decode_image
 from service.factor_store import FactorStore, render_factor
 from service.settings import Settings
+from service.uploads import client_gone
 from sgz_server import SGZ, photo
 
 
@@ -86,3 +89,25 @@ def test_sgz_serve_refuses_to_start_without_a_usable_model(tmp_path, args, env, 
                                     if env == {} else "sgz serve: invalid setting: ")
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_client_gone_steps_receive_once_and_leaves_nothing_waiting():
+    """The disconnect check used before a batch runs: a receive() with nothing to say yet
+    is abandoned without a trace; a disconnect is seen at once and remembered."""
+    async def main():
+        arrived = asyncio.Event()
+        messages = []
+
+        async def receive():
+            if not messages:
+                await arrived.wait()
+            return messages.pop(0)
+
+        request = Request({"type": "http", "method": "POST", "headers": []}, receive)
+        assert await client_gone(request) is False
+        assert not arrived._waiters  # the abandoned receive() left no waiter behind
+        messages.append({"type": "http.disconnect"})
+        assert await client_gone(request) is True
+        assert await client_gone(request) is True  # remembered: receive() is not called again
+
+    asyncio.run(main())
