@@ -4,7 +4,10 @@ Jobs are grouped by a key (for images: task and size, so a batch is one stacked 
 nothing is padded). A group is sent to the model when it holds `max_batch_size` jobs, when it
 holds `max_batch_pixels` pixels, or when its oldest job has waited `max_wait_s` since it
 *arrived* (the caller's arrival time, not the moment a worker looked at the queue: TorchServe
-#2478). While one batch runs, the next ones fill up, so under load batches grow on their own.
+#2478), or at once when the caller says no more jobs are on their way (`coming() == 0`):
+waiting then cannot grow the batch and only adds latency (a lone client paid the full
+max_wait on every request). While one batch runs, the next ones fill up, so under load
+batches grow on their own.
 
 - One worker thread runs every batch: the event loop never blocks on the model, and one
   thread owns the device.
@@ -75,15 +78,19 @@ class Batcher:
     """`run_batch(payloads) -> values` (one value per payload) is called in the worker thread
     with payloads that share a key. `on_batch(size, pixels, seconds)` and `on_drop(reason)` are
     observation hooks (metrics); they run on the event loop. `worker_initializer` runs once in
-    the worker thread when it starts."""
+    the worker thread when it starts. `coming()`, when given, counts the jobs on their way
+    (requests still being decoded, for the service): none coming, nothing is worth waiting for.
+    """
 
     def __init__(self, run_batch: Callable[[list[Any]], Sequence[Any]], *,
                  max_batch_size: int = 16, max_batch_pixels: int = 1 << 24,
                  max_wait_s: float = 0.005, max_queue_size: int = 256,
                  on_batch: Callable[[int, int, float], None] | None = None,
                  on_drop: Callable[[str], None] | None = None,
-                 worker_initializer: Callable[[], None] | None = None):
+                 worker_initializer: Callable[[], None] | None = None,
+                 coming: Callable[[], int] | None = None):
         self.run_batch = run_batch
+        self.coming = coming
         self.max_batch_size = max_batch_size
         self.max_batch_pixels = max_batch_pixels
         self.max_wait_s = max_wait_s
@@ -194,12 +201,14 @@ class Batcher:
 
     def _next_due(self) -> tuple[Hashable, float]:
         """The group to run next and when it is due: a full group since its oldest job
-        arrived, any other when its oldest job has waited max_wait_s. The earliest due goes
-        first, so a group that never fills (a rare image size) cannot be starved by groups
-        that keep filling under load."""
+        arrived (so is any group when no job is coming), any other when its oldest job has
+        waited max_wait_s. The earliest due goes first, so a group that never fills (a rare
+        image size) cannot be starved by groups that keep filling under load."""
+        nothing_coming = self.coming is not None and self.coming() == 0
+
         def due(group: deque[_Job]) -> tuple[float, float]:
             head = group[0].arrival
-            full = (len(group) >= self.max_batch_size
+            full = (nothing_coming or len(group) >= self.max_batch_size
                     or sum(j.pixels for j in group) >= self.max_batch_pixels)
             return (head if full else head + self.max_wait_s), head
         key = min(self._groups, key=lambda k: due(self._groups[k]))

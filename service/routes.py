@@ -10,7 +10,7 @@ from .errors import ApiError
 from .factor_store import StoredFactor, render_factor
 from .inference import ENHANCE, FACTOR, Work
 from .runtime import Runtime, Timing
-from .uploads import IMAGE_BODY, read_image_bytes
+from .uploads import IMAGE_BODY
 
 router = APIRouter()
 
@@ -47,8 +47,7 @@ async def enhance(
     Its factor map stays available for a while at `GET /factor/{X-Request-ID}`."""
     rt, timing = runtime(request), Timing()
     rt.check_ready()
-    decoded, tensor = await rt.decode(await read_image_bytes(request, rt.settings.max_upload_bytes),
-                                      timing)
+    decoded, tensor = await rt.receive_image(request, timing)
     out = await rt.infer(request, Work(tensor, strength, ENHANCE), timing)
     rt.factors.put(request.state.request_id, out.factor_lowres, tuple(tensor.shape[-2:]))
     fmt = output_format(format, decoded.format)
@@ -86,8 +85,7 @@ async def post_factor(request: Request, format: FactorFormat = "png") -> Respons
     """Compute the factor map of an uploaded image (EFE only, no enhancement)."""
     rt, timing = runtime(request), Timing()
     rt.check_ready()
-    _, tensor = await rt.decode(await read_image_bytes(request, rt.settings.max_upload_bytes),
-                                timing)
+    _, tensor = await rt.receive_image(request, timing)
     out = await rt.infer(request, Work(tensor, 1.0, FACTOR), timing)
     entry = StoredFactor(out.factor_lowres, tuple(tensor.shape[-2:]))
     rt.factors.put(request.state.request_id, entry.lowres, entry.size)

@@ -25,7 +25,7 @@ from .factor_store import FactorStore
 from .inference import Output, Work, run_batch, warmup_images
 from .metrics import Metrics
 from .settings import Settings
-from .uploads import client_gone
+from .uploads import client_gone, read_image_bytes
 
 log = logging.getLogger("sgz.service")
 
@@ -50,6 +50,7 @@ class Runtime:
         self.metrics = metrics
         self.ready = False
         self.factors = FactorStore(settings.factor_store_items, settings.factor_store_bytes)
+        self.coming = 0  # requests being read or decoded: the batcher's jobs on their way
         # Separate pools: under load, the encodes of finished batches do not queue behind the
         # decodes of newly arrived uploads.
         lower = partial(lower_priority, settings.worker_nice)
@@ -62,7 +63,8 @@ class Runtime:
             max_batch_pixels=settings.max_batch_pixels, max_wait_s=settings.max_wait_ms / 1000,
             max_queue_size=settings.max_queue_size, on_batch=metrics.observe_batch,
             on_drop=lambda reason: metrics.dropped.labels(reason).inc(),
-            worker_initializer=lower)
+            worker_initializer=lower,
+            coming=(lambda: self.coming) if settings.early_dispatch else None)
         metrics.queue_depth.set_function(lambda: self.batcher.depth)
         metrics.describe_model(enhancer.sha256, enhancer.checkpoint.source,
                                str(enhancer.device), _versions())
@@ -100,6 +102,17 @@ class Runtime:
         if not self.ready:
             raise ApiError(503, "not_ready", "the model is still warming up; retry shortly",
                            {"Retry-After": str(self.settings.retry_after_s)})
+
+    async def receive_image(self, request, timing: Timing) -> tuple[DecodedImage, torch.Tensor]:
+        """Read the upload and decode it, counted in `coming` all the while. The count drops
+        just before the caller submits (nothing awaits in between), so the batcher never
+        sees a request as neither coming nor queued."""
+        self.coming += 1
+        try:
+            data = await read_image_bytes(request, self.settings.max_upload_bytes)
+            return await self.decode(data, timing)
+        finally:
+            self.coming -= 1
 
     async def decode(self, data: bytes, timing: Timing) -> tuple[DecodedImage, torch.Tensor]:
         if not data:

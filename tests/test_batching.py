@@ -118,6 +118,26 @@ def test_wait_timer_starts_at_arrival_not_at_queueing():
     assert normal >= 0.95
 
 
+def test_nothing_coming_means_no_wait_and_something_coming_means_waiting():
+    """A lone request runs at once when the caller reports no other job on its way; while
+    one is, it waits (up to max_wait_s) to share the batch."""
+    async def main():
+        coming = [0]
+        b = await started(max_wait_s=2.0, coming=lambda: coming[0])
+        alone = await b.submit(1)
+        coming[0] = 1
+        waiting = asyncio.ensure_future(b.submit(2))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()  # a job is on its way: worth waiting for
+        coming[0] = 0
+        shared = await asyncio.gather(waiting, b.submit(3))  # it arrived: both go at once
+        await b.close()
+        return alone, shared
+    alone, shared = run(main())
+    assert alone.queue_s < 1.0 and alone.batch_size == 1
+    assert [r.batch_size for r in shared] == [2, 2] and shared[0].queue_s < 1.5
+
+
 def test_queue_full_answers_at_once():
     async def main():
         rec = Recorder()

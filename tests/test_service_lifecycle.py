@@ -1,7 +1,7 @@
 """End to end: a client that hangs up while queued, the worker threads' priority, and a graceful
 shutdown with work queued.
 
-A 1.5 s batch timer keeps requests queued long enough to act on them; the module's last test
+A 1.5 s batch timer (always waited for: SGZ_EARLY_DISPATCH=false) keeps requests queued long enough to act on them; the module's last test
 shuts the server down.
 """
 import asyncio
@@ -20,8 +20,8 @@ from sgz_server import Server, metric, photo
 
 @pytest.fixture(scope="module")
 def server():
-    s = Server({"SGZ_MAX_WAIT_MS": "1500", "SGZ_MAX_BATCH_SIZE": "8", "SGZ_WORKER_NICE": "7",
-                "SGZ_IO_THREADS": "2"})
+    s = Server({"SGZ_MAX_WAIT_MS": "1500", "SGZ_EARLY_DISPATCH": "false",
+                "SGZ_MAX_BATCH_SIZE": "8", "SGZ_WORKER_NICE": "7", "SGZ_IO_THREADS": "2"})
     try:
         yield s.wait_ready()
     finally:

@@ -19,7 +19,8 @@ DEADLINE_S = 2.5
 @pytest.fixture(scope="module")
 def server():
     s = Server({"SGZ_API_KEY": KEY, "SGZ_MAX_QUEUE_SIZE": "2", "SGZ_MAX_WAIT_MS": "5000",
-                "SGZ_REQUEST_TIMEOUT_S": str(DEADLINE_S), "SGZ_RETRY_AFTER_S": "3"})
+                "SGZ_EARLY_DISPATCH": "false", "SGZ_REQUEST_TIMEOUT_S": str(DEADLINE_S),
+                "SGZ_RETRY_AFTER_S": "3"})
     try:
         yield s.wait_ready()
     finally:

@@ -5,6 +5,7 @@ import io
 import os
 import subprocess
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -15,7 +16,7 @@ from model.imageio import decode_image
 from service.factor_store import FactorStore, render_factor
 from service.settings import Settings
 from service.uploads import client_gone
-from sgz_server import SGZ, photo
+from sgz_server import SGZ, Server, photo
 
 
 def lowres(h=9, w=16, value=0.0):
@@ -111,3 +112,19 @@ def test_client_gone_steps_receive_once_and_leaves_nothing_waiting():
         assert await client_gone(request) is True  # remembered: receive() is not called again
 
     asyncio.run(main())
+
+
+def test_a_lone_request_does_not_wait_for_the_batch_timer():
+    """Early dispatch, end to end: with a 3 s batch timer, a request alone in the service
+    (nothing else being read or decoded) runs at once; queue time is in Server-Timing."""
+    server = Server({"SGZ_MAX_WAIT_MS": "3000"}).wait_ready()
+    try:
+        for _ in range(2):
+            r = httpx.post(f"{server.url}/enhance", content=photo((512, 512)).read_bytes(),
+                           headers={"content-type": "image/png"}, timeout=30)
+            assert r.status_code == 200
+            timing = dict(part.strip().split(";dur=") for part in
+                          r.headers["server-timing"].split(","))
+            assert float(timing["queue"]) < 1000, timing
+    finally:
+        server.close()
