@@ -1,0 +1,295 @@
+"""The numba kernels of the CPU fast path (model/fast.py's `NumbaFast`): EFE from uint8 in one
+compiled loop nest per block, and the fused full-size pass (factor upsampling, the RIE steps,
+rounding to uint8). Compiled on first use, cached on disk, releasing the GIL.
+
+Without numba installed this module still imports (the decorators become no-ops) and
+`numba` is None: `NumbaFast.available()` says so and the torch path is used.
+"""
+import os
+
+import numpy as np
+
+from .rie import STEPS
+
+try:
+    import numba
+    from numba import njit, prange
+except ImportError:  # the torch path still works; NumbaFast.available() says False
+    numba = None
+    prange = range
+
+    def njit(*args, **kwargs):
+        return lambda f: f
+
+if numba is not None and "NUMBA_THREADING_LAYER" not in os.environ:
+    # numba's own thread pool, not OpenMP: GNU OpenMP threads spin while they wait, and on a
+    # busy 2-core machine the spinning starves the thread being waited for (measured: the
+    # 1200x900 fused path at ~120 ms with OpenMP, ~30 ms with this, at load average 6).
+    # It is not safe for concurrent launches: NumbaFast serialises them with one lock.
+    numba.config.THREADING_LAYER = "workqueue"
+
+
+
+def _compile(parallel: bool, fastmath=False):
+    """numba-compiled, releasing the GIL, cached on disk (next to this file, or in
+    NUMBA_CACHE_DIR); with nowhere writable to cache, compiled at every start instead."""
+    def wrap(f):
+        try:
+            return njit(parallel=parallel, fastmath=fastmath, cache=True, nogil=True)(f)
+        except RuntimeError:  # numba: "cannot cache function ...: no locator available"
+            return njit(parallel=parallel, fastmath=fastmath, nogil=True)(f)
+    return wrap
+
+
+kernel, serial = _compile(parallel=True), _compile(parallel=False)
+
+ROWS = 8  # image rows per work item of the fused RIE kernel: enough work to amortise scheduling
+CHUNK = 512  # EFE pixels per pass of _block: its depthwise results (<= 64 x 2 KB) stay in L2
+HALO = 7  # EFE has 7 blocks of 3x3 convolutions: each reaches one row further
+MIN_BAND_ROWS = 4 * HALO  # below this a single image's EFE is too small to split in two
+
+
+def lowres_size(h: int, w: int, scale_factor: float) -> tuple[int, int]:
+    """EFE's input size, exactly as `rie.downscale` rounds it."""
+    if scale_factor == 1:
+        return h, w
+    return max(1, round(h / scale_factor)), max(1, round(w / scale_factor))
+
+
+def taps(n_in: int, n_out: int, align_corners: bool):
+    """Source indices and weights of 1-D bilinear resampling, in float32 as PyTorch's CPU
+    kernel computes them (area_pixel_compute_source_index + guard_index_and_lambda)."""
+    o = np.arange(n_out, dtype=np.float32)
+    if align_corners:
+        scale = np.float32(n_in - 1) / np.float32(n_out - 1) if n_out > 1 else np.float32(0)
+        src = scale * o
+    else:
+        scale = np.float32(n_in) / np.float32(n_out)
+        src = np.maximum(scale * (o + np.float32(0.5)) - np.float32(0.5), np.float32(0))
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    lam = np.clip(src - i0.astype(np.float32), 0, 1).astype(np.float32)
+    i1 = np.where(i0 < n_in - 1, i0 + 1, i0)
+    return i0, i1, lam
+
+
+@serial
+def _downscale(img, y0, y1, ly, x0, x1, lx, out):
+    """One image: out[:, 1:-1, 1:-1] = bilinear(img / 255) at the taps; reads 4 pixels per
+    output pixel, never the rest of the image."""
+    one, s = np.float32(1), np.float32(255)
+    for c in range(img.shape[0]):
+        for y in range(ly.shape[0]):
+            a, b = img[c, y0[y]], img[c, y1[y]]
+            for x in range(lx.shape[0]):
+                p, q = lx[x], one - lx[x]
+                top = (np.float32(a[x0[x]]) / s) * q + (np.float32(a[x1[x]]) / s) * p
+                bot = (np.float32(b[x0[x]]) / s) * q + (np.float32(b[x1[x]]) / s) * p
+                out[c, y + 1, x + 1] = top * (one - ly[y]) + bot * ly[y]
+
+
+@serial
+def _block(a, b, dw, pw, bias, out, tanh):
+    """One EFE block of one image on zero-bordered maps (C, h+2, w+2): the input is the channel
+    concat [a, b]; out = act(pw @ depthwise3x3(input) + bias), act = tanh or ReLU.
+
+    The maps are walked as flat arrays, CHUNK pixels at a time, so every inner loop is long and
+    contiguous (row by row, w ~ 100 left a third of each vectorised loop to its scalar tail).
+    The depthwise results of a chunk stay in cache for the pointwise sums (_pointwise4). The
+    border columns inside the span get junk and are zeroed after."""
+    ca, hp, wp = a.shape
+    cb, cout = b.shape[0], pw.shape[0]
+    cin = ca + cb
+    fa, fb, fo = a.reshape(ca, hp * wp), b.reshape(cb, hp * wp), out.reshape(cout, hp * wp)
+    start, stop = wp + 1, wp * (hp - 1) - 1  # first to last interior pixel: neighbours in range
+    d = np.empty((cin, CHUNK), np.float32)
+    acc = np.empty((4, CHUNK), np.float32)
+    for c0 in range(start, stop, CHUNK):
+        n = min(CHUNK, stop - c0)
+        for i in range(cin):
+            src, k, di = (fa[i] if i < ca else fb[i - ca]), dw[i], d[i]
+            r0, r1, r2 = src[c0 - wp - 1:], src[c0 - 1:], src[c0 + wp - 1:]
+            for j in range(n):
+                di[j] = (k[0, 0] * r0[j] + k[0, 1] * r0[j + 1] + k[0, 2] * r0[j + 2]
+                         + k[1, 0] * r1[j] + k[1, 1] * r1[j + 1] + k[1, 2] * r1[j + 2]
+                         + k[2, 0] * r2[j] + k[2, 1] * r2[j + 1] + k[2, 2] * r2[j + 2])
+        for o in range(0, cout, 4):  # a last group of fewer than 4 repeats its last row
+            a, b, c, e = o, min(o + 1, cout - 1), min(o + 2, cout - 1), min(o + 3, cout - 1)
+            _pointwise4(pw[a], pw[b], pw[c], pw[e], d, bias[a], bias[b], bias[c], bias[e],
+                        acc[0], acc[1], acc[2], acc[3], n)
+            for k in range(min(4, cout - o)):
+                _activate(acc[k], fo[o + k, c0:], n, tanh)
+    _zero_border(out)
+
+
+@serial
+def _activate(acc, dst, n, tanh):
+    if tanh:
+        for j in range(n):
+            dst[j] = np.tanh(acc[j])
+    else:
+        zero = np.float32(0)
+        for j in range(n):
+            dst[j] = max(acc[j], zero)
+
+
+@serial
+def _pointwise4(p, q, r, t, d, bp, bq, br, bt, ap, aq, ar, at, n):
+    """ap[:n] = bp + sum_i p[i] * d[i, :n], and the same for q, r, t: four output channels at
+    once, so each load of d feeds four multiply-adds. Summed in order of i, 8 channels per
+    pass over the accumulators (loaded and stored once per pass, not once per channel)."""
+    cin = p.shape[0]
+    for j in range(n):
+        ap[j], aq[j], ar[j], at[j] = bp, bq, br, bt
+    i = 0
+    while i + 8 <= cin:
+        d0, d1, d2, d3, d4, d5, d6, d7 = d[i], d[i + 1], d[i + 2], d[i + 3], \
+            d[i + 4], d[i + 5], d[i + 6], d[i + 7]
+        p0, p1, p2, p3, p4, p5, p6, p7 = p[i:i + 8]
+        q0, q1, q2, q3, q4, q5, q6, q7 = q[i:i + 8]
+        r0, r1, r2, r3, r4, r5, r6, r7 = r[i:i + 8]
+        t0, t1, t2, t3, t4, t5, t6, t7 = t[i:i + 8]
+        for j in range(n):
+            e0, e1, e2, e3, e4, e5, e6, e7 = d0[j], d1[j], d2[j], d3[j], d4[j], d5[j], d6[j], d7[j]
+            ap[j] = (ap[j] + p0 * e0 + p1 * e1 + p2 * e2 + p3 * e3
+                     + p4 * e4 + p5 * e5 + p6 * e6 + p7 * e7)
+            aq[j] = (aq[j] + q0 * e0 + q1 * e1 + q2 * e2 + q3 * e3
+                     + q4 * e4 + q5 * e5 + q6 * e6 + q7 * e7)
+            ar[j] = (ar[j] + r0 * e0 + r1 * e1 + r2 * e2 + r3 * e3
+                     + r4 * e4 + r5 * e5 + r6 * e6 + r7 * e7)
+            at[j] = (at[j] + t0 * e0 + t1 * e1 + t2 * e2 + t3 * e3
+                     + t4 * e4 + t5 * e5 + t6 * e6 + t7 * e7)
+        i += 8
+    for i in range(i, cin):
+        pi, qi, ri, ti, di = p[i], q[i], r[i], t[i], d[i]
+        for j in range(n):
+            ap[j] += pi * di[j]
+            aq[j] += qi * di[j]
+            ar[j] += ri * di[j]
+            at[j] += ti * di[j]
+
+
+@serial
+def _zero_border(maps):
+    """Zero the one-pixel frame of (C, h+2, w+2) maps: the next convolution's padding."""
+    zero = np.float32(0)
+    c, hp, wp = maps.shape
+    for o in range(c):
+        maps[o, 0, :] = zero
+        maps[o, hp - 1, :] = zero
+        for y in range(1, hp - 1):
+            maps[o, y, 0] = zero
+            maps[o, y, wp - 1] = zero
+
+
+@serial
+def efe_one(img, y0, y1, ly, x0, x1, lx, dws, pws, biases, out):
+    """EFE of one image, uint8 in, x_r into out (3, h+2, w+2). Its maps are allocated here, per
+    image: a batch's worth in one array would exceed malloc's reuse threshold and page-fault
+    afresh on every call. maps holds x1..x6 (the paper's block outputs) in slots 0..5; zero
+    borders are the convolutions' padding."""
+    hp, wp = out.shape[1], out.shape[2]
+    x = np.zeros((3, hp, wp), np.float32)
+    maps = np.empty((6, dws[1].shape[0], hp, wp), np.float32)  # _block zeroes their borders
+    none = np.zeros((0, hp, wp), np.float32)
+    _downscale(img, y0, y1, ly, x0, x1, lx, x)
+    _block(x, none, dws[0], pws[0], biases[0], maps[0], False)
+    _block(maps[0], none, dws[1], pws[1], biases[1], maps[1], False)
+    _block(maps[1], none, dws[2], pws[2], biases[2], maps[2], False)
+    _block(maps[2], none, dws[3], pws[3], biases[3], maps[3], False)
+    _block(maps[2], maps[3], dws[4], pws[4], biases[4], maps[4], False)  # [x3, x4]
+    _block(maps[1], maps[4], dws[5], pws[5], biases[5], maps[5], False)  # [x2, x5]
+    _block(maps[0], maps[5], dws[6], pws[6], biases[6], out, True)       # [x1, x6]
+
+
+@kernel
+def efe_items(img, which, y0, y1, ly, x0, x1, lx, dws, pws, biases, out):
+    """EFE of several items in parallel, one per thread: a single fork/join for the whole
+    network. Item k is image which[k] at EFE rows given by its own row taps y0[k], y1[k], ly[k]
+    (whole images for a batch, overlapping bands of one image; see NumbaFast.factor_lowres)."""
+    for k in prange(which.shape[0]):
+        efe_one(img[which[k]], y0[k], y1[k], ly[k], x0, x1, lx, dws, pws, biases, out[k])
+
+
+@kernel
+def rie_uint8(img, r_low, y0, y1, ly, x0, x1, lx, steps, out):
+    """out = round(255 * RIE(img / 255, upsample(r_low))): one read of img, one write of out.
+    The factor is upsampled along rows first, at EFE's height (1/12 of the work), so the
+    full-size loop reads it contiguously. Same order of operations as PyTorch's bilinear kernel."""
+    n_img, ch, H, W = img.shape
+    n_r, _, h, _ = r_low.shape
+    one = np.float32(1)
+    rows = np.empty((n_r, ch, h, W), np.float32)
+    for job in range(n_r * ch * h):  # small: not worth a fork/join
+        n, c, j = job // (ch * h), (job // h) % ch, job % h
+        src, dst = r_low[n, c, j], rows[n, c, j]
+        for x in range(W):
+            dst[x] = src[x0[x]] * (one - lx[x]) + src[x1[x]] * lx[x]
+    n_blocks = (H + ROWS - 1) // ROWS
+    for job in prange(n_img * ch * n_blocks):
+        n, c, blk = job // (ch * n_blocks), (job // n_blocks) % ch, job % n_blocks
+        nr = n if n_r > 1 else 0
+        for y in range(blk * ROWS, min(H, blk * ROWS + ROWS)):
+            ra, rb, wa, wb = rows[nr, c, y0[y]], rows[nr, c, y1[y]], one - ly[y], ly[y]
+            if steps == STEPS:
+                _rie_row_fixed(img[n, c, y], ra, rb, wa, wb, out[n, c, y])
+            else:
+                _rie_row(img[n, c, y], ra, rb, wa, wb, steps, out[n, c, y])
+
+
+@kernel
+def rie_uint8_hwc(img, r_low, y0, y1, ly, x0, x1, lx, steps, out):
+    """rie_uint8 for channels-last images: img and out (N, H, W * 3), the channels of a pixel
+    side by side. The factor rows are interleaved the same way, so a row is still one
+    contiguous pass of the same per-value arithmetic (results identical to rie_uint8)."""
+    n_img, H, W3 = img.shape
+    n_r, ch, h, _ = r_low.shape
+    one = np.float32(1)
+    rows = np.empty((n_r, h, W3), np.float32)
+    for job in range(n_r * h):
+        n, j = job // h, job % h
+        dst = rows[n, j]
+        for c in range(ch):
+            src = r_low[n, c, j]
+            for x in range(W3 // ch):
+                dst[x * ch + c] = src[x0[x]] * (one - lx[x]) + src[x1[x]] * lx[x]
+    n_blocks = (H + ROWS - 1) // ROWS
+    for job in prange(n_img * n_blocks):
+        n, blk = job // n_blocks, job % n_blocks
+        nr = n if n_r > 1 else 0
+        for y in range(blk * ROWS, min(H, blk * ROWS + ROWS)):
+            ra, rb, wa, wb = rows[nr, y0[y]], rows[nr, y1[y]], one - ly[y], ly[y]
+            if steps == STEPS:
+                _rie_row_fixed(img[n, y], ra, rb, wa, wb, out[n, y])
+            else:
+                _rie_row(img[n, y], ra, rb, wa, wb, steps, out[n, y])
+
+
+@_compile(parallel=False, fastmath={"contract"})
+def _rie_row_fixed(src, ra, rb, wa, wb, dst):
+    """One row, STEPS steps: a loop count known when compiling lets the compiler unroll the
+    steps and keep each pixel in a register, so the loop over x vectorises. Multiply-adds
+    may fuse (one rounding instead of two): still within 1 grey level of the reference."""
+    zero, one, s = np.float32(0), np.float32(1), np.float32(255)
+    for x in range(src.shape[0]):
+        r = ra[x] * wa + rb[x] * wb
+        v = np.float32(src[x]) / s
+        for _ in range(STEPS):  # Eq. 1: x_t = x_{t-1} + x_r * (x_{t-1}^2 - x_{t-1})
+            v = v + r * (v * v - v)
+        dst[x] = np.uint8(np.rint(min(max(v, zero), one) * s))
+
+
+@serial
+def _rie_row(src, ra, rb, wa, wb, steps, dst):
+    """One row, any number of steps: each step a pass over the row (held in L1)."""
+    zero, one, s = np.float32(0), np.float32(1), np.float32(255)
+    W = src.shape[0]
+    r = np.empty(W, np.float32)
+    v = np.empty(W, np.float32)
+    for x in range(W):
+        r[x] = ra[x] * wa + rb[x] * wb
+        v[x] = np.float32(src[x]) / s
+    for _ in range(steps):  # Eq. 1
+        for x in range(W):
+            v[x] = v[x] + r[x] * (v[x] * v[x] - v[x])
+    for x in range(W):
+        dst[x] = np.uint8(np.rint(min(max(v[x], zero), one) * s))
