@@ -79,7 +79,8 @@ class Batcher:
     with payloads that share a key. `on_batch(size, pixels, seconds)` and `on_drop(reason)` are
     observation hooks (metrics); they run on the event loop. `worker_initializer` runs once in
     the worker thread when it starts. `coming()`, when given, counts the jobs on their way
-    (requests still being decoded, for the service): none coming, nothing is worth waiting for.
+    (requests still being read or decoded, for the service): none coming, nothing is worth
+    waiting for.
     """
 
     def __init__(self, run_batch: Callable[[list[Any]], Sequence[Any]], *,
