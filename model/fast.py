@@ -18,8 +18,7 @@ import numpy as np
 import torch
 
 from .efe import EFE
-from .kernels import (HALO, MIN_BAND_ROWS, efe_items, efe_one, lowres_size, numba, rie_uint8,
-                      rie_uint8_hwc, taps)
+from .kernels import HALO, MIN_BAND_ROWS, efe_items, efe_one, lowres_size, numba, rie_uint8, taps
 from .rie import upsample_factor
 
 
@@ -101,17 +100,18 @@ class NumbaFast:
     def apply_factor(self, images: torch.Tensor, r_low: torch.Tensor) -> torch.Tensor:
         check_factor(images, r_low)
         r = r_low.detach().to("cpu", torch.float32).contiguous().numpy()
-        (H, W), (h, w) = images.shape[-2:], r.shape[-2:]
+        (n, c, H, W), (n_r, h, w) = images.shape, (r.shape[0], *r.shape[-2:])
         row_taps, col_taps = taps(h, H, True), taps(w, W, True)
         if channels_last(images):  # answered in the same layout: no transposes either side
-            img = images.permute(0, 2, 3, 1).numpy().reshape(images.shape[0], H, W * 3)
+            img = images.permute(0, 2, 3, 1).numpy().reshape(n, H, W * c)
             out = np.empty_like(img)
-            self._run(rie_uint8_hwc, img, r, *row_taps, *col_taps, self.steps, out)
-            return torch.from_numpy(out).view(-1, H, W, 3).permute(0, 3, 1, 2)
-        img = images.contiguous().numpy()
+            self._run(rie_uint8, img, r, *row_taps, *col_taps, self.steps, out)
+            return torch.from_numpy(out).view(n, H, W, c).permute(0, 3, 1, 2)
+        img = images.contiguous().numpy().reshape(n * c, H, W)  # planes as 1-channel images
         out = np.empty_like(img)
-        self._run(rie_uint8, img, r, *row_taps, *col_taps, self.steps, out)
-        return torch.from_numpy(out)
+        self._run(rie_uint8, img, r.reshape(n_r * c, 1, h, w), *row_taps, *col_taps,
+                  self.steps, out)
+        return torch.from_numpy(out).view(n, c, H, W)
 
 
 class TorchFast:

@@ -213,49 +213,29 @@ def efe_items(img, which, y0, y1, ly, x0, x1, lx, dws, pws, biases, out):
 @kernel
 def rie_uint8(img, r_low, y0, y1, ly, x0, x1, lx, steps, out):
     """out = round(255 * RIE(img / 255, upsample(r_low))): one read of img, one write of out.
-    The factor is upsampled along rows first, at EFE's height (1/12 of the work), so the
-    full-size loop reads it contiguously. Same order of operations as PyTorch's bilinear kernel."""
-    n_img, ch, H, W = img.shape
-    n_r, _, h, _ = r_low.shape
-    one = np.float32(1)
-    rows = np.empty((n_r, ch, h, W), np.float32)
-    for job in range(n_r * ch * h):  # small: not worth a fork/join
-        n, c, j = job // (ch * h), (job // h) % ch, job % h
-        src, dst = r_low[n, c, j], rows[n, c, j]
-        for x in range(W):
-            dst[x] = src[x0[x]] * (one - lx[x]) + src[x1[x]] * lx[x]
-    n_blocks = (H + ROWS - 1) // ROWS
-    for job in prange(n_img * ch * n_blocks):
-        n, c, blk = job // (ch * n_blocks), (job // n_blocks) % ch, job % n_blocks
-        nr = n if n_r > 1 else 0
-        for y in range(blk * ROWS, min(H, blk * ROWS + ROWS)):
-            ra, rb, wa, wb = rows[nr, c, y0[y]], rows[nr, c, y1[y]], one - ly[y], ly[y]
-            if steps == STEPS:
-                _rie_row_fixed(img[n, c, y], ra, rb, wa, wb, out[n, c, y])
-            else:
-                _rie_row(img[n, c, y], ra, rb, wa, wb, steps, out[n, c, y])
 
-
-@kernel
-def rie_uint8_hwc(img, r_low, y0, y1, ly, x0, x1, lx, steps, out):
-    """rie_uint8 for channels-last images: img and out (N, H, W * 3), the channels of a pixel
-    side by side. The factor rows are interleaved the same way, so a row is still one
-    contiguous pass of the same per-value arithmetic (results identical to rie_uint8)."""
-    n_img, H, W3 = img.shape
+    img and out are (N, H, W * C), the C channels of a pixel side by side; r_low is
+    (n_r, C, h, w) and image n takes factor map n % n_r. A channels-last batch passes as it is;
+    a planar (N, C, H, W) one as N * C one-channel images with the maps as n_r * C one-channel
+    maps (same arithmetic per value, so both layouts give identical results). The factor is
+    upsampled along rows first, at EFE's height (1/12 of the work), into rows interleaved like
+    the image, so the full-size loop over a row is one contiguous pass. Same order of
+    operations as PyTorch's bilinear kernel."""
+    n_img, H, WC = img.shape
     n_r, ch, h, _ = r_low.shape
     one = np.float32(1)
-    rows = np.empty((n_r, h, W3), np.float32)
-    for job in range(n_r * h):
+    rows = np.empty((n_r, h, WC), np.float32)
+    for job in range(n_r * h):  # small: not worth a fork/join
         n, j = job // h, job % h
         dst = rows[n, j]
         for c in range(ch):
             src = r_low[n, c, j]
-            for x in range(W3 // ch):
+            for x in range(WC // ch):
                 dst[x * ch + c] = src[x0[x]] * (one - lx[x]) + src[x1[x]] * lx[x]
     n_blocks = (H + ROWS - 1) // ROWS
     for job in prange(n_img * n_blocks):
         n, blk = job // n_blocks, job % n_blocks
-        nr = n if n_r > 1 else 0
+        nr = n % n_r
         for y in range(blk * ROWS, min(H, blk * ROWS + ROWS)):
             ra, rb, wa, wb = rows[nr, y0[y]], rows[nr, y1[y]], one - ly[y], ly[y]
             if steps == STEPS:
