@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from training import losses
+from training.objective import Objective
 
 
 def test_spatial_consistency_constant_image_against_black_input():
@@ -51,6 +52,19 @@ def test_brightness_paper_l1_and_code_l2():
     y = torch.full((2, 3, 32, 32), 0.3)
     assert losses.brightness(y, variant="paper").item() == pytest.approx(0.3)
     assert losses.brightness(y, variant="code").item() == pytest.approx(0.09)
+
+
+def test_brightness_patch_size():
+    # left half black, right half white: every 16x16 patch is 0 or 1 away from E = 0.5 ...
+    y = torch.zeros(1, 3, 32, 32)
+    y[..., 16:] = 1.0
+    assert losses.brightness(y, 0.5, 16).item() == pytest.approx(0.5)
+    # ... but the one 32x32 patch is exactly at E
+    assert losses.brightness(y, 0.5, 32).item() == pytest.approx(0.0)
+    only_bri = {"spa": 0, "rgb": 0, "tv": 0, "sem": 0}
+    for patch, expected in ((16, 0.5), (32, 0.0)):  # `sgz train --bri-patch` reaches the loss
+        objective = Objective(variant="paper", weights=only_bri, exposure=0.5, bri_patch=patch)
+        assert objective(y, y, y)[0].item() == pytest.approx(expected)
 
 
 def test_total_variation_by_hand():

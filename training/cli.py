@@ -37,6 +37,8 @@ def register(sub) -> None:
                        help=f"weight of L_{t} (0 switches it off; default: the --loss set's)")
     p.add_argument("--exposure", type=float, default=0.6, help="E of L_bri (Table 3: 0.6)")
     p.add_argument("--spa-patch", type=int, default=4, help="pooling of L_spa (Table 3: 4)")
+    p.add_argument("--bri-patch", type=int, default=16,
+                   help="patch side of L_bri (Eq. 6: 16; the crop size: one exposure per crop)")
     p.add_argument("--tv-on", choices=["efe", "full", "image"], default=None,
                    help="what L_tv smooths: x_r at EFE's resolution, x_r upsampled, or Y "
                         "(default: efe for --loss code, image for --loss paper)")
@@ -71,7 +73,8 @@ def run_train(args) -> int:
         torch.set_num_threads(args.threads)
     weights = {t: getattr(args, f"w_{t}") for t in LOSS_TERMS if getattr(args, f"w_{t}") is not None}
     objective = {"variant": args.loss, "weights": weights, "exposure": args.exposure,
-                 "spa_patch": args.spa_patch, "sem_size": args.sem_size or None,
+                 "spa_patch": args.spa_patch, "bri_patch": args.bri_patch,
+                 "sem_size": args.sem_size or None,
                  "sem_batch": args.sem_batch or None, "tv_on": args.tv_on}
     cfg = TrainConfig(
         data=args.data, out=args.out, crop=args.crop, batch_size=args.batch_size, lr=args.lr,

@@ -20,6 +20,8 @@ class Objective:
     weights: dict | None = None     # per-term weight; 0 switches a term off
     exposure: float = losses.BRI_E
     spa_patch: int = losses.SPA_PATCH
+    bri_patch: int = losses.BRI_PATCH  # L_bri's patch side; larger asks for exposure over a
+                                       # wider area and leaves local contrast to the image
     sem_size: int | None = None     # USS sees the enhanced image resized to this (None: as is)
     sem_batch: int | None = None    # USS sees only the first K images of a batch (None: all)
     tv_on: str | None = None        # "efe": x_r as EFE outputs it, "full": x_r upsampled to the
@@ -44,7 +46,7 @@ class Objective:
         if w["rgb"]:
             terms["rgb"] = losses.colour_constancy(y, v)
         if w["bri"]:
-            terms["bri"] = losses.brightness(y, self.exposure, variant=v)
+            terms["bri"] = losses.brightness(y, self.exposure, self.bri_patch, variant=v)
         if w["tv"]:
             # The published code puts TV on x_r, which it trains at full resolution; at a
             # training scale > 1 the map EFE outputs is the analogue ("efe"): its upsampled copy
