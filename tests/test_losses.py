@@ -77,3 +77,13 @@ def test_semantic_focal_by_hand():
     logits = torch.tensor([0.0, math.log(3.0)]).view(1, 2, 1, 1)  # p = (0.25, 0.75)
     expected = -(1 - 0.75) ** 2 * math.log(0.75)
     assert losses.semantic_focal(logits).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_factor_uniformity_by_hand():
+    x_r = torch.full((2, 3, 4, 4), -0.3)
+    assert losses.factor_uniformity(x_r).item() == pytest.approx(0.0)
+    x_r[0, 0, :, :2] = 0.7  # one map of six half -0.3, half 0.7: variance 0.25
+    assert losses.factor_uniformity(x_r).item() == pytest.approx(0.25 / 6)
+    # a constant offset between channels is a colour choice, not a spatial one
+    assert losses.factor_uniformity(x_r + torch.tensor([0.1, 0.0, -0.1]).view(1, 3, 1, 1)
+                                     ).item() == pytest.approx(0.25 / 6)

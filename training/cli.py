@@ -3,7 +3,7 @@ import argparse
 import sys
 from pathlib import Path
 
-LOSS_TERMS = ("spa", "rgb", "bri", "tv", "sem")
+LOSS_TERMS = ("spa", "rgb", "bri", "tv", "sem", "uni")  # uni: ours, not the paper's
 
 
 def register(sub) -> None:

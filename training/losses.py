@@ -74,6 +74,14 @@ def total_variation(t: torch.Tensor) -> torch.Tensor:
     return 2 * (h_tv + w_tv) / n
 
 
+def factor_uniformity(x_r: torch.Tensor) -> torch.Tensor:
+    """Not in the paper: the spatial variance of the factor map, per image and channel, averaged.
+    A prior towards one curve per image. Unlike L_tv, which sees only neighbour differences
+    (tiny on EFE's smooth output), it also sees slow variation across the image: the published
+    checkpoint's maps vary ~17x less over space than those of our scale-12 runs (docs/model-card.md)."""
+    return x_r.flatten(2).var(2, unbiased=False).mean()
+
+
 def semantic_focal(logits: torch.Tensor, beta: float = FOCAL_BETA,
                    gamma: float = FOCAL_GAMMA) -> torch.Tensor:
     """L_sem, Eq. 8: focal loss -beta (1 - p)^gamma log p, where p is USS's softmax probability

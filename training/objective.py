@@ -12,6 +12,8 @@ DEFAULT_WEIGHTS = {
     "paper": {"spa": 1.0, "rgb": 1.0, "bri": 1.0, "tv": 1.0, "sem": 0.1},
     "code": {"spa": 1.0, "rgb": 5.0, "bri": 10.0, "tv": 1600.0, "sem": 0.1},
 }
+for _w in DEFAULT_WEIGHTS.values():
+    _w["uni"] = 0.0  # our factor-uniformity prior (losses.factor_uniformity): off in both
 
 
 @dataclass
@@ -53,6 +55,8 @@ class Objective:
             # is smooth by construction, so TV on it barely constrains EFE. Paper Eq. 7: on Y.
             target = {"efe": x_r if x_r_efe is None else x_r_efe, "full": x_r, "image": y}
             terms["tv"] = losses.total_variation(target[self.tv_on])
+        if w["uni"]:
+            terms["uni"] = losses.factor_uniformity(x_r if x_r_efe is None else x_r_efe)
         if w["sem"]:
             if uss is None:
                 raise ValueError("the semantic loss needs a USS network (or --w-sem 0)")
