@@ -8,12 +8,11 @@ from . import losses
 
 # Eq. 3 weights. paper: lambda = 1 for every term but lambda_sem = 0.1 (Sec. 4.1);
 # code: the published training script's weights (1 / 5 / 10 / 1600 / 0.1).
+# uni: our factor-uniformity prior (losses.factor_uniformity), not in either: off.
 DEFAULT_WEIGHTS = {
-    "paper": {"spa": 1.0, "rgb": 1.0, "bri": 1.0, "tv": 1.0, "sem": 0.1},
-    "code": {"spa": 1.0, "rgb": 5.0, "bri": 10.0, "tv": 1600.0, "sem": 0.1},
+    "paper": {"spa": 1.0, "rgb": 1.0, "bri": 1.0, "tv": 1.0, "sem": 0.1, "uni": 0.0},
+    "code": {"spa": 1.0, "rgb": 5.0, "bri": 10.0, "tv": 1600.0, "sem": 0.1, "uni": 0.0},
 }
-for _w in DEFAULT_WEIGHTS.values():
-    _w["uni"] = 0.0  # our factor-uniformity prior (losses.factor_uniformity): off in both
 
 
 @dataclass
