@@ -1,8 +1,8 @@
 """End to end: a client that hangs up while queued, the worker threads' priority, and a graceful
 shutdown with work queued.
 
-A 1.5 s batch timer (always waited for: SGZ_EARLY_DISPATCH=false) keeps requests queued long enough to act on them; the module's last test
-shuts the server down.
+A 1.5 s batch timer (always waited for: SGZ_EARLY_DISPATCH=false) keeps requests queued long
+enough to act on them; the module's last test shuts the server down.
 """
 import asyncio
 import signal

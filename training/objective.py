@@ -42,6 +42,7 @@ class Objective:
         """y: enhanced, x: input, x_r: the factor map RIE used (full size), x_r_efe: the same
         map at EFE's resolution (defaults to x_r, as when training at scale 1)."""
         w, v, terms = self.weights, self.variant, {}
+        x_r_efe = x_r if x_r_efe is None else x_r_efe
         if w["spa"]:
             terms["spa"] = losses.spatial_consistency(y, x, self.spa_patch)
         if w["rgb"]:
@@ -52,10 +53,10 @@ class Objective:
             # The published code puts TV on x_r, which it trains at full resolution; at a
             # training scale > 1 the map EFE outputs is the analogue ("efe"): its upsampled copy
             # is smooth by construction, so TV on it barely constrains EFE. Paper Eq. 7: on Y.
-            target = {"efe": x_r if x_r_efe is None else x_r_efe, "full": x_r, "image": y}
+            target = {"efe": x_r_efe, "full": x_r, "image": y}
             terms["tv"] = losses.total_variation(target[self.tv_on])
         if w["uni"]:
-            terms["uni"] = losses.factor_uniformity(x_r if x_r_efe is None else x_r_efe)
+            terms["uni"] = losses.factor_uniformity(x_r_efe)
         if w["sem"]:
             if uss is None:
                 raise ValueError("the semantic loss needs a USS network (or --w-sem 0)")
