@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 SIZES = "600x400,1200x900,1920x1080,3840x2160"
-PATHS = ("fast", "eager", "published")
+PATHS = ("fast", "torch", "eager", "published")
+DEFAULT_PATHS = "fast,eager,published"  # torch: the fused path's formulation in plain torch ops
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,10 +29,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="the shared folder with data/sice-real (default: $SGZ_SHARED or ../shared)")
     p.add_argument("--out", help="write the results as JSON to this file")
     p.add_argument("--parts", default="model,http", help="model, http, or both (default)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where the model runs, in every path and server (default cpu)")
     g = p.add_argument_group("model step")
     g.add_argument("--sizes", default=SIZES, help=f"WxH list (default {SIZES})")
     g.add_argument("--batches", default="1,8", help="batch sizes (default 1,8)")
-    g.add_argument("--paths", default=",".join(PATHS), help="fast, eager, published")
+    g.add_argument("--paths", default=DEFAULT_PATHS,
+                   help=f"some of {', '.join(PATHS)} (default {DEFAULT_PATHS})")
     g.add_argument("--repeats", type=int, default=10, help="timed calls per path and cell")
     g.add_argument("--cell-budget", type=float, default=60.0,
                    help="seconds per cell after which repeats stop (at least 3 are made)")
@@ -81,12 +85,17 @@ def bench(args: argparse.Namespace) -> int:
     if unknown:
         print(f"sgz bench: unknown part or path {sorted(unknown)}", file=sys.stderr)
         return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("sgz bench: --device cuda, but PyTorch sees no CUDA GPU", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     results = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "checkpoint": checkpoint,
-               "machine": machine(), "command": "sgz bench " + " ".join(sys.argv[2:])}
+               "machine": machine(args.device), "device": args.device,
+               "command": "sgz bench " + " ".join(sys.argv[2:])}
     m = results["machine"]
-    print(f"machine: {m['cores']} cores, torch {m['torch']} with {m['torch_threads']} threads, "
+    gpu = f", GPU {m['gpu']} (the model runs there)" if "gpu" in m else ""
+    print(f"machine: {m['cores']} cores{gpu}, torch {m['torch']} with {m['torch_threads']} threads, "
           f"load average {m['load_avg_1m']:.1f} at start (other processes share the cores: "
           "compare the ratios, which are measured side by side)", flush=True)
     if "model" in parts:
@@ -94,7 +103,7 @@ def bench(args: argparse.Namespace) -> int:
         print(f"model step: {', '.join(paths)} (median of {args.repeats} calls each)", flush=True)
         results["model"] = run_model_bench(checkpoint, shared, sizes, batches, paths,
                                            args.repeats, args.cell_budget,
-                                           log=lambda s: print(s, flush=True))
+                                           log=lambda s: print(s, flush=True), device=args.device)
         print(model_table(results["model"]))
     if "http" in parts:
         from .http_bench import run_http_bench
@@ -102,7 +111,7 @@ def bench(args: argparse.Namespace) -> int:
               "per server and level", flush=True)
         results["http"] = run_http_bench(checkpoint, shared, _list(args.servers), levels,
                                          args.duration, args.images, rounds=max(1, args.rounds),
-                                         log=lambda s: print(s, flush=True))
+                                         log=lambda s: print(s, flush=True), device=args.device)
         print(http_table(results["http"]))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -111,11 +120,13 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def machine() -> dict:
+def machine(device: str = "cpu") -> dict:
     info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "load_avg_1m": os.getloadavg()[0]}
-    for package in ("numba", "litserve"):
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    for package in ("numba", "litserve", "triton"):
         try:
             info[package] = __import__(package).__version__
         except ImportError:
@@ -142,12 +153,12 @@ def model_table(res: dict) -> str:
     rows = []
     for (w, h, b), got in sorted(by_cell.items(), key=lambda kv: (kv[0][0] * kv[0][1], kv[0][2])):
         row = [f"{w}x{h}", b]
-        row += [f"{got[p]['ms_per_image']:.1f} ({got[p]['images_per_s']:.0f})" if p in got else "-"
+        row += [f"{_ms(got[p]['ms_per_image'])} ({got[p]['images_per_s']:.0f})" if p in got else "-"
                 for p in paths]
         row += [f"{got[p]['ms_per_image'] / got['fast']['ms_per_image']:.1f}x"
                 if p in got and "fast" in got else "-" for p in paths if p != "fast"]
         fl = floors[(w, h)]
-        row += [f"{fl:.2f}", f"{got['fast']['ms_per_image'] / fl:.1f}x" if "fast" in got else "-"]
+        row += [_ms(fl), f"{got['fast']['ms_per_image'] / fl:.1f}x" if "fast" in got else "-"]
         rows.append(row)
     pk = res["floor"]["peaks"]
     f = next((f for f in res["floor"]["sizes"] if (f["width"], f["height"]) == (1200, 900)),
@@ -156,6 +167,11 @@ def model_table(res: dict) -> str:
             f"measured copy {pk['copy_gb_per_s']:.1f} GB/s); at {f['width']}x{f['height']}: "
             f"{f['flops'] / 1e6:.0f} MFLOP (2 per multiply-add), {f['bytes'] / 1e6:.1f} MB")
     return table(header, rows) + "\n" + note
+
+
+def _ms(ms: float) -> str:
+    """Milliseconds with three significant figures below 1 ms (GPU cells), else one decimal."""
+    return f"{ms:.1f}" if ms >= 1 else f"{ms:.3g}"
 
 
 def http_table(res: dict) -> str:

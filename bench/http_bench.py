@@ -101,13 +101,14 @@ class ServerProcess:
     `log_dir/KIND.log`; `env` is added to this process's environment."""
 
     def __init__(self, kind: str, checkpoint: str, log_dir: Path,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, device: str = "cpu"):
         args, self.ready_path = SERVERS[kind]
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_dir) / f"{kind}.log"
         self._log = open(self.log_path, "w")
-        cmd = [sys.executable, *args, "--port", str(self.port), "--checkpoint", str(checkpoint)]
+        cmd = [sys.executable, *args, "--port", str(self.port), "--checkpoint", str(checkpoint),
+               "--device", device]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
                                      cwd=Path(__file__).resolve().parents[1],
                                      env={**os.environ, **(env or {})})
@@ -191,8 +192,8 @@ def load(url: str, images: Path, concurrency: int, duration: float) -> dict:
 
 def run_http_bench(checkpoint: str, shared: Path, servers, concurrencies, duration: float,
                    image_set: str, rounds: int = 3, ready_timeout: float = 180,
-                   log=print) -> dict:
-    results = {"image_set": image_set, "rounds": rounds, "servers": []}
+                   log=print, device: str = "cpu") -> dict:
+    results = {"image_set": image_set, "rounds": rounds, "servers": [], "device": device}
     with tempfile.TemporaryDirectory(prefix="sgz-bench-") as tmp:
         tmp = Path(tmp)
         (tmp / "jpeg").mkdir()
@@ -202,7 +203,7 @@ def run_http_bench(checkpoint: str, shared: Path, servers, concurrencies, durati
             for kind in servers:
                 entry = {"server": kind, "turns": {c: [] for c in concurrencies}, "rss_peak": 0}
                 results["servers"].append(entry)
-                server = ServerProcess(kind, checkpoint, tmp)
+                server = ServerProcess(kind, checkpoint, tmp, device=device)
                 running[kind] = server
                 try:
                     entry["startup_s"] = server.wait_ready(ready_timeout)

@@ -23,8 +23,8 @@ class EnhanceAPI(ls.LitAPI):
                          api_path="/enhance")
         self.checkpoint = checkpoint
 
-    def setup(self, device):
-        self.enhancer = load_model(self.checkpoint, "cpu")
+    def setup(self, device):  # "cpu", or "cuda:0" when started with --device cuda
+        self.enhancer = load_model(self.checkpoint, device)
         self.enhancer.warmup()
 
     def decode_request(self, request: Request):
@@ -57,8 +57,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--checkpoint", required=True)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = p.parse_args()
-    server = ls.LitServer(EnhanceAPI(args.checkpoint), accelerator="cpu", devices=1,
+    server = ls.LitServer(EnhanceAPI(args.checkpoint), accelerator=args.device, devices=1,
                           workers_per_device=1, timeout=120)
     server.run(host="127.0.0.1", port=args.port, num_api_servers=1, log_level="warning",
                generate_client_file=False)

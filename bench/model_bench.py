@@ -1,13 +1,15 @@
-"""Part 1: the model step, uint8 pixels in, uint8 pixels out, for three implementations, each
-in a process of its own (see run_model_bench):
+"""Part 1: the model step, uint8 pixels in, uint8 pixels out, for up to four implementations,
+each in a process of its own (see run_model_bench):
 
-  fast       `load_model(...)`: the default path (model/fast.py)
+  fast       `load_model(...)`: the default path (model/fast.py: numba on CPU, Triton on CUDA)
+  torch      `load_model(..., backend="torch")`: the same formulation in plain torch ops
   eager      `load_model(..., fast=False)`: our eager reference
   published  the published SGZ / Zero-DCE++ test script's formulation, re-stated below
 
-Every timed call is one batch; each cell reports the median. Then the floor: what the
-arithmetic and the unavoidable memory traffic would cost at this machine's own measured matmul
-throughput and copy bandwidth.
+Every timed call is one batch; each cell reports the median. On CUDA the pixels are on the GPU
+before the clock starts and each call ends with a synchronize (the model step, not the PCIe
+copy). Then the floor: what the arithmetic and the unavoidable memory traffic would cost at the
+device's own measured matmul throughput and copy bandwidth.
 """
 import argparse
 import json
@@ -15,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -48,12 +51,17 @@ class PublishedSGZ(nn.Module):
         return x, x_r
 
 
-def published_step(net: PublishedSGZ, hwc: np.ndarray) -> torch.Tensor:
+def published_step(net: PublishedSGZ, hwc: np.ndarray | torch.Tensor) -> torch.Tensor:
     """The published test script around the forward: `np.asarray(img) / 255.0`, `.float()`,
     crop to a multiple of 12, HWC -> CHW by permute (no copy), then torchvision's save_image
     conversion to uint8. Run under no_grad: the script itself leaves autograd on, which is
-    slower still, so this is the stronger baseline."""
-    x = torch.from_numpy(hwc / 255.0).float()
+    slower still, so this is the stronger baseline. On CUDA (hwc a GPU tensor) the division
+    runs on the GPU too: the script divides on the CPU and copies 4-byte floats over, which
+    would time the PCIe bus instead of the model."""
+    if isinstance(hwc, torch.Tensor):
+        x = hwc / 255.0
+    else:
+        x = torch.from_numpy(hwc / 255.0).float()
     h, w = (x.shape[1] // PUBLISHED_SCALE) * PUBLISHED_SCALE, (x.shape[2] // PUBLISHED_SCALE) * PUBLISHED_SCALE
     x = x[:, :h, :w, :].permute(0, 3, 1, 2)
     with torch.no_grad():
@@ -63,7 +71,8 @@ def published_step(net: PublishedSGZ, hwc: np.ndarray) -> torch.Tensor:
 
 def photos(shared: Path, size: tuple[int, int], n: int) -> np.ndarray:
     """n real photos (N, H, W, 3) uint8 of size (W, H): top-left crops of the shared photos
-    large enough, cycled; a photo too small is resized up (never happens at the standard sizes)."""
+    large enough, cycled; a photo too small is resized up (never happens at the standard sizes
+    when the 3840x2160 photos are there)."""
     w, h = size
     files = sorted((shared / "data" / "sice-real").glob("*.png"))
     if not files:
@@ -71,32 +80,38 @@ def photos(shared: Path, size: tuple[int, int], n: int) -> np.ndarray:
     big = [f for f in files if _size(f)[0] >= w and _size(f)[1] >= h] or files
     out = []
     for i in range(n):
-        with Image.open(big[i % len(big)]) as im:
-            im = im.convert("RGB")
-            if im.width < w or im.height < h:
-                im = im.resize((max(w, im.width), max(h, im.height)))
-            out.append(np.asarray(im.crop((0, 0, w, h))))
+        rgb = _rgb(big[i % len(big)])
+        if rgb.shape[1] < w or rgb.shape[0] < h:
+            im = Image.fromarray(rgb)
+            rgb = np.asarray(im.resize((max(w, im.width), max(h, im.height))))
+        out.append(rgb[:h, :w])
     return np.stack(out)
 
 
+@lru_cache(maxsize=16)
+def _rgb(path: Path) -> np.ndarray:
+    """A photo decoded once per process: batches of 64 4K crops cycle through a few files."""
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+@lru_cache(maxsize=None)
 def _size(path: Path) -> tuple[int, int]:
     with Image.open(path) as im:
         return im.size
 
 
-def paths_for(checkpoint: str, names: list[str]) -> dict:
-    """name -> callable(hwc batch) for each implementation asked for."""
+def paths_for(checkpoint: str, names: list[str], device: str = "cpu") -> dict:
+    """name -> callable(hwc batch, nchw batch) for each implementation asked for."""
     make = {}
-    if "fast" in names:
-        fast = load_model(checkpoint, "cpu")
-        fast.warmup()
-        make["fast"] = lambda hwc, t: fast.enhance(t)
-    if "eager" in names:
-        eager = load_model(checkpoint, "cpu", fast=False)
-        make["eager"] = lambda hwc, t: eager.enhance(t)
+    for name, backend in (("fast", None), ("torch", "torch"), ("eager", "eager")):
+        if name in names:
+            enhancer = load_model(checkpoint, device, backend=backend)
+            enhancer.warmup()
+            make[name] = lambda hwc, t, e=enhancer: e.enhance(t)
     if "published" in names:
         ref = load_model(checkpoint, "cpu", fast=False)  # reads either checkpoint format
-        net = PublishedSGZ(ref.efe.state_dict()).eval()
+        net = PublishedSGZ(ref.efe.state_dict()).eval().to(device)
         make["published"] = lambda hwc, t: published_step(net, hwc)
     return make
 
@@ -105,7 +120,7 @@ ROUNDS = 2  # processes per path, alternating paths, so slow drift of the machin
 
 
 def run_model_bench(checkpoint: str, shared: Path, sizes, batches, names, repeats: int,
-                    cell_budget_s: float = 60.0, log=print) -> dict:
+                    cell_budget_s: float = 60.0, log=print, device: str = "cpu") -> dict:
     """Each path runs in its own process (`python -m bench.model_bench`), one path after the
     other, twice over. In one process the paths disturbed each other: PyTorch's OpenMP workers
     keep spinning after an eager call, and numba's and PyTorch's thread pools fought for the
@@ -119,7 +134,7 @@ def run_model_bench(checkpoint: str, shared: Path, sizes, batches, names, repeat
             continue
         for name in names:
             for cell in _time_in_child(name, checkpoint, shared, sizes, batches, share,
-                                       cell_budget_s / ROUNDS):
+                                       cell_budget_s / ROUNDS, device):
                 times.setdefault((name, cell["width"], cell["height"], cell["batch"]),
                                  []).extend(cell["times"])
     rows = []
@@ -134,12 +149,13 @@ def run_model_bench(checkpoint: str, shared: Path, sizes, batches, names, repeat
                              "min_ms_per_image": 1000 * min(ts) / batch})
             log(f"  {w}x{h} batch {batch}: " + ", ".join(
                 f"{r['path']} {r['ms_per_image']:.1f} ms/img" for r in rows[-len(names):]))
-    return {"rows": rows, "ratios": ratios(rows), "floor": floor(sizes)}
+    return {"rows": rows, "ratios": ratios(rows), "floor": floor(sizes, device), "device": device}
 
 
 def _time_in_child(name: str, checkpoint: str, shared: Path, sizes, batches, repeats: int,
-                   cell_budget_s: float) -> list[dict]:
-    cmd = [sys.executable, "-m", "bench.model_bench", "--path", name, "--checkpoint",
+                   cell_budget_s: float, device: str) -> list[dict]:
+    cmd = [sys.executable, "-m", "bench.model_bench", "--path", name, "--device", device,
+           "--checkpoint",
            str(checkpoint), "--shared", str(shared), "--repeats", str(repeats),
            "--cell-budget", str(cell_budget_s), "--threads", str(torch.get_num_threads()),
            "--sizes", ",".join(f"{w}x{h}" for w, h in sizes),
@@ -152,22 +168,31 @@ def _time_in_child(name: str, checkpoint: str, shared: Path, sizes, batches, rep
 
 
 def time_path(name: str, checkpoint: str, shared: Path, sizes, batches, repeats: int,
-              cell_budget_s: float) -> list[dict]:
+              cell_budget_s: float, device: str = "cpu") -> list[dict]:
     """In this process: seconds per call of one path, for every cell (after one untimed call
-    per cell: allocator, oneDNN primitives)."""
-    f = paths_for(checkpoint, [name])[name]
+    per cell: allocator, oneDNN primitives, cuDNN plans)."""
+    f = paths_for(checkpoint, [name], device)[name]
+    cuda = torch.device(device).type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
     out = []
     for size in sizes:
         for batch in batches:
             hwc = photos(shared, size, batch)
-            nchw = torch.from_numpy(hwc).permute(0, 3, 1, 2).contiguous()
+            nchw = torch.from_numpy(hwc).permute(0, 3, 1, 2).contiguous().to(device)
+            if cuda:
+                hwc = torch.from_numpy(hwc).to(device)
             f(hwc, nchw)
+            sync()
             ts, start = [], time.perf_counter()
             while len(ts) < repeats and (len(ts) < 2 or time.perf_counter() - start < cell_budget_s):
                 t0 = time.perf_counter()
                 f(hwc, nchw)
+                sync()
                 ts.append(time.perf_counter() - t0)
             out.append({"width": size[0], "height": size[1], "batch": batch, "times": ts})
+            del hwc, nchw
+            if cuda:
+                torch.cuda.empty_cache()  # the next cell's baseline should not page in ours
     return out
 
 
@@ -200,28 +225,38 @@ def work(width: int, height: int) -> dict:
     return {"flops": flops, "bytes": 2 * values}  # read the uint8 image once, write it once
 
 
-def machine_peaks(seconds: float = 0.5) -> dict:
-    """This machine's fp32 matmul throughput and copy bandwidth, measured now (all threads)."""
-    a = torch.randn(1024, 1024)
-    torch.mm(a, a)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        torch.mm(a, a)
-        n += 1
-    gflops = n * 2 * 1024 ** 3 / (time.perf_counter() - t0) / 1e9
-    src = torch.empty(64 * 2 ** 20, dtype=torch.uint8).fill_(1)
+def machine_peaks(seconds: float = 0.5, device: str = "cpu") -> dict:
+    """The device's fp32 matmul throughput and copy bandwidth, measured now (on CPU: all
+    threads; on CUDA: true fp32, TF32 off, and a copy far larger than L2)."""
+    cuda = torch.device(device).type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    side, copy_bytes = (8192, 2 ** 30) if cuda else (1024, 64 * 2 ** 20)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        a = torch.randn(side, side, device=device)
+        gflops = 2 * side ** 3 / _seconds_per_call(lambda: torch.mm(a, a), sync, seconds) / 1e9
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    src = torch.empty(copy_bytes, dtype=torch.uint8, device=device).fill_(1)
     dst = torch.empty_like(src)
-    dst.copy_(src)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        dst.copy_(src)
-        n += 1
-    gbs = n * 2 * src.numel() / (time.perf_counter() - t0) / 1e9
+    gbs = 2 * src.numel() / _seconds_per_call(lambda: dst.copy_(src), sync, seconds) / 1e9
     return {"matmul_gflops": gflops, "copy_gb_per_s": gbs}
 
 
-def floor(sizes) -> dict:
-    peaks = machine_peaks()
+def _seconds_per_call(f, sync, seconds: float) -> float:
+    f()
+    sync()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        f()
+        n += 1
+        sync()
+    return (time.perf_counter() - t0) / n
+
+
+def floor(sizes, device: str = "cpu") -> dict:
+    peaks = machine_peaks(device=device)
     out = {"peaks": peaks, "sizes": []}
     for w, h in sizes:
         wk = work(w, h)
@@ -243,10 +278,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, required=True)
     p.add_argument("--cell-budget", type=float, required=True)
     p.add_argument("--threads", type=int, required=True)
+    p.add_argument("--device", default="cpu")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     print(json.dumps(time_path(a.path, a.checkpoint, Path(a.shared), _list(a.sizes, _size),
-                               _list(a.batches, int), a.repeats, a.cell_budget)))
+                               _list(a.batches, int), a.repeats, a.cell_budget, a.device)))
 
 
 if __name__ == "__main__":

@@ -13,10 +13,10 @@ from model import load_model
 from model.imageio import decode_image, encode_image, tensor_to_rgb
 
 
-def create_app(checkpoint: str) -> FastAPI:
+def create_app(checkpoint: str, device: str = "cpu") -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.enhancer = load_model(checkpoint, "cpu")
+        app.state.enhancer = load_model(checkpoint, device)
         app.state.enhancer.warmup()
         yield
 
@@ -40,8 +40,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--checkpoint", required=True)
+    p.add_argument("--device", default="cpu")
     args = p.parse_args()
-    uvicorn.run(create_app(args.checkpoint), host="127.0.0.1", port=args.port, log_level="warning")
+    uvicorn.run(create_app(args.checkpoint, args.device), host="127.0.0.1", port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

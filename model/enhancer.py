@@ -44,12 +44,14 @@ def to_uint8(y: torch.Tensor) -> torch.Tensor:
 class Enhancer:
     """EFE + RIE on one device, inference only.
 
-    `fast=True` runs the fused path of model/fast.py (numba kernels on CPU, torch ops
-    elsewhere); `fast=False` the eager reference below, which the fast path is tested against.
-    `backend` names the one in use: "numba", "torch" or "eager".
+    `fast=True` runs the fused path of model/fast.py (numba kernels on CPU, a Triton kernel on
+    CUDA, torch ops where neither is installed); `fast=False` the eager reference below, which
+    the fast path is tested against. `backend` forces one ("numba", "triton", "torch",
+    "eager"); `self.backend` names the one in use.
     """
 
-    def __init__(self, checkpoint: Checkpoint, device: torch.device, fast: bool = True):
+    def __init__(self, checkpoint: Checkpoint, device: torch.device, fast: bool = True,
+                 backend: str | None = None):
         self.checkpoint = checkpoint
         self.device = device
         self.scale_factor = checkpoint.scale_factor
@@ -57,10 +59,10 @@ class Enhancer:
         self.efe = EFE()
         self.efe.load_state_dict(checkpoint.state_dict)
         self.efe.eval().requires_grad_(False).to(device)
-        self.fast = fast
-        self._fast = (fastpath.build(self.efe, device, self.scale_factor, self.steps)
-                      if fast else None)
-        self.backend = self._fast.name if fast else "eager"
+        self.fast = fast and backend != "eager"
+        self._fast = (fastpath.build(self.efe, device, self.scale_factor, self.steps, backend)
+                      if self.fast else None)
+        self.backend = self._fast.name if self.fast else "eager"
 
     @property
     def sha256(self) -> str:
@@ -109,26 +111,29 @@ class Enhancer:
         return to_uint8(rie(x, r, self.steps))
 
     def warmup(self) -> float:
-        """Compile (or load from numba's on-disk cache) the fast path's kernels and initialise
-        the backend on a few tiny batches, so that the first request does not pay for it.
-        Returns the seconds taken; call once at service start."""
+        """Compile (or load from numba's or Triton's on-disk cache) the fast path's kernels and
+        initialise the backend (cuDNN, CUDA context) on a few tiny batches, so that the first
+        request does not pay for it. Returns the seconds taken; call once at service start."""
         start = time.perf_counter()
         for n, h, w in ((1, 37, 53), (2, 24, 24)):  # one image and a batch: both code paths
             images = torch.zeros(n, 3, h, w, dtype=torch.uint8)
             self.enhance(images, strength=0.5)
             # decoded images come channels-last (DecodedImage.to_tensor): its own kernels
             self.enhance(images.to(memory_format=torch.channels_last), strength=0.5)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
 
 
 def load_model(checkpoint: str | Path | None = None, device: str | torch.device | None = None,
-               fast: bool = True) -> Enhancer:
+               fast: bool = True, backend: str | None = None) -> Enhancer:
     """Load EFE+RIE for inference.
 
     checkpoint: a path to our checkpoint format or a published raw state dict; None loads the
     project's own default checkpoint. device: None picks cuda when available, else cpu.
-    fast: the fused path of model/fast.py (benchmarked faster on CPU: `sgz bench`); False runs
-    the eager reference.
+    fast: the fused path of model/fast.py (benchmarked faster on CPU and CUDA: `sgz bench`);
+    False runs the eager reference. backend: force "numba", "triton", "torch" or "eager"
+    (None: the fastest one installed for the device).
     """
     if checkpoint is None:
         if not DEFAULT_CHECKPOINT.is_file():
@@ -136,4 +141,4 @@ def load_model(checkpoint: str | Path | None = None, device: str | torch.device 
                 f"the default checkpoint {DEFAULT_CHECKPOINT} is not in this build yet; "
                 "pass checkpoint=PATH (or --checkpoint PATH) to one you trained with `sgz train`")
         checkpoint = DEFAULT_CHECKPOINT
-    return Enhancer(load_checkpoint(checkpoint), resolve_device(device), fast=fast)
+    return Enhancer(load_checkpoint(checkpoint), resolve_device(device), fast=fast, backend=backend)

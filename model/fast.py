@@ -12,7 +12,10 @@ uint8 into one pass over the image. Its kernels are compiled on first use, cache
 formulation in torch ops, for CUDA and for CPUs without numba. Both match the eager reference
 (`fast=False`) within 1 grey level (tests/test_fast.py): only float summation order differs.
 """
+import importlib.util
 import threading
+from contextlib import nullcontext
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -114,6 +117,12 @@ class NumbaFast:
         return torch.from_numpy(out).view(n, c, H, W)
 
 
+@lru_cache(maxsize=256)
+def device_taps(n_in: int, n_out: int, align_corners: bool, device: torch.device):
+    """`taps` as tensors on the device, kept: a video stream asks for the same few sizes."""
+    return tuple(torch.from_numpy(t).to(device) for t in taps(n_in, n_out, align_corners))
+
+
 class TorchFast:
     """Any device: the same formulation in torch ops (CUDA, or CPU without numba)."""
     name = "torch"
@@ -125,9 +134,8 @@ class TorchFast:
         """Bilinear downscale of images / 255 from only the 4 source pixels per output pixel."""
         H, W = images.shape[-2:]
         h, w = lowres_size(H, W, self.scale_factor)
-        dev = images.device
-        y0, y1, ly = (torch.from_numpy(t).to(dev) for t in taps(H, h, False))
-        x0, x1, lx = (torch.from_numpy(t).to(dev) for t in taps(W, w, False))
+        y0, y1, ly = device_taps(H, h, False, images.device)
+        x0, x1, lx = device_taps(W, w, False, images.device)
         rows = images.index_select(2, torch.cat([y0, y1]))
         v = rows.index_select(3, torch.cat([x0, x1])).float().div_(255)
         t = v[..., :w] * (1 - lx) + v[..., w:] * lx
@@ -150,9 +158,57 @@ class TorchFast:
         return x.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
 
 
-def build(efe: EFE, device: torch.device, scale_factor: float, steps: int):
-    """The fastest path for the device: numba kernels on CPU when numba is installed, else torch."""
+class TritonFast(TorchFast):
+    """CUDA: EFE (at 1/12 of the pixels) in cuDNN as TorchFast; the full-size pass, factor
+    upsampling + RIE + rounding, as one Triton kernel (model/triton_kernels.py). On a CPU
+    tensor it runs only under Triton's interpreter (the tests' way to check it without a GPU)."""
+    name = "triton"
+
+    @staticmethod
+    def available() -> bool:
+        return importlib.util.find_spec("triton") is not None
+
+    def apply_factor(self, images: torch.Tensor, r_low: torch.Tensor) -> torch.Tensor:
+        from . import triton_kernels  # imported on first use: triton takes ~1 s to import
+        check_factor(images, r_low)
+        cl = channels_last(images)
+        if not cl:
+            images = images.contiguous()
+        out = torch.empty_like(images)  # same layout as the input: answered as it came
+        r = r_low.detach().to(images.device, torch.float32).contiguous()
+        (n, _, H, W), (h, w) = images.shape, r.shape[-2:]
+        length = 3 * W if cl else W  # values per program row
+        blocks = -(-length // triton_kernels.BLOCK)
+        rows = n * H if cl else n * 3 * H
+        s_r_n = r.stride(0) if r.shape[0] == n else 0
+        with torch.cuda.device(images.device) if images.is_cuda else nullcontext():
+            triton_kernels.rie_uint8[(rows * blocks,)](
+                images, out, r, *device_taps(h, H, True, images.device),
+                *device_taps(w, W, True, images.device), H, W, blocks,
+                images.stride(0), images.stride(2), images.stride(1),
+                out.stride(0), out.stride(2), out.stride(1), s_r_n, r.stride(1), r.stride(2),
+                STEPS=self.steps, CHANNELS_LAST=cl, BLOCK=triton_kernels.BLOCK)
+        return out
+
+
+BACKENDS = {"numba": NumbaFast, "triton": TritonFast, "torch": TorchFast}
+
+
+def build(efe: EFE, device: torch.device, scale_factor: float, steps: int,
+          backend: str | None = None):
+    """The fastest path for the device: numba kernels on CPU, a Triton kernel on CUDA, plain
+    torch ops where neither is installed. `backend` forces one (benchmarks, tests)."""
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}: one of {sorted(BACKENDS)} or 'eager'")
+        if backend != "torch" and not BACKENDS[backend].available():
+            raise ValueError(f"backend {backend!r} is not installed")
+        if backend == "numba" and device.type != "cpu":
+            raise ValueError("the numba backend runs on the CPU only")
+        return BACKENDS[backend](efe, scale_factor, steps)
     if device.type == "cpu" and NumbaFast.available():
         return NumbaFast(efe, scale_factor, steps)
+    if device.type == "cuda" and TritonFast.available():
+        return TritonFast(efe, scale_factor, steps)
     return TorchFast(efe, scale_factor, steps)
 

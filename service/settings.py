@@ -2,6 +2,7 @@
 
 `sgz serve --port 9000` beats `SGZ_PORT=9000`, which beats the defaults below.
 """
+import os
 from pathlib import Path
 
 from pydantic import Field, SecretStr
@@ -54,7 +55,11 @@ class Settings(BaseSettings):
     factor_store_bytes: int = Field(64 * MiB, ge=0)
 
     # Process.
-    io_threads: int = Field(4, ge=1, description="threads decoding images, and as many encoding them")
+    io_threads: int = Field(
+        default_factory=lambda: min(16, max(4, os.cpu_count() or 1)), ge=1,
+        description="threads decoding images, and as many encoding them (default: one per "
+                    "core, at least 4 and at most 16: JPEG coding is the CPU's share of the "
+                    "work, and with the model on a GPU it is most of the work)")
     worker_nice: int = Field(10, ge=0, le=19, description="nice value of the threads that "
                              "decode, run the model and encode (Linux), so that they never "
                              "starve the event loop that reads requests; 0 = no change")

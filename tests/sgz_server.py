@@ -1,5 +1,6 @@
 """Start the real `sgz serve` as a subprocess on a free port, for end-to-end tests: the
 benchmark's ServerProcess, with the published checkpoint and info logging by default."""
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -11,13 +12,18 @@ from bench.http_bench import ServerProcess
 from conftest import SGZ_PUBLISHED, SICE
 
 SGZ = Path(sys.executable).with_name("sgz")
+# The device the served model runs on: cpu in CI; SGZ_TEST_DEVICE=cuda on a GPU machine runs
+# the same end-to-end tests against the CUDA path (scripts/gpu-check.sh).
+DEVICE = os.environ.get("SGZ_TEST_DEVICE", "cpu")
+# How far a served factor map may be from the CPU reference's: cuDNN sums in another order
+FACTOR_ATOL = 1e-5 if DEVICE == "cpu" else 2e-3
 
 
 class Server(ServerProcess):
     def __init__(self, env: dict[str, str] | None = None, checkpoint: Path = SGZ_PUBLISHED):
         self._dir = tempfile.TemporaryDirectory(prefix="sgz-serve-")
         super().__init__("sgz", str(checkpoint), Path(self._dir.name),
-                         env={"SGZ_LOG_LEVEL": "info", **(env or {})})
+                         env={"SGZ_LOG_LEVEL": "info", **(env or {})}, device=DEVICE)
 
     def wait_ready(self, timeout: float = 90) -> "Server":
         super().wait_ready(timeout)

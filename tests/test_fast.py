@@ -200,8 +200,10 @@ def test_warmup_reports_seconds(fast):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_matches_cpu_reference(eager):
-    gpu = load_model(SGZ_PUBLISHED, "cuda")
+def test_cuda_torch_ops_match_cpu_reference(eager):
+    """The plain torch-ops path on CUDA (the default there is the Triton kernel:
+    tests/test_triton.py)."""
+    gpu = load_model(SGZ_PUBLISHED, "cuda", backend="torch")
     assert gpu.backend == "torch"
     image = wide_photo()
     assert_close(gpu.enhance(image).cpu(), eager.enhance(image))

@@ -20,7 +20,7 @@ from PIL import Image
 
 from conftest import SICE
 from model.imageio import decode_image, factor_to_picture
-from sgz_server import Server, assert_error, metric, photo
+from sgz_server import DEVICE, FACTOR_ATOL, Server, assert_error, metric, photo
 
 MAX_UPLOAD = 2_000_000
 MAX_PIXELS = 4_000_000  # 1920x1080 fits, 3840x2160 does not
@@ -119,7 +119,7 @@ def test_factor_by_request_id_as_picture_and_npy(client, published_enhancer):
     assert npy.status_code == 200
     x_r = np.load(io.BytesIO(npy.content))
     assert x_r.shape == (1080, 1920, 3) and x_r.dtype == np.float32
-    np.testing.assert_allclose(x_r, expected.permute(1, 2, 0).numpy(), atol=1e-5)
+    np.testing.assert_allclose(x_r, expected.permute(1, 2, 0).numpy(), atol=FACTOR_ATOL)
 
     png = client.get(f"/factor/{request_id}")
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
@@ -137,7 +137,7 @@ def test_post_factor_computes_the_map_and_keeps_it(client, published_enhancer):
     assert r.status_code == 200, r.text
     x_r = np.load(io.BytesIO(r.content))
     expected = published_enhancer.factor(as_tensor(source))[0].permute(1, 2, 0).numpy()
-    np.testing.assert_allclose(x_r, expected, atol=1e-5)
+    np.testing.assert_allclose(x_r, expected, atol=FACTOR_ATOL)
     again = client.get(f"/factor/{r.headers['x-request-id']}", params={"format": "npy"})
     assert again.content == r.content
 
@@ -317,5 +317,5 @@ def test_metrics_content(client, published_enhancer):
     assert "sgz_queue_depth 0.0" in text
     assert metric(text, "sgz_in_flight_requests") == 1  # this scrape
     assert metric(text, "sgz_model_info", checkpoint_sha256=published_enhancer.sha256,
-                  device="cpu", checkpoint_source="published") == 1
+                  device=DEVICE, checkpoint_source="published") == 1
     assert metric(text, "sgz_model_info", torch_version=torch.__version__) == 1

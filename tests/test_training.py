@@ -69,7 +69,7 @@ def test_smoke_train_resume_and_load(tmp_path):
         shutil.copy(f, data / f.name)
     cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), crop=64, batch_size=2,
                       max_steps=2, workers=0, checkpoint_every=1, scale_factor=4,
-                      objective={"sem_size": 64})
+                      keep_snapshots=True, objective={"sem_size": 64})
     path = train(cfg, progress=False)
     enhancer = load_model(path, device="cpu")
     assert enhancer.checkpoint.recipe["steps_done"] == 2
@@ -80,6 +80,27 @@ def test_smoke_train_resume_and_load(tmp_path):
     assert {"spa", "rgb", "bri", "tv", "sem"} <= set(log[-1])
     out = load_model(path, device="cpu").enhance(torch.full((1, 3, 30, 20), 40, dtype=torch.uint8))
     assert out.shape == (1, 3, 30, 20)
+    snapshots = sorted((tmp_path / "run" / "snapshots").glob("*.pt"))
+    assert [p.name for p in snapshots] == [f"efe-00000{i}.pt" for i in (1, 2, 3)]
+    assert load_model(snapshots[0], device="cpu").checkpoint.recipe["steps_done"] == 1
+    assert load_model(snapshots[-1]).sha256 == load_model(path).sha256
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("amp", [False, True])
+def test_smoke_train_on_cuda(tmp_path, amp):
+    """The defaults (scale 12, EfficientNet-Lite0 USS) on the GPU, with and without bf16."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in sorted(TRAIN.glob("*.jpg"))[:6]:
+        shutil.copy(f, data / f.name)
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), max_steps=3, workers=2,
+                      device="cuda", amp=amp)
+    path = train(cfg, progress=False)
+    enhancer = load_model(path, device="cuda")
+    assert enhancer.checkpoint.recipe["device"].startswith("cuda")
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 3 and all(np.isfinite(r["loss"]) for r in log)
 
 
 def test_sgz_eval_paired_json(tmp_path):

@@ -35,6 +35,7 @@ class TrainConfig:
     device: str | None = None
     amp: bool = False
     checkpoint_every: int = 100
+    keep_snapshots: bool = False    # also keep OUT/snapshots/efe-STEP.pt at every checkpoint
     objective: dict = field(default_factory=dict)  # Objective(**objective)
     uss_backbone: str = "efficientnet-lite0"
     uss_weights: str | None = None
@@ -122,3 +123,7 @@ def _save(out: Path, cfg: TrainConfig, efe, opt, step: int, elapsed: float, devi
               "device": str(device), "machine": f"{platform.machine()} {platform.processor()}",
               "torch": torch.__version__}
     save_checkpoint(out / "efe.pt", efe, cfg.infer_scale_factor, STEPS, recipe)
+    if cfg.keep_snapshots:  # for choosing a step afterwards (the model card's ablations)
+        (out / "snapshots").mkdir(exist_ok=True)
+        save_checkpoint(out / "snapshots" / f"efe-{step:06d}.pt", efe, cfg.infer_scale_factor,
+                        STEPS, recipe)
