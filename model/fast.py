@@ -164,9 +164,18 @@ class TritonFast(TorchFast):
     tensor it runs only under Triton's interpreter (the tests' way to check it without a GPU)."""
     name = "triton"
 
+    def __init__(self, efe: EFE, scale_factor: float, steps: int):
+        # cuDNN's depthwise convolutions run faster on NHWC maps (bench/gpu_efe.py)
+        super().__init__(efe.to(memory_format=torch.channels_last), scale_factor, steps)
+
     @staticmethod
     def available() -> bool:
         return importlib.util.find_spec("triton") is not None
+
+    def factor_lowres(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float().div_(255) if self.scale_factor == 1 else
+             self._gather_downscale(images))
+        return self.efe(x.contiguous(memory_format=torch.channels_last)).contiguous()
 
     def apply_factor(self, images: torch.Tensor, r_low: torch.Tensor) -> torch.Tensor:
         from . import triton_kernels  # imported on first use: triton takes ~1 s to import

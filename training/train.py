@@ -59,8 +59,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     if objective.weights["sem"]:
         from .uss import USS
         uss = USS(cfg.uss_backbone, cfg.uss_weights).to(device)
-    efe = EFE().to(device)
+    efe = EFE()  # initialised on the CPU: the same seed gives the same start on every device
     efe.init_weights(cfg.init_std, torch.Generator().manual_seed(cfg.seed))
+    efe.to(device)
     opt = torch.optim.Adam(efe.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     dataset = CropDataset(cfg.data, cfg.crop, cfg.seed)
     per_epoch = len(dataset) // cfg.batch_size
