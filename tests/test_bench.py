@@ -88,3 +88,6 @@ def test_bad_arguments_exit_with_a_message():
     r = subprocess.run([sys.executable, "-m", "model.cli", "bench", "--checkpoint",
                         "/nonexistent.pth"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "not found" in r.stderr
+    if not torch.cuda.is_available():
+        r = sgz_bench("--device", "cuda", "--parts", "model")
+        assert r.returncode == 2 and "sees no CUDA GPU" in r.stderr

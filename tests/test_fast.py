@@ -194,6 +194,20 @@ def test_any_step_count_matches_reference(eager, steps):
         assert torch.equal(path.apply_factor(hwc, r_low), path.apply_factor(image, r_low))
 
 
+def test_backend_can_be_forced_and_is_checked(eager):
+    image = wide_photo()[:, :, :90, :120].contiguous()
+    torch_ops = load_model(SGZ_PUBLISHED, "cpu", backend="torch")
+    assert torch_ops.backend == "torch" and torch_ops.fast
+    assert_close(torch_ops.enhance(image), eager.enhance(image))
+    forced_eager = load_model(SGZ_PUBLISHED, "cpu", backend="eager")
+    assert forced_eager.backend == "eager" and not forced_eager.fast
+    assert load_model(SGZ_PUBLISHED, "cpu", backend="numba").backend == "numba"
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        load_model(SGZ_PUBLISHED, "cpu", backend="nope")
+    with pytest.raises(ValueError, match="CPU only"):
+        fastpath.build(eager.efe, torch.device("cuda"), 12, 8, backend="numba")
+
+
 def test_warmup_reports_seconds(fast):
     seconds = fast.warmup()
     assert 0 < seconds < 30

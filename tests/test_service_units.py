@@ -68,6 +68,8 @@ def test_settings_flags_beat_environment_beat_defaults(monkeypatch):
     settings = Settings()
     assert settings.port == 9001 and settings.max_batch_size == 4 and settings.api_key is None
     assert Settings(port=9002).port == 9002
+    # one I/O thread per core for decoding (and as many for encoding), at least 4, at most 16
+    assert Settings().io_threads == min(16, max(4, os.cpu_count()))
 
 
 @pytest.mark.parametrize("args, env, message", [
