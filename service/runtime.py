@@ -78,7 +78,9 @@ class Runtime:
             start = time.perf_counter()
             try:
                 # in the inference thread (per-thread state such as cuDNN handles), but outside
-                # the queue so that metrics count only real traffic
+                # the queue so that metrics count only real traffic. Enhancer.warmup compiles
+                # the kernels for both layouts (decoded JPEGs arrive channels-last)
+                await self.batcher.run_in_worker(self.enhancer.warmup)
                 await self.batcher.run_in_worker(run_batch, self.enhancer, warmup_images())
             except Exception:
                 log.exception("warm-up failed: the service stays not ready")
