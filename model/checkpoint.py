@@ -59,7 +59,9 @@ def save_checkpoint(path: str | Path, efe: EFE, scale_factor: int, steps: int = 
     """Write our format; returns the content hash. `recipe` must be JSON-serialisable."""
     recipe = dict(recipe or {})
     recipe = json.loads(json.dumps(recipe))  # plain data only: str subclasses would not unpickle
-    state_dict = {k: v.detach().cpu().clone() for k, v in efe.state_dict().items()}
+    # plain layout whatever the module's (training keeps EFE channels-last)
+    state_dict = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
+                  for k, v in efe.state_dict().items()}
     digest = state_dict_sha256(state_dict)
     payload = {
         "format": FORMAT, "version": VERSION, "arch": dict(ARCH),

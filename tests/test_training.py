@@ -86,6 +86,23 @@ def test_smoke_train_resume_and_load(tmp_path):
     assert load_model(snapshots[-1]).sha256 == load_model(path).sha256
 
 
+def test_init_from_a_checkpoint_and_bad_init(tmp_path):
+    """--init starts from given weights: with lr 0 and no decay they come out unchanged."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in sorted(TRAIN.glob("*.jpg"))[:2]:
+        shutil.copy(f, data / f.name)
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), crop=64, batch_size=2,
+                      max_steps=1, workers=0, lr=0.0, weight_decay=0.0, init=str(SGZ_PUBLISHED),
+                      objective={"sem_size": 64})
+    path = train(cfg, progress=False)
+    assert load_model(path, "cpu").sha256 == load_model(SGZ_PUBLISHED, "cpu").sha256
+    r = subprocess.run([sys.executable, "-m", "model.cli", "train", "--data", str(data),
+                        "--out", str(tmp_path / "bad"), "--init", str(tmp_path / "missing.pt"),
+                        "--max-steps", "1", "--no-progress"], capture_output=True, text=True)
+    assert r.returncode == 2 and "missing.pt" in r.stderr
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("amp", [False, True])
 def test_smoke_train_on_cuda(tmp_path, amp):

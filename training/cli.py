@@ -30,6 +30,8 @@ def register(sub) -> None:
     p.add_argument("--amp", action="store_true", help="mixed precision (for cuda)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--init", default=None, metavar="CHECKPOINT",
+                   help="start EFE from this checkpoint (fine-tuning) instead of N(0, 0.02)")
     p.add_argument("--keep-snapshots", action="store_true",
                    help="also keep OUT/snapshots/efe-STEP.pt at every checkpoint")
     p.add_argument("--loss", choices=["paper", "code"], default="code",
@@ -84,7 +86,8 @@ def run_train(args) -> int:
         max_steps=args.max_steps, scale_factor=args.scale_factor,
         infer_scale_factor=args.infer_scale_factor, seed=args.seed, workers=args.workers,
         device=args.device, amp=args.amp, checkpoint_every=args.checkpoint_every,
-        keep_snapshots=args.keep_snapshots, objective=objective, uss_backbone=args.uss_backbone, uss_weights=args.uss_weights)
+        keep_snapshots=args.keep_snapshots, init=args.init, objective=objective,
+        uss_backbone=args.uss_backbone, uss_weights=args.uss_weights)
     try:
         path = train(cfg, resume=args.resume, progress=not args.no_progress)
     except (FileNotFoundError, ValueError, RuntimeError) as e:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model import EFE, save_checkpoint
+from model import EFE, load_checkpoint, save_checkpoint
 from model.rie import STEPS, downscale, rie, upsample_factor
 
 from .data import CropDataset, make_loader
@@ -36,6 +36,7 @@ class TrainConfig:
     amp: bool = False
     checkpoint_every: int = 100
     keep_snapshots: bool = False    # also keep OUT/snapshots/efe-STEP.pt at every checkpoint
+    init: str | None = None         # start EFE from this checkpoint instead of N(0, init_std)
     objective: dict = field(default_factory=dict)  # Objective(**objective)
     uss_backbone: str = "efficientnet-lite0"
     uss_weights: str | None = None
@@ -61,7 +62,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         uss = USS(cfg.uss_backbone, cfg.uss_weights).to(device)
     efe = EFE()  # initialised on the CPU: the same seed gives the same start on every device
     efe.init_weights(cfg.init_std, torch.Generator().manual_seed(cfg.seed))
-    efe.to(device)
+    if cfg.init:
+        efe.load_state_dict(load_checkpoint(cfg.init).state_dict)
+    # channels-last: oneDNN's depthwise convolutions (forward and backward) ran ~3x faster on
+    # NHWC maps (a scale-1 step of 6 crops of 512 px: 15-20 s -> 6 s on 2 cores), cuDNN's too
+    efe.to(device, memory_format=torch.channels_last)
     opt = torch.optim.Adam(efe.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     dataset = CropDataset(cfg.data, cfg.crop, cfg.seed)
     per_epoch = len(dataset) // cfg.batch_size
@@ -82,7 +87,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     while step < total:
         epoch, start = divmod(step, per_epoch)
         for x in make_loader(dataset, cfg.batch_size, cfg.workers, cfg.seed, epoch, start):
-            x = x.to(device, non_blocking=True)
+            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             # bf16 autocast: the range of fp32, so no gradient scaler is needed
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
                 y, x_r, x_r_efe = forward(efe, x, cfg.scale_factor)
