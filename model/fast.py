@@ -142,10 +142,13 @@ class TorchFast:
         ly = ly[:, None]
         return t[:, :, :h] * (1 - ly) + t[:, :, h:] * ly
 
-    def factor_lowres(self, images: torch.Tensor) -> torch.Tensor:
+    def _efe_input(self, images: torch.Tensor) -> torch.Tensor:
         if self.scale_factor == 1:
-            return self.efe(images.float().div_(255))
-        return self.efe(self._gather_downscale(images))
+            return images.float().div_(255)
+        return self._gather_downscale(images)
+
+    def factor_lowres(self, images: torch.Tensor) -> torch.Tensor:
+        return self.efe(self._efe_input(images))
 
     def apply_factor(self, images: torch.Tensor, r_low: torch.Tensor) -> torch.Tensor:
         check_factor(images, r_low)
@@ -173,9 +176,8 @@ class TritonFast(TorchFast):
         return importlib.util.find_spec("triton") is not None
 
     def factor_lowres(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images.float().div_(255) if self.scale_factor == 1 else
-             self._gather_downscale(images))
-        return self.efe(x.contiguous(memory_format=torch.channels_last)).contiguous()
+        x = self._efe_input(images).contiguous(memory_format=torch.channels_last)
+        return self.efe(x).contiguous()
 
     def apply_factor(self, images: torch.Tensor, r_low: torch.Tensor) -> torch.Tensor:
         from . import triton_kernels  # imported on first use: triton takes ~1 s to import

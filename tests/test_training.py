@@ -62,11 +62,17 @@ def test_resnet50_without_weights_says_where_to_get_them():
         USS("resnet50", None)
 
 
-def test_smoke_train_resume_and_load(tmp_path):
+def train_images(tmp_path, n: int):
+    """The first n training images in a folder of their own."""
     data = tmp_path / "data"
     data.mkdir()
-    for f in sorted(TRAIN.glob("*.jpg"))[:4]:
+    for f in sorted(TRAIN.glob("*.jpg"))[:n]:
         shutil.copy(f, data / f.name)
+    return data
+
+
+def test_smoke_train_resume_and_load(tmp_path):
+    data = train_images(tmp_path, 4)
     cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), crop=64, batch_size=2,
                       max_steps=2, workers=0, checkpoint_every=1, scale_factor=4,
                       keep_snapshots=True, objective={"sem_size": 64})
@@ -88,10 +94,7 @@ def test_smoke_train_resume_and_load(tmp_path):
 
 def test_init_from_a_checkpoint_and_bad_init(tmp_path):
     """--init starts from given weights: with lr 0 and no decay they come out unchanged."""
-    data = tmp_path / "data"
-    data.mkdir()
-    for f in sorted(TRAIN.glob("*.jpg"))[:2]:
-        shutil.copy(f, data / f.name)
+    data = train_images(tmp_path, 2)
     cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), crop=64, batch_size=2,
                       max_steps=1, workers=0, lr=0.0, weight_decay=0.0, init=str(SGZ_PUBLISHED),
                       objective={"sem_size": 64})
@@ -107,10 +110,7 @@ def test_init_from_a_checkpoint_and_bad_init(tmp_path):
 @pytest.mark.parametrize("amp", [False, True])
 def test_smoke_train_on_cuda(tmp_path, amp):
     """The defaults (scale 12, EfficientNet-Lite0 USS) on the GPU, with and without bf16."""
-    data = tmp_path / "data"
-    data.mkdir()
-    for f in sorted(TRAIN.glob("*.jpg"))[:6]:
-        shutil.copy(f, data / f.name)
+    data = train_images(tmp_path, 6)
     cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), max_steps=3, workers=2,
                       device="cuda", amp=amp)
     path = train(cfg, progress=False)
