@@ -87,3 +87,17 @@ def test_factor_uniformity_by_hand():
     # a constant offset between channels is a colour choice, not a spatial one
     assert losses.factor_uniformity(x_r + torch.tensor([0.1, 0.0, -0.1]).view(1, 3, 1, 1)
                                      ).item() == pytest.approx(0.25 / 6)
+
+
+def test_factor_spread_by_hand():
+    luma = torch.tensor([0.0, 0.0, 1.0, 1.0]).view(1, 1, 2, 2)
+    # a map that is a line in luminance costs nothing, whatever its slope
+    follows = torch.stack([0.2 - 0.5 * luma[0, 0], -0.3 + 0 * luma[0, 0], 0.1 * luma[0, 0]])[None]
+    assert losses.factor_spread(follows, luma).item() == pytest.approx(0.0, abs=1e-6)
+    # x = [0, 1, 1, 1]: var 0.1875, cov with luma 0.125, var(luma) 0.25 -> 0.1875 - 0.0625
+    x_r = torch.tensor([0.0, 1.0, 1.0, 1.0]).view(1, 1, 2, 2).expand(1, 3, 2, 2)
+    assert losses.factor_spread(x_r, luma).item() == pytest.approx(0.125, rel=1e-4)
+    # under uniform luminance nothing is explained: the plain spatial variance
+    flat = torch.full((1, 1, 2, 2), 0.3)
+    assert losses.factor_spread(x_r, flat).item() == pytest.approx(
+        losses.factor_uniformity(x_r).item(), rel=1e-4)

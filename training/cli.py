@@ -3,7 +3,7 @@ import argparse
 import sys
 from pathlib import Path
 
-LOSS_TERMS = ("spa", "rgb", "bri", "tv", "sem", "uni")  # uni: ours, not the paper's
+LOSS_TERMS = ("spa", "rgb", "bri", "tv", "sem", "uni", "spread")  # uni, spread: ours
 
 
 def register(sub) -> None:
