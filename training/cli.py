@@ -3,7 +3,7 @@ import argparse
 import sys
 from pathlib import Path
 
-LOSS_TERMS = ("spa", "rgb", "bri", "tv", "sem", "uni", "spread")  # uni, spread: ours
+LOSS_TERMS = ("spa", "rgb", "bri", "tv", "sem", "uni", "spread", "smooth")  # the last 3: ours
 
 
 def register(sub) -> None:

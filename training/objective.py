@@ -8,13 +8,14 @@ from . import losses
 
 # Eq. 3 weights. paper: lambda = 1 for every term but lambda_sem = 0.1 (Sec. 4.1);
 # code: the published training script's weights (1 / 5 / 10 / 1600 / 0.1).
-# uni, spread: our priors on the factor map's spread over the image (losses.factor_uniformity,
-# losses.factor_spread), in neither: off.
+# uni, spread, smooth: our priors on the factor map's spread over the image
+# (losses.factor_uniformity, losses.factor_spread, L_tv on x_r at EFE's resolution beside L_tv's
+# own target), in neither: off.
 DEFAULT_WEIGHTS = {
     "paper": {"spa": 1.0, "rgb": 1.0, "bri": 1.0, "tv": 1.0, "sem": 0.1, "uni": 0.0,
-              "spread": 0.0},
+              "spread": 0.0, "smooth": 0.0},
     "code": {"spa": 1.0, "rgb": 5.0, "bri": 10.0, "tv": 1600.0, "sem": 0.1, "uni": 0.0,
-             "spread": 0.0},
+             "spread": 0.0, "smooth": 0.0},
 }
 
 
@@ -60,6 +61,10 @@ class Objective:
             terms["tv"] = losses.total_variation(target[self.tv_on])
         if w["uni"]:
             terms["uni"] = losses.factor_uniformity(x_r_efe)
+        if w["smooth"]:
+            # blurring x_r at EFE's resolution after training raised LOL SSIM (model card):
+            # its neighbour-scale structure is texture and noise, not illumination
+            terms["smooth"] = losses.total_variation(x_r_efe)
         if w["spread"]:
             luma = F.adaptive_avg_pool2d(x.mean(1, keepdim=True), x_r_efe.shape[-2:])
             terms["spread"] = losses.factor_spread(x_r_efe, luma)
