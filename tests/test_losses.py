@@ -101,3 +101,19 @@ def test_factor_spread_by_hand():
     flat = torch.full((1, 1, 2, 2), 0.3)
     assert losses.factor_spread(x_r, flat).item() == pytest.approx(
         losses.factor_uniformity(x_r).item(), rel=1e-4)
+
+
+def test_factor_priors_reach_the_objective():
+    """--w-uni, --w-spread and --w-smooth score x_r at EFE's resolution; spread against the
+    input's luminance pooled to that resolution."""
+    x = torch.zeros(1, 3, 4, 4)
+    x[..., 2:, :] = 0.5                       # luminance: two rows dark, two bright
+    x_r_efe = torch.tensor([0.0, 1.0]).view(1, 1, 2, 1).expand(1, 3, 2, 2)  # follows it
+    # smooth: 3 channels x 2 columns x 1^2 over 2 vertical pairs, times 2 (Eq. 7 as the code) = 6
+    y = x_r = torch.zeros(1, 3, 4, 4)
+    off = {"spa": 0, "rgb": 0, "bri": 0, "tv": 0, "sem": 0}
+    for term, expected in (("uni", 0.25), ("spread", 0.0), ("smooth", 6.0)):
+        objective = Objective(variant="paper", weights={**off, term: 1.0})
+        loss, terms = objective(y, x, x_r, None, x_r_efe)
+        assert set(terms) == {term}
+        assert loss.item() == pytest.approx(expected, abs=1e-5)
