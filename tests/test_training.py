@@ -161,3 +161,18 @@ def test_sgz_eval_unpaired_and_bad_checkpoint(tmp_path):
     r = subprocess.run([sys.executable, "-m", "training", "eval", "--checkpoint", str(bad),
                         "--low", str(low)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "bad.pt" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cosine_schedule_decays_to_zero_and_resumes(tmp_path):
+    data = train_images(tmp_path, 2)
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), crop=64, batch_size=2,
+                      max_steps=2, workers=0, lr=1e-3, lr_schedule="cosine", scale_factor=4,
+                      checkpoint_every=1, objective={"sem_size": 64, "weights": {"sem": 0}})
+    train(cfg, progress=False)
+    cfg.max_steps = 4  # resumed with a longer run: the schedule follows the new total
+    train(cfg, resume=True, progress=False)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    # steps 1-2 ran as a 2-step run (1e-3, 5e-4); steps 3-4 as steps 2-3 of a 4-step run
+    assert [r["lr"] for r in log] == pytest.approx([1e-3, 5e-4, 5e-4, 1e-3 * (1 - 0.5 ** 0.5) / 2])
+    with pytest.raises(ValueError, match="lr_schedule"):
+        train(TrainConfig(data=str(data), lr_schedule="linear"), progress=False)

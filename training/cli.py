@@ -17,6 +17,8 @@ def register(sub) -> None:
     p.add_argument("--crop", type=int, default=d.crop)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default=d.lr_schedule,
+                   help="cosine: decay to 0 over the run (--max-steps or --epochs)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--grad-clip", type=float, default=d.grad_clip)
     p.add_argument("--epochs", type=int, default=d.epochs)
@@ -87,6 +89,7 @@ def run_train(args) -> int:
                  "sem_batch": args.sem_batch or None, "tv_on": args.tv_on}
     cfg = TrainConfig(
         data=args.data, out=args.out, crop=args.crop, batch_size=args.batch_size, lr=args.lr,
+        lr_schedule=args.lr_schedule,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, epochs=args.epochs,
         max_steps=args.max_steps, scale_factor=args.scale_factor,
         infer_scale_factor=args.infer_scale_factor, seed=args.seed, workers=args.workers,

@@ -23,6 +23,7 @@ class TrainConfig:
     crop: int = 512                 # paper: 512x512 training images
     batch_size: int = 6             # paper Sec. 4.1
     lr: float = 1e-4                # paper Sec. 4.1 (Adam)
+    lr_schedule: str = "constant"   # or "cosine": lr * (1 + cos(pi * step / total)) / 2
     weight_decay: float = 1e-4      # published code
     grad_clip: float = 0.1          # paper Sec. 4.1: gradient-norm clip 0.1
     init_std: float = 0.02          # paper Sec. 4.1: EFE init N(0, 0.02)
@@ -51,6 +52,8 @@ def forward(efe: EFE, x: torch.Tensor, scale_factor: int):
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
+    if cfg.lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {cfg.lr_schedule!r}")
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
@@ -92,6 +95,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
                 y, x_r, x_r_efe = forward(efe, x, cfg.scale_factor)
                 loss, terms = objective(y.float(), x, x_r.float(), uss, x_r_efe.float())
+            lr = _lr(cfg, step, total)
+            for group in opt.param_groups:  # from the step alone: a resumed run needs no state
+                group["lr"] = lr
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(efe.parameters(), cfg.grad_clip)
@@ -99,7 +105,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             step += 1
             if not math.isfinite(float(loss.detach())):
                 raise FloatingPointError(f"loss became {float(loss)} at step {step}")
-            log.write(json.dumps({"step": step, "epoch": epoch, "loss": float(loss.detach()), **terms,
+            log.write(json.dumps({"step": step, "epoch": epoch, "loss": float(loss.detach()), "lr": lr, **terms,
                                   "time_s": round(time.perf_counter() - t0, 2)}) + "\n")
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in terms.items()})
@@ -111,6 +117,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     bar.close()
     log.close()
     return out / "efe.pt"
+
+
+def _lr(cfg: TrainConfig, step: int, total: int) -> float:
+    """Learning rate for the update after `step` updates (cosine: to 0 at the last step, so
+    the last snapshot is the run's result rather than a stopping point picked on a test set)."""
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * step / total))
+    return cfg.lr
 
 
 def _truncate_log(path: Path, step: int) -> None:
