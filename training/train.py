@@ -105,7 +105,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             step += 1
             if not math.isfinite(float(loss.detach())):
                 raise FloatingPointError(f"loss became {float(loss)} at step {step}")
-            log.write(json.dumps({"step": step, "epoch": epoch, "loss": float(loss.detach()), "lr": lr, **terms,
+            log.write(json.dumps({"step": step, "epoch": epoch, "loss": float(loss.detach()),
+                                  "lr": lr, **terms,
                                   "time_s": round(time.perf_counter() - t0, 2)}) + "\n")
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in terms.items()})
@@ -120,7 +121,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
 
 
 def _lr(cfg: TrainConfig, step: int, total: int) -> float:
-    """Learning rate for the update after `step` updates (cosine: to 0 at the last step, so
+    """Learning rate for the update after `step` updates (cosine: towards 0 at the last step, so
     the last snapshot is the run's result rather than a stopping point picked on a test set)."""
     if cfg.lr_schedule == "cosine":
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * step / total))
