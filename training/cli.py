@@ -7,7 +7,7 @@ LOSS_TERMS = ("spa", "rgb", "bri", "tv", "sem", "uni", "spread", "smooth")  # th
 
 
 def register(sub) -> None:
-    from .train import TrainConfig
+    from .train import LR_SCHEDULES, TrainConfig
     d = TrainConfig()
     p = sub.add_parser("train", help="train EFE with the SGZ objective",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -17,7 +17,7 @@ def register(sub) -> None:
     p.add_argument("--crop", type=int, default=d.crop)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default=d.lr_schedule,
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
                    help="cosine: decay to 0 over the run (--max-steps or --epochs)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--grad-clip", type=float, default=d.grad_clip)

@@ -16,6 +16,9 @@ from .data import CropDataset, make_loader
 from .objective import Objective
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
 @dataclass
 class TrainConfig:
     data: str = "../shared/data/train"
@@ -52,8 +55,8 @@ def forward(efe: EFE, x: torch.Tensor, scale_factor: int):
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
-    if cfg.lr_schedule not in ("constant", "cosine"):
-        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {cfg.lr_schedule!r}")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {cfg.lr_schedule!r}")
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
