@@ -52,6 +52,14 @@ def test_brightness_paper_l1_and_code_l2():
     y = torch.full((2, 3, 32, 32), 0.3)
     assert losses.brightness(y, variant="paper").item() == pytest.approx(0.3)
     assert losses.brightness(y, variant="code").item() == pytest.approx(0.09)
+    # `sgz train --bri-form` picks the distance whatever the --loss set: 0.3 and 0.3^2 from E
+    only_bri = {"spa": 0, "rgb": 0, "tv": 0, "sem": 0}
+    for variant, form, expected in (("paper", None, 0.3), ("paper", "l2", 0.09),
+                                    ("code", None, 0.09), ("code", "l1", 0.3)):
+        objective = Objective(variant=variant, weights={**only_bri, "bri": 1.0}, bri_form=form)
+        assert objective(y, y, y)[0].item() == pytest.approx(expected)
+    with pytest.raises(ValueError, match="bri_form"):
+        Objective(bri_form="l3")
 
 
 def test_brightness_patch_size():

@@ -45,6 +45,8 @@ def register(sub) -> None:
     p.add_argument("--spa-patch", type=int, default=4, help="pooling of L_spa (Table 3: 4)")
     p.add_argument("--bri-patch", type=int, default=16,
                    help="patch side of L_bri (Eq. 6: 16; the crop size: one exposure per crop)")
+    p.add_argument("--bri-form", choices=["l1", "l2"], default=None,
+                   help="L_bri's distance to E (default: l1 for --loss paper, l2 for --loss code)")
     p.add_argument("--tv-on", choices=["efe", "full", "image"], default=None,
                    help="what L_tv smooths: x_r at EFE's resolution, x_r upsampled, or Y "
                         "(default: efe for --loss code, image for --loss paper)")
@@ -86,7 +88,8 @@ def run_train(args) -> int:
     objective = {"variant": args.loss, "weights": weights, "exposure": args.exposure,
                  "spa_patch": args.spa_patch, "bri_patch": args.bri_patch,
                  "sem_size": args.sem_size or None,
-                 "sem_batch": args.sem_batch or None, "tv_on": args.tv_on}
+                 "sem_batch": args.sem_batch or None, "tv_on": args.tv_on,
+                 "bri_form": args.bri_form}
     cfg = TrainConfig(
         data=args.data, out=args.out, crop=args.crop, batch_size=args.batch_size, lr=args.lr,
         lr_schedule=args.lr_schedule,

@@ -31,6 +31,8 @@ class Objective:
     sem_batch: int | None = None    # USS sees only the first K images of a batch (None: all)
     tv_on: str | None = None        # "efe": x_r as EFE outputs it, "full": x_r upsampled to the
                                     # image, "image": Y. Default: "efe" (code), "image" (paper)
+    bri_form: str | None = None     # L_bri's distance, "l1" or "l2". Default: "l1" (paper),
+                                    # "l2" (code)
 
     def __post_init__(self):
         if self.variant not in DEFAULT_WEIGHTS:
@@ -39,6 +41,9 @@ class Objective:
         self.tv_on = self.tv_on or ("efe" if self.variant == "code" else "image")
         if self.tv_on not in ("efe", "full", "image"):
             raise ValueError(f"tv_on must be 'efe', 'full' or 'image', got {self.tv_on!r}")
+        self.bri_form = self.bri_form or ("l2" if self.variant == "code" else "l1")
+        if self.bri_form not in ("l1", "l2"):
+            raise ValueError(f"bri_form must be 'l1' or 'l2', got {self.bri_form!r}")
 
     def __call__(self, y: torch.Tensor, x: torch.Tensor, x_r: torch.Tensor,
                  uss=None, x_r_efe: torch.Tensor | None = None
@@ -52,7 +57,10 @@ class Objective:
         if w["rgb"]:
             terms["rgb"] = losses.colour_constancy(y, v)
         if w["bri"]:
-            terms["bri"] = losses.brightness(y, self.exposure, self.bri_patch, variant=v)
+            # l2 pushes a patch in proportion to its distance from E: dark scenes harder than
+            # nearly exposed ones (l1 pushes all alike, so a higher E over-brightens those)
+            terms["bri"] = losses.brightness(y, self.exposure, self.bri_patch,
+                                             variant="paper" if self.bri_form == "l1" else "code")
         if w["tv"]:
             # The published code puts TV on x_r, which it trains at full resolution; at a
             # training scale > 1 the map EFE outputs is the analogue ("efe"): its upsampled copy
