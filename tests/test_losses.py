@@ -50,8 +50,8 @@ def test_colour_constancy_code_form_has_a_gradient_on_grey_images():
 
 def test_brightness_paper_l1_and_code_l2():
     y = torch.full((2, 3, 32, 32), 0.3)
-    assert losses.brightness(y, variant="paper").item() == pytest.approx(0.3)
-    assert losses.brightness(y, variant="code").item() == pytest.approx(0.09)
+    assert losses.brightness(y, form="l1").item() == pytest.approx(0.3)
+    assert losses.brightness(y, form="l2").item() == pytest.approx(0.09)
     # `sgz train --bri-form` picks the distance whatever the --loss set: 0.3 and 0.3^2 from E
     only_bri = {"spa": 0, "rgb": 0, "tv": 0, "sem": 0}
     for variant, form, expected in (("paper", None, 0.3), ("paper", "l2", 0.09),

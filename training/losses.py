@@ -3,7 +3,8 @@
 Y is the enhanced image, I the input, both (N, 3, H, W) in [0, 1]; x_r the factor map.
 Where the paper and the published code differ, both forms are here and `variant` picks one:
 "paper" follows the equations, "code" the published training script (which produced the
-published checkpoint).
+published checkpoint). L_bri's two forms are named by their distance, `form` "l1" (paper)
+or "l2" (code), because training may pair either with the other set (`sgz train --bri-form`).
 """
 import torch
 import torch.nn.functional as F
@@ -58,11 +59,11 @@ def colour_constancy(y: torch.Tensor, variant: str = "paper") -> torch.Tensor:
 
 
 def brightness(y: torch.Tensor, e: float = BRI_E, patch: int = BRI_PATCH,
-               variant: str = "paper") -> torch.Tensor:
+               form: str = "l1") -> torch.Tensor:
     """L_bri, Eq. 6: mean luminance of each 16x16 patch against the level E
-    (paper: L1 distance; code: L2)."""
+    (paper: "l1" distance; code: "l2")."""
     m = F.avg_pool2d(y.mean(1, keepdim=True), patch)
-    return (m - e).abs().mean() if variant == "paper" else ((m - e) ** 2).mean()
+    return (m - e).abs().mean() if form == "l1" else ((m - e) ** 2).mean()
 
 
 def total_variation(t: torch.Tensor) -> torch.Tensor:

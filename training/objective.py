@@ -59,8 +59,7 @@ class Objective:
         if w["bri"]:
             # l2 pushes a patch in proportion to its distance from E: dark scenes harder than
             # nearly exposed ones (l1 pushes all alike, so a higher E over-brightens those)
-            terms["bri"] = losses.brightness(y, self.exposure, self.bri_patch,
-                                             variant="paper" if self.bri_form == "l1" else "code")
+            terms["bri"] = losses.brightness(y, self.exposure, self.bri_patch, self.bri_form)
         if w["tv"]:
             # The published code puts TV on x_r, which it trains at full resolution; at a
             # training scale > 1 the map EFE outputs is the analogue ("efe"): its upsampled copy
