@@ -28,6 +28,16 @@ if numba is not None and "NUMBA_THREADING_LAYER" not in os.environ:
     # It is not safe for concurrent launches: NumbaFast serialises them with one lock.
     numba.config.THREADING_LAYER = "workqueue"
 
+if numba is not None and "NUMBA_CPU_FEATURES" not in os.environ:
+    import llvmlite.binding
+
+    _host = llvmlite.binding.get_host_cpu_features()
+    if _host.get("avx512f"):
+        # LLVM tunes AVX-512 CPUs to prefer 256-bit vectors. The kernels here are long
+        # vectorisable loops, not short bursts that a clock drop would cost more than it gains:
+        # with 512-bit vectors the fused RIE pass at 1200x900 took 1.9-2.5 ms instead of
+        # 3.4-3.7 ms on this machine's Xeon (docs/performance.md). Set before anything compiles.
+        numba.config.CPU_FEATURES = _host.flatten() + ",-prefer-256-bit"
 
 
 def _compile(parallel: bool, fastmath=False):
@@ -42,6 +52,9 @@ def _compile(parallel: bool, fastmath=False):
 
 
 kernel, serial = _compile(parallel=True), _compile(parallel=False)
+# multiply-adds may fuse (one rounding instead of two): EFE's 1200x900 pass went from ~7.2 to
+# ~4.5 ms on one thread, its x_r still within 1e-5 of the eager reference (tests/test_fast.py)
+fused = _compile(parallel=False, fastmath={"contract"})
 
 ROWS = 8  # image rows per work item of the fused RIE kernel: enough work to amortise scheduling
 CHUNK = 512  # EFE pixels per pass of _block: its depthwise results (<= 64 x 2 KB) stay in L2
@@ -87,7 +100,7 @@ def _downscale(img, y0, y1, ly, x0, x1, lx, out):
                 out[c, y + 1, x + 1] = top * (one - ly[y]) + bot * ly[y]
 
 
-@serial
+@fused
 def _block(a, b, dw, pw, bias, out, tanh):
     """One EFE block of one image on zero-bordered maps (C, h+2, w+2): the input is the channel
     concat [a, b]; out = act(pw @ depthwise3x3(input) + bias), act = tanh or ReLU.
@@ -132,7 +145,7 @@ def _activate(acc, dst, n, tanh):
             dst[j] = max(acc[j], zero)
 
 
-@serial
+@fused
 def _pointwise4(p, q, r, t, d, bp, bq, br, bt, ap, aq, ar, at, n):
     """ap[:n] = bp + sum_i p[i] * d[i, :n], and the same for q, r, t: four output channels at
     once, so each load of d feeds four multiply-adds. Summed in order of i, 8 channels per
