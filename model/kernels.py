@@ -35,8 +35,9 @@ if numba is not None and "NUMBA_CPU_FEATURES" not in os.environ:
     if _host.get("avx512f"):
         # LLVM tunes AVX-512 CPUs to prefer 256-bit vectors. The kernels here are long
         # vectorisable loops, not short bursts that a clock drop would cost more than it gains:
-        # with 512-bit vectors the fused RIE pass at 1200x900 took 1.9-2.5 ms instead of
-        # 3.4-3.7 ms on this machine's Xeon (docs/performance.md). Set before anything compiles.
+        # with 512-bit vectors the fused RIE pass at 1200x900 took 2.4-3.4 ms instead of
+        # 3.4-5.0 ms on one thread of this machine's Xeon, EFE 3.8-5.8 instead of 4.4-6.3 ms
+        # (docs/performance.md). Set before anything compiles.
         numba.config.CPU_FEATURES = _host.flatten() + ",-prefer-256-bit"
 
 
