@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--batches", default="1,8", help="batch sizes (default 1,8)")
     g.add_argument("--paths", default=DEFAULT_PATHS,
                    help=f"some of {', '.join(PATHS)} (default {DEFAULT_PATHS})")
-    g.add_argument("--repeats", type=int, default=10, help="timed calls per path and cell")
+    g.add_argument("--repeats", type=int, default=20, help="timed calls per path and cell")
     g.add_argument("--cell-budget", type=float, default=60.0,
                    help="seconds per cell after which repeats stop (at least 3 are made)")
     p.add_argument("--threads", type=int, help="torch (and fast path) threads; default: torch's")

@@ -116,13 +116,13 @@ def paths_for(checkpoint: str, names: list[str], device: str = "cpu") -> dict:
     return make
 
 
-ROUNDS = 2  # processes per path, alternating paths, so slow drift of the machine hits all alike
+ROUNDS = 4  # processes per path, alternating paths, so slow drift of the machine hits all alike
 
 
 def run_model_bench(checkpoint: str, shared: Path, sizes, batches, names, repeats: int,
                     cell_budget_s: float = 60.0, log=print, device: str = "cpu") -> dict:
     """Each path runs in its own process (`python -m bench.model_bench`), one path after the
-    other, twice over. In one process the paths disturbed each other: PyTorch's OpenMP workers
+    other, four times over. In one process the paths disturbed each other: PyTorch's OpenMP workers
     keep spinning after an eager call, and numba's and PyTorch's thread pools fought for the
     two cores (at 1200x900, batch 1: fast 7.5 ms and eager 249 ms side by side, 3.8 ms and 72 ms
     each alone). Up to `repeats` timed calls per path and cell; fewer (at least 3) once a cell
