@@ -37,7 +37,8 @@ class Output:
 
 
 def run_batch(enhancer: Enhancer, works: list[Work]) -> list[Output]:
-    images = torch.cat([w.image for w in works])
+    # a lone image goes as it is: cat would copy it (and page-fault a fresh buffer)
+    images = works[0].image if len(works) == 1 else torch.cat([w.image for w in works])
     if works[0].task == FACTOR:
         r_low = enhancer.factor_lowres(images).cpu()
         return [Output(None, r.clone()) for r in r_low]
