@@ -263,11 +263,14 @@ def rie_uint8(img, r_low, y0, y1, ly, x0, x1, lx, steps, out):
 def _rie_row_fixed(src, ra, rb, wa, wb, dst):
     """One row, STEPS steps: a loop count known when compiling lets the compiler unroll the
     steps and keep each pixel in a register, so the loop over x vectorises. Multiply-adds
-    may fuse (one rounding instead of two): still within 1 grey level of the reference."""
+    may fuse (one rounding instead of two), and the input is scaled by 1/255 instead of divided
+    by 255 (a 512-bit division costs as much as a third of the row's other work: 1.14-1.18x
+    faster in an A/B *(dev)*): still within 1 grey level of the reference."""
     zero, one, s = np.float32(0), np.float32(1), np.float32(255)
+    inv = one / s
     for x in range(src.shape[0]):
         r = ra[x] * wa + rb[x] * wb
-        v = np.float32(src[x]) / s
+        v = np.float32(src[x]) * inv
         for _ in range(STEPS):  # Eq. 1: x_t = x_{t-1} + x_r * (x_{t-1}^2 - x_{t-1})
             v = v + r * (v * v - v)
         dst[x] = np.uint8(np.rint(min(max(v, zero), one) * s))
@@ -277,12 +280,13 @@ def _rie_row_fixed(src, ra, rb, wa, wb, dst):
 def _rie_row(src, ra, rb, wa, wb, steps, dst):
     """One row, any number of steps: each step a pass over the row (held in L1)."""
     zero, one, s = np.float32(0), np.float32(1), np.float32(255)
+    inv = one / s  # as in _rie_row_fixed
     W = src.shape[0]
     r = np.empty(W, np.float32)
     v = np.empty(W, np.float32)
     for x in range(W):
         r[x] = ra[x] * wa + rb[x] * wb
-        v[x] = np.float32(src[x]) / s
+        v[x] = np.float32(src[x]) * inv
     for _ in range(steps):  # Eq. 1
         for x in range(W):
             v[x] = v[x] + r[x] * (v[x] * v[x] - v[x])
