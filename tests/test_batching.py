@@ -2,6 +2,7 @@
 failures, threads. Most tests drive it with a small recording `run_batch`; the last runs the
 real model on real images through it."""
 import asyncio
+import io
 import threading
 import time
 
@@ -320,3 +321,32 @@ def test_real_images_batched_by_size_equal_enhance_one_by_one(published_enhancer
         assert out.image.shape == work.image.shape
         diff = (out.image.int() - expected.int()).abs().max().item()
         assert diff <= 1, f"batched output differs from enhance by {diff} grey levels"
+
+
+def test_a_batch_of_decoded_photos_stays_channels_last(published_enhancer):
+    """Decoded photos are channels-last; a batch of them must reach the model and come back
+    that way, so that no image is transposed in or out (torch.cat made the batch planar)."""
+    from PIL import Image
+
+    from model.fast import channels_last
+    from model.imageio import decode_image, tensor_to_rgb
+    from service.inference import ENHANCE, Work, run_batch, stack
+
+    from conftest import SICE
+    images = []
+    for f in sorted(SICE.glob("*.png"))[:3]:
+        with Image.open(f) as im:
+            png = io.BytesIO()
+            im.convert("RGB").crop((0, 0, 224, 160)).save(png, "PNG")
+        images.append(decode_image(png.getvalue()).to_tensor())  # exactly as the service does
+    batch = stack(images)
+    assert channels_last(batch) and batch.shape == (3, 3, 160, 224)
+    for i, image in enumerate(images):
+        assert torch.equal(batch[i:i + 1], image)
+    outputs = run_batch(published_enhancer, [Work(i, 1.0, ENHANCE) for i in images])
+    for image, out in zip(images, outputs):
+        assert channels_last(out.image)
+        rgb = tensor_to_rgb(out.image)  # a view of the model's answer, not a copy
+        assert rgb.base is not None and rgb.flags.c_contiguous
+        expected = published_enhancer.enhance(image)
+        assert (out.image.int() - expected.int()).abs().max().item() <= 1
