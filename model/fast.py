@@ -90,14 +90,18 @@ class NumbaFast:
         out = np.zeros((len(rows), 3, hb + 2, w + 2), np.float32)
         ys = [np.stack([t[r] for r in rows]) for t in (y0, y1, ly)]
         xs = taps(W, w, False)
+        cut = (h + 1) // 2
+        # the rows each item keeps, in its own row numbers: the two bands meet at the cut
+        lo, hi = np.zeros(len(rows), np.int64), np.full(len(rows), hb, np.int64)
+        if n == 1 and len(rows) == 2:
+            hi[0], lo[1] = cut, cut - (h - hb)
         if len(rows) == 1:  # on the calling thread: waking the pool would cost more
-            efe_one(img[0], ys[0][0], ys[1][0], ys[2][0], *xs, *self.weights, out[0])
+            efe_one(img[0], ys[0][0], ys[1][0], ys[2][0], *xs, *self.weights, out[0], 0, hb)
         else:
-            self._run(efe_items, img, which, *ys, *xs, *self.weights, out)
+            self._run(efe_items, img, which, *ys, *xs, *self.weights, out, lo, hi)
         out = out[:, :, 1:-1, 1:-1]
         if n == 1 and len(rows) == 2:
-            cut = (h + 1) // 2
-            out = np.concatenate([out[:1, :, :cut], out[1:, :, cut - (h - hb):]], axis=2)
+            out = np.concatenate([out[:1, :, :hi[0]], out[1:, :, lo[1]:]], axis=2)
         return torch.from_numpy(np.ascontiguousarray(out))
 
     def apply_factor(self, images: torch.Tensor, r_low: torch.Tensor) -> torch.Tensor:

@@ -103,9 +103,10 @@ def _downscale(img, y0, y1, ly, x0, x1, lx, out):
 
 
 @fused
-def _block(a, b, dw, pw, bias, out, tanh):
-    """One EFE block of one image on zero-bordered maps (C, h+2, w+2): the input is the channel
-    concat [a, b]; out = act(pw @ depthwise3x3(input) + bias), act = tanh or ReLU.
+def _block(a, b, dw, pw, bias, out, tanh, r0, r1):
+    """One EFE block of one image on zero-bordered maps (C, h+2, w+2), rows r0 to r1 - 1 of
+    the h: the input is the channel concat [a, b]; out = act(pw @ depthwise3x3(input) + bias),
+    act = tanh or ReLU. Rows outside [r0, r1) are left as they were.
 
     The maps are walked as flat arrays, CHUNK pixels at a time, so every inner loop is long and
     contiguous (row by row, w ~ 100 left a third of each vectorised loop to its scalar tail).
@@ -115,7 +116,7 @@ def _block(a, b, dw, pw, bias, out, tanh):
     cb, cout = b.shape[0], pw.shape[0]
     cin = ca + cb
     fa, fb, fo = a.reshape(ca, hp * wp), b.reshape(cb, hp * wp), out.reshape(cout, hp * wp)
-    start, stop = wp + 1, wp * (hp - 1) - 1  # first to last interior pixel: neighbours in range
+    start, stop = (r0 + 1) * wp + 1, (r1 + 1) * wp - 1  # first to last pixel: neighbours in range
     d = np.empty((cin, CHUNK), np.float32)
     acc = np.empty((4, CHUNK), np.float32)
     for c0 in range(start, stop, CHUNK):
@@ -197,32 +198,40 @@ def _zero_border(maps):
 
 
 @serial
-def efe_one(img, y0, y1, ly, x0, x1, lx, dws, pws, biases, out):
-    """EFE of one image, uint8 in, x_r into out (3, h+2, w+2). Its maps are allocated here, per
-    image: a batch's worth in one array would exceed malloc's reuse threshold and page-fault
-    afresh on every call. maps holds x1..x6 (the paper's block outputs) in slots 0..5; zero
-    borders are the convolutions' padding."""
-    hp, wp = out.shape[1], out.shape[2]
+def efe_one(img, y0, y1, ly, x0, x1, lx, dws, pws, biases, out, lo, hi):
+    """EFE of one image, uint8 in, x_r into out (3, h+2, w+2), exact on rows lo to hi - 1.
+    Block k (1 to 7) computes only the rows within HALO - k of those: the rows the blocks after
+    it read (a band of a split image skips 9% of its work so, a whole image none). Its maps are
+    allocated here, per image: a batch's worth in one array would exceed malloc's reuse
+    threshold and page-fault afresh on every call. maps holds x1..x6 (the paper's block
+    outputs) in slots 0..5; zero borders are the convolutions' padding."""
+    h, hp, wp = out.shape[1] - 2, out.shape[1], out.shape[2]
     x = np.zeros((3, hp, wp), np.float32)
     maps = np.empty((6, dws[1].shape[0], hp, wp), np.float32)  # _block zeroes their borders
     none = np.zeros((0, hp, wp), np.float32)
+    r0 = np.empty(HALO, np.int64)
+    r1 = np.empty(HALO, np.int64)
+    for k in range(HALO):  # block k + 1 reaches HALO - 1 - k rows beyond the exact ones
+        r0[k], r1[k] = max(0, lo - (HALO - 1 - k)), min(h, hi + (HALO - 1 - k))
     _downscale(img, y0, y1, ly, x0, x1, lx, x)
-    _block(x, none, dws[0], pws[0], biases[0], maps[0], False)
-    _block(maps[0], none, dws[1], pws[1], biases[1], maps[1], False)
-    _block(maps[1], none, dws[2], pws[2], biases[2], maps[2], False)
-    _block(maps[2], none, dws[3], pws[3], biases[3], maps[3], False)
-    _block(maps[2], maps[3], dws[4], pws[4], biases[4], maps[4], False)  # [x3, x4]
-    _block(maps[1], maps[4], dws[5], pws[5], biases[5], maps[5], False)  # [x2, x5]
-    _block(maps[0], maps[5], dws[6], pws[6], biases[6], out, True)       # [x1, x6]
+    _block(x, none, dws[0], pws[0], biases[0], maps[0], False, r0[0], r1[0])
+    _block(maps[0], none, dws[1], pws[1], biases[1], maps[1], False, r0[1], r1[1])
+    _block(maps[1], none, dws[2], pws[2], biases[2], maps[2], False, r0[2], r1[2])
+    _block(maps[2], none, dws[3], pws[3], biases[3], maps[3], False, r0[3], r1[3])
+    _block(maps[2], maps[3], dws[4], pws[4], biases[4], maps[4], False, r0[4], r1[4])  # [x3, x4]
+    _block(maps[1], maps[4], dws[5], pws[5], biases[5], maps[5], False, r0[5], r1[5])  # [x2, x5]
+    _block(maps[0], maps[5], dws[6], pws[6], biases[6], out, True, r0[6], r1[6])       # [x1, x6]
 
 
 @kernel
-def efe_items(img, which, y0, y1, ly, x0, x1, lx, dws, pws, biases, out):
+def efe_items(img, which, y0, y1, ly, x0, x1, lx, dws, pws, biases, out, lo, hi):
     """EFE of several items in parallel, one per thread: a single fork/join for the whole
     network. Item k is image which[k] at EFE rows given by its own row taps y0[k], y1[k], ly[k]
-    (whole images for a batch, overlapping bands of one image; see NumbaFast.factor_lowres)."""
+    (whole images for a batch, overlapping bands of one image; see NumbaFast.factor_lowres),
+    exact on its rows lo[k] to hi[k] - 1."""
     for k in prange(which.shape[0]):
-        efe_one(img[which[k]], y0[k], y1[k], ly[k], x0, x1, lx, dws, pws, biases, out[k])
+        efe_one(img[which[k]], y0[k], y1[k], ly[k], x0, x1, lx, dws, pws, biases, out[k],
+                lo[k], hi[k])
 
 
 @kernel
