@@ -75,6 +75,22 @@ def test_brightness_patch_size():
         assert objective(y, y, y)[0].item() == pytest.approx(expected)
 
 
+def test_exposure_level_by_hand():
+    # image 0: half black, half white (mean 0.5, at E: no loss however uneven); image 1: 0.2
+    y = torch.zeros(2, 3, 8, 8)
+    y[0, ..., 4:] = 1.0
+    y[1] = 0.2
+    assert losses.exposure_level(y, 0.5).item() == pytest.approx((0.0 + 0.3 ** 2) / 2)
+    only_level = {"spa": 0, "rgb": 0, "bri": 0, "tv": 0, "sem": 0, "level": 2.0}
+    objective = Objective(variant="paper", weights=only_level, exposure=0.7, level_exposure=0.5)
+    assert objective(y, y, y)[0].item() == pytest.approx(2.0 * 0.045)
+    assert Objective(variant="paper", weights=only_level, exposure=0.5)(y, y, y)[0].item() \
+        == pytest.approx(2.0 * 0.045)  # E defaults to L_bri's
+    no_level = {**only_level, "level": 0.0, "tv": 1.0}
+    assert list(Objective(variant="paper", weights=no_level)(y, y, y)[1]) == ["tv"]  # off at 0
+    assert Objective(variant="paper").weights["level"] == 0  # and by default
+
+
 def test_total_variation_by_hand():
     t = torch.tensor([[0.0, 1.0], [2.0, 3.0]]).view(1, 1, 2, 2)
     # vertical: (2-0)^2 + (3-1)^2 = 8 over 2 pairs; horizontal 1 + 1 = 2 over 2 -> 2 * (4 + 1)

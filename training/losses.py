@@ -66,6 +66,14 @@ def brightness(y: torch.Tensor, e: float = BRI_E, patch: int = BRI_PATCH,
     return (m - e).abs().mean() if form == "l1" else ((m - e) ** 2).mean()
 
 
+def exposure_level(y: torch.Tensor, e: float = BRI_E) -> torch.Tensor:
+    """Ours, not in the paper: the squared distance of each image's mean luminance from E,
+    averaged over the batch. It asks every pixel of an image alike (no contrast flattening
+    within it) and pushes an image in proportion to how far it is from E, so a nearly exposed
+    scene is brightened less than a dark one (L_bri's L1 pushes them equally)."""
+    return ((y.mean(dim=(1, 2, 3)) - e) ** 2).mean()
+
+
 def total_variation(t: torch.Tensor) -> torch.Tensor:
     """L_tv, Eq. 7: mean squared horizontal + vertical differences (the published code's
     normalisation: 2 * (h_tv / count_h + w_tv / count_w) / N)."""

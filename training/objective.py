@@ -10,12 +10,13 @@ from . import losses
 # code: the published training script's weights (1 / 5 / 10 / 1600 / 0.1).
 # uni, spread, smooth: our priors on the factor map's spread over the image
 # (losses.factor_uniformity, losses.factor_spread, L_tv on x_r at EFE's resolution beside L_tv's
-# own target), in neither: off.
+# own target); level: ours, each image's mean luminance against E (losses.exposure_level). In
+# neither set: off.
 DEFAULT_WEIGHTS = {
     "paper": {"spa": 1.0, "rgb": 1.0, "bri": 1.0, "tv": 1.0, "sem": 0.1, "uni": 0.0,
-              "spread": 0.0, "smooth": 0.0},
+              "spread": 0.0, "smooth": 0.0, "level": 0.0},
     "code": {"spa": 1.0, "rgb": 5.0, "bri": 10.0, "tv": 1600.0, "sem": 0.1, "uni": 0.0,
-             "spread": 0.0, "smooth": 0.0},
+             "spread": 0.0, "smooth": 0.0, "level": 0.0},
 }
 
 
@@ -33,6 +34,7 @@ class Objective:
                                     # image, "image": Y. Default: "efe" (code), "image" (paper)
     bri_form: str | None = None     # L_bri's distance, "l1" or "l2". Default: "l1" (paper),
                                     # "l2" (code)
+    level_exposure: float | None = None  # E of the "level" term (None: `exposure`)
 
     def __post_init__(self):
         if self.variant not in DEFAULT_WEIGHTS:
@@ -60,6 +62,9 @@ class Objective:
             # l2 pushes a patch in proportion to its distance from E: dark scenes harder than
             # nearly exposed ones (l1 pushes all alike, so a higher E over-brightens those)
             terms["bri"] = losses.brightness(y, self.exposure, self.bri_patch, self.bri_form)
+        if w["level"]:
+            e = self.exposure if self.level_exposure is None else self.level_exposure
+            terms["level"] = losses.exposure_level(y, e)
         if w["tv"]:
             # The published code puts TV on x_r, which it trains at full resolution; at a
             # training scale > 1 the map EFE outputs is the analogue ("efe"): its upsampled copy
