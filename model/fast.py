@@ -96,7 +96,8 @@ class NumbaFast:
         if n == 1 and len(rows) == 2:
             hi[0], lo[1] = cut, cut - (h - hb)
         if len(rows) == 1:  # on the calling thread: waking the pool would cost more
-            efe_one(img[0], ys[0][0], ys[1][0], ys[2][0], *xs, *self.weights, out[0], 0, hb)
+            efe_one(img[0], ys[0][0], ys[1][0], ys[2][0], *xs, *self.weights, out[0], lo[0],
+                    hi[0])
         else:
             self._run(efe_items, img, which, *ys, *xs, *self.weights, out, lo, hi)
         out = out[:, :, 1:-1, 1:-1]
