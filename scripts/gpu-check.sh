@@ -90,7 +90,7 @@ grid)
     if [ "$left" -lt 30 ]; then echo "skip $name"; return 0; fi
     echo "start $name ($(date +%T), ${left} s left)"
     mkdir -p "runs/grid/$name"
-    timeout "$left" python3 -m model.cli train --data "$SGZ_SHARED/data/train" \
+    timeout "$left" python3 -m training train --data "$SGZ_SHARED/data/train" \
       --out "runs/grid/$name" --keep-snapshots --no-progress --threads 1 --workers 1 "$@" \
       >"runs/grid/$name/train.log" 2>&1
     local rc=$?
