@@ -74,7 +74,7 @@ prepare-train)
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d "$WHEELS" $pkgs
   mkdir -p shared/data/train
-  find "$SHARED/data/train" -name '*.jpg' | sort | awk -v k="${TRAIN_EVERY:-2}" 'NR % k == 1' \
+  find "$SHARED/data/train" -name '*.jpg' | sort | awk -v k="${TRAIN_EVERY:-2}" '(NR - 1) % k == 0' \
     | xargs -I{} cp {} shared/data/train/
   ls shared/data/train | wc -l
   du -sh "$WHEELS" shared
