@@ -52,6 +52,10 @@ def test_brightness_paper_l1_and_code_l2():
     y = torch.full((2, 3, 32, 32), 0.3)
     assert losses.brightness(y, form="l1").item() == pytest.approx(0.3)
     assert losses.brightness(y, form="l2").item() == pytest.approx(0.09)
+    # ours: in stops, ln(0.3 / 0.6)^2 = ln(2)^2; a black patch counts as 1e-3, not -inf
+    assert losses.brightness(y, form="log").item() == pytest.approx(math.log(2) ** 2)
+    assert losses.brightness(torch.zeros(1, 3, 16, 16), 0.6, form="log").item() == \
+        pytest.approx(math.log(0.6 / 1e-3) ** 2)
     # `sgz train --bri-form` picks the distance whatever the --loss set: 0.3 and 0.3^2 from E
     only_bri = {"spa": 0, "rgb": 0, "tv": 0, "sem": 0}
     for variant, form, expected in (("paper", None, 0.3), ("paper", "l2", 0.09),

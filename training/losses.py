@@ -6,6 +6,8 @@ Where the paper and the published code differ, both forms are here and `variant`
 published checkpoint). L_bri's two forms are named by their distance, `form` "l1" (paper)
 or "l2" (code), because training may pair either with the other set (`sgz train --bri-form`).
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -14,6 +16,7 @@ SPA_DIAGONAL = 0.5     # Eq. 4: weight alpha of the 4 diagonal neighbours
 BRI_PATCH = 16         # Eq. 6: 16x16 non-overlapping patches
 BRI_E = 0.6            # Eq. 6 / Table 3: well-exposedness level E = 0.6 best
 CHARBONNIER_EPS = 1e-6  # Eq. 5
+LOG_FLOOR = 1e-3       # ours: L_bri's "log" form reads a black patch as 1e-3 (~10 stops under)
 FOCAL_BETA = 1.0       # Eq. 8
 FOCAL_GAMMA = 2.0      # Eq. 8
 
@@ -61,8 +64,12 @@ def colour_constancy(y: torch.Tensor, variant: str = "paper") -> torch.Tensor:
 def brightness(y: torch.Tensor, e: float = BRI_E, patch: int = BRI_PATCH,
                form: str = "l1") -> torch.Tensor:
     """L_bri, Eq. 6: mean luminance of each 16x16 patch against the level E
-    (paper: "l1" distance; code: "l2")."""
+    (paper: "l1" distance; code: "l2"; ours: "log", the squared exposure error in log units,
+    (ln m - ln E)^2 = (ln 2 x stops)^2: a patch two stops under E is pushed ~19x harder than
+    one a third of a stop under, where "l2" pushes it ~4x and "l1" alike)."""
     m = F.avg_pool2d(y.mean(1, keepdim=True), patch)
+    if form == "log":
+        return ((m.clamp_min(LOG_FLOOR).log() - math.log(e)) ** 2).mean()
     return (m - e).abs().mean() if form == "l1" else ((m - e) ** 2).mean()
 
 
