@@ -52,10 +52,11 @@ def test_brightness_paper_l1_and_code_l2():
     y = torch.full((2, 3, 32, 32), 0.3)
     assert losses.brightness(y, form="l1").item() == pytest.approx(0.3)
     assert losses.brightness(y, form="l2").item() == pytest.approx(0.09)
-    # ours: in stops, ln(0.3 / 0.6)^2 = ln(2)^2; a black patch counts as 1e-3, not -inf
-    assert losses.brightness(y, form="log").item() == pytest.approx(math.log(2) ** 2)
+    # ours: the cubed distance, and log(m + 0.1) against log(E + 0.1): ln(0.4 / 0.7)^2
+    assert losses.brightness(y, form="l3").item() == pytest.approx(0.027)
+    assert losses.brightness(y, form="log").item() == pytest.approx(math.log(0.4 / 0.7) ** 2)
     assert losses.brightness(torch.zeros(1, 3, 16, 16), 0.6, form="log").item() == \
-        pytest.approx(math.log(0.6 / 1e-3) ** 2)
+        pytest.approx(math.log(0.1 / 0.7) ** 2)  # black is finite: 0.1 offset
     # `sgz train --bri-form` picks the distance whatever the --loss set: 0.3 and 0.3^2 from E
     only_bri = {"spa": 0, "rgb": 0, "tv": 0, "sem": 0}
     for variant, form, expected in (("paper", None, 0.3), ("paper", "l2", 0.09),
@@ -63,7 +64,7 @@ def test_brightness_paper_l1_and_code_l2():
         objective = Objective(variant=variant, weights={**only_bri, "bri": 1.0}, bri_form=form)
         assert objective(y, y, y)[0].item() == pytest.approx(expected)
     with pytest.raises(ValueError, match="bri_form"):
-        Objective(bri_form="l3")
+        Objective(bri_form="l4")
 
 
 def test_brightness_patch_size():

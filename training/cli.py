@@ -47,8 +47,8 @@ def register(sub) -> None:
     p.add_argument("--spa-patch", type=int, default=4, help="pooling of L_spa (Table 3: 4)")
     p.add_argument("--bri-patch", type=int, default=16,
                    help="patch side of L_bri (Eq. 6: 16; the crop size: one exposure per crop)")
-    p.add_argument("--bri-form", choices=["l1", "l2", "log"], default=None,
-                   help="L_bri's distance to E; log: squared error in log exposure (stops), ours (default: l1 "
+    p.add_argument("--bri-form", choices=["l1", "l2", "l3", "log"], default=None,
+                   help="L_bri's distance to E; l3, log: ours, steeper in the distance (default: l1 "
                         "for --loss paper, l2 for --loss code)")
     p.add_argument("--tv-on", choices=["efe", "full", "image"], default=None,
                    help="what L_tv smooths: x_r at EFE's resolution, x_r upsampled, or Y "

@@ -32,7 +32,7 @@ class Objective:
     sem_batch: int | None = None    # USS sees only the first K images of a batch (None: all)
     tv_on: str | None = None        # "efe": x_r as EFE outputs it, "full": x_r upsampled to the
                                     # image, "image": Y. Default: "efe" (code), "image" (paper)
-    bri_form: str | None = None     # L_bri's distance, "l1", "l2" or "log" (ours).
+    bri_form: str | None = None     # L_bri's distance, "l1", "l2", "l3" or "log" (ours)
                                     # Default: "l1" (paper), "l2" (code)
     level_exposure: float | None = None  # E of the "level" term (None: `exposure`)
 
@@ -44,8 +44,8 @@ class Objective:
         if self.tv_on not in ("efe", "full", "image"):
             raise ValueError(f"tv_on must be 'efe', 'full' or 'image', got {self.tv_on!r}")
         self.bri_form = self.bri_form or ("l2" if self.variant == "code" else "l1")
-        if self.bri_form not in ("l1", "l2", "log"):
-            raise ValueError(f"bri_form must be 'l1', 'l2' or 'log', got {self.bri_form!r}")
+        if self.bri_form not in ("l1", "l2", "l3", "log"):
+            raise ValueError(f"bri_form must be 'l1', 'l2', 'l3' or 'log', got {self.bri_form!r}")
 
     def __call__(self, y: torch.Tensor, x: torch.Tensor, x_r: torch.Tensor,
                  uss=None, x_r_efe: torch.Tensor | None = None
