@@ -96,6 +96,26 @@ def test_exposure_level_by_hand():
     assert Objective(variant="paper").weights["level"] == 0  # and by default
 
 
+def test_exposure_level_on_the_mean_map_moves_only_the_level():
+    # input 0.5 everywhere, map 0 on the left half and -1 on the right: its mean is -0.5, and
+    # the level term sees the input enhanced by that mean, whatever Y is
+    x = torch.full((1, 3, 4, 4), 0.5)
+    x_r = torch.zeros(1, 3, 4, 4)
+    x_r[..., 2:] = -1.0
+    x_r.requires_grad_(True)
+    level = 0.5
+    for _ in range(8):  # Eq. 1, eight steps, with x_r = -0.5
+        level = level - 0.5 * (level * level - level)
+    only_level = {"spa": 0, "rgb": 0, "bri": 0, "tv": 0, "sem": 0, "level": 1.0}
+    objective = Objective(variant="paper", weights=only_level, exposure=0.6, level_on="mean-map")
+    loss = objective(torch.zeros_like(x), x, x_r, x_r_efe=x_r)[0]
+    assert loss.item() == pytest.approx((level - 0.6) ** 2)
+    loss.backward()
+    assert x_r.grad.abs().min() > 0 and torch.allclose(x_r.grad, x_r.grad.flatten()[0])
+    with pytest.raises(ValueError, match="level_on"):
+        Objective(level_on="mean")
+
+
 def test_total_variation_by_hand():
     t = torch.tensor([[0.0, 1.0], [2.0, 3.0]]).view(1, 1, 2, 2)
     # vertical: (2-0)^2 + (3-1)^2 = 8 over 2 pairs; horizontal 1 + 1 = 2 over 2 -> 2 * (4 + 1)

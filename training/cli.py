@@ -44,6 +44,9 @@ def register(sub) -> None:
     p.add_argument("--exposure", type=float, default=0.6, help="E of L_bri (Table 3: 0.6)")
     p.add_argument("--level-exposure", type=float, default=None,
                    help="E of L_level, each image's mean luminance (default: --exposure)")
+    p.add_argument("--level-on", choices=["image", "mean-map"], default="image",
+                   help="L_level on Y, or on the input enhanced by x_r's per-image channel means "
+                        "(moves only the map's level)")
     p.add_argument("--spa-patch", type=int, default=4, help="pooling of L_spa (Table 3: 4)")
     p.add_argument("--bri-patch", type=int, default=16,
                    help="patch side of L_bri (Eq. 6: 16; the crop size: one exposure per crop)")
@@ -92,7 +95,8 @@ def run_train(args) -> int:
                  "spa_patch": args.spa_patch, "bri_patch": args.bri_patch,
                  "sem_size": args.sem_size or None,
                  "sem_batch": args.sem_batch or None, "tv_on": args.tv_on,
-                 "bri_form": args.bri_form, "level_exposure": args.level_exposure}
+                 "bri_form": args.bri_form, "level_exposure": args.level_exposure,
+                 "level_on": args.level_on}
     cfg = TrainConfig(
         data=args.data, out=args.out, crop=args.crop, batch_size=args.batch_size, lr=args.lr,
         lr_schedule=args.lr_schedule,

@@ -4,6 +4,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from model.rie import rie
+
 from . import losses
 
 # Eq. 3 weights. paper: lambda = 1 for every term but lambda_sem = 0.1 (Sec. 4.1);
@@ -35,6 +37,9 @@ class Objective:
     bri_form: str | None = None     # L_bri's distance, "l1", "l2", "l3" or "log" (ours)
                                     # Default: "l1" (paper), "l2" (code)
     level_exposure: float | None = None  # E of the "level" term (None: `exposure`)
+    level_on: str = "image"         # what the "level" term measures: "image", Y; "mean-map", the
+                                    # input enhanced by each channel's mean of x_r (moves the
+                                    # map's level only, leaving its structure to the other terms)
 
     def __post_init__(self):
         if self.variant not in DEFAULT_WEIGHTS:
@@ -44,6 +49,8 @@ class Objective:
         if self.tv_on not in ("efe", "full", "image"):
             raise ValueError(f"tv_on must be 'efe', 'full' or 'image', got {self.tv_on!r}")
         self.bri_form = self.bri_form or ("l2" if self.variant == "code" else "l1")
+        if self.level_on not in ("image", "mean-map"):
+            raise ValueError(f"level_on must be 'image' or 'mean-map', got {self.level_on!r}")
         if self.bri_form not in ("l1", "l2", "l3", "log"):
             raise ValueError(f"bri_form must be 'l1', 'l2', 'l3' or 'log', got {self.bri_form!r}")
 
@@ -64,7 +71,10 @@ class Objective:
             terms["bri"] = losses.brightness(y, self.exposure, self.bri_patch, self.bri_form)
         if w["level"]:
             e = self.exposure if self.level_exposure is None else self.level_exposure
-            terms["level"] = losses.exposure_level(y, e)
+            # a strong level term on Y pushes x_r hardest where Y is mid-grey, bending the
+            # map's structure along with its level (model card, finding 20)
+            y_level = rie(x, x_r_efe.mean((2, 3), keepdim=True)) if self.level_on == "mean-map" else y
+            terms["level"] = losses.exposure_level(y_level, e)
         if w["tv"]:
             # The published code puts TV on x_r, which it trains at full resolution; at a
             # training scale > 1 the map EFE outputs is the analogue ("efe"): its upsampled copy
