@@ -17,8 +17,8 @@ BRI_PATCH = 16         # Eq. 6: 16x16 non-overlapping patches
 BRI_E = 0.6            # Eq. 6 / Table 3: well-exposedness level E = 0.6 best
 CHARBONNIER_EPS = 1e-6  # Eq. 5
 LOG_OFFSET = 0.1       # ours: L_bri's "log" form measures log(m + 0.1), as log camera curves
-                       # offset black: without it near-black crops (gradient ~1/m) swamped every
-                       # other term and EFE collapsed to one map for all inputs (run DJ, model card)
+                       # offset black: it keeps the loss and its push (~1/m without it) finite
+                       # on near-black crops (model card, finding 21)
 FOCAL_BETA = 1.0       # Eq. 8
 FOCAL_GAMMA = 2.0      # Eq. 8
 
