@@ -3,8 +3,9 @@
 Y is the enhanced image, I the input, both (N, 3, H, W) in [0, 1]; x_r the factor map.
 Where the paper and the published code differ, both forms are here and `variant` picks one:
 "paper" follows the equations, "code" the published training script (which produced the
-published checkpoint). L_bri's two forms are named by their distance, `form` "l1" (paper)
-or "l2" (code), because training may pair either with the other set (`sgz train --bri-form`).
+published checkpoint). L_bri's forms are named by their distance, `form` "l1" (paper), "l2"
+(code), or ours, "l3" and "log", because training may pair any with either set
+(`sgz train --bri-form`).
 """
 import math
 
@@ -67,7 +68,7 @@ def brightness(y: torch.Tensor, e: float = BRI_E, patch: int = BRI_PATCH,
                form: str = "l1") -> torch.Tensor:
     """L_bri, Eq. 6: mean luminance of each 16x16 patch against the level E
     (paper: "l1" distance; code: "l2"; ours: "l3", the cubed distance, and "log", the squared
-    distance of log(m + 0.1) from log(E + 0.1)). At E = 0.65 a patch at 0.15 is pushed 4x harder
+    distance of log(m + 0.1) from log(E + 0.1)). At E = 0.65 a patch at 0.15 is pushed 5x harder
     than one at 0.55 by "l2", 25x by "l3", 20x by "log"; "l1" pushes them alike."""
     m = F.avg_pool2d(y.mean(1, keepdim=True), patch)
     if form == "log":

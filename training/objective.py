@@ -34,7 +34,7 @@ class Objective:
     sem_batch: int | None = None    # USS sees only the first K images of a batch (None: all)
     tv_on: str | None = None        # "efe": x_r as EFE outputs it, "full": x_r upsampled to the
                                     # image, "image": Y. Default: "efe" (code), "image" (paper)
-    bri_form: str | None = None     # L_bri's distance, "l1", "l2", "l3" or "log" (ours)
+    bri_form: str | None = None     # L_bri's distance, "l1", "l2", "l3" or "log" (ours).
                                     # Default: "l1" (paper), "l2" (code)
     level_exposure: float | None = None  # E of the "level" term (None: `exposure`)
     level_on: str = "image"         # what the "level" term measures: "image", Y; "mean-map", the
@@ -71,9 +71,12 @@ class Objective:
             terms["bri"] = losses.brightness(y, self.exposure, self.bri_patch, self.bri_form)
         if w["level"]:
             e = self.exposure if self.level_exposure is None else self.level_exposure
-            # a strong level term on Y pushes x_r hardest where Y is mid-grey, bending the
-            # map's structure along with its level (model card, finding 20)
-            y_level = rie(x, x_r_efe.mean((2, 3), keepdim=True)) if self.level_on == "mean-map" else y
+            # on Y a strong level term pushes x_r hardest where Y is mid-grey (finding 20); on
+            # the mean map every pixel of x_r gets the same push, which alone did not keep the
+            # map's structure either (finding 22: EFE can only set a level through local cues)
+            y_level = y
+            if self.level_on == "mean-map":
+                y_level = rie(x, x_r_efe.mean((2, 3), keepdim=True))
             terms["level"] = losses.exposure_level(y_level, e)
         if w["tv"]:
             # The published code puts TV on x_r, which it trains at full resolution; at a
