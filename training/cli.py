@@ -7,6 +7,8 @@ LOSS_TERMS = ("spa", "rgb", "bri", "tv", "sem", "uni", "spread", "smooth", "leve
 
 
 def register(sub) -> None:
+    from .losses import BRI_FORMS
+    from .objective import LEVEL_ON
     from .train import LR_SCHEDULES, TrainConfig
     d = TrainConfig()
     p = sub.add_parser("train", help="train EFE with the SGZ objective",
@@ -44,13 +46,13 @@ def register(sub) -> None:
     p.add_argument("--exposure", type=float, default=0.6, help="E of L_bri (Table 3: 0.6)")
     p.add_argument("--level-exposure", type=float, default=None,
                    help="E of L_level, each image's mean luminance (default: --exposure)")
-    p.add_argument("--level-on", choices=["image", "mean-map"], default="image",
+    p.add_argument("--level-on", choices=LEVEL_ON, default="image",
                    help="L_level on Y, or on the input enhanced by x_r's per-image channel means "
                         "(moves only the map's level)")
     p.add_argument("--spa-patch", type=int, default=4, help="pooling of L_spa (Table 3: 4)")
     p.add_argument("--bri-patch", type=int, default=16,
                    help="patch side of L_bri (Eq. 6: 16; the crop size: one exposure per crop)")
-    p.add_argument("--bri-form", choices=["l1", "l2", "l3", "log"], default=None,
+    p.add_argument("--bri-form", choices=BRI_FORMS, default=None,
                    help="L_bri's distance to E; l3, log: ours, steeper in the distance (default: l1 "
                         "for --loss paper, l2 for --loss code)")
     p.add_argument("--tv-on", choices=["efe", "full", "image"], default=None,

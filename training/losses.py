@@ -17,6 +17,7 @@ SPA_DIAGONAL = 0.5     # Eq. 4: weight alpha of the 4 diagonal neighbours
 BRI_PATCH = 16         # Eq. 6: 16x16 non-overlapping patches
 BRI_E = 0.6            # Eq. 6 / Table 3: well-exposedness level E = 0.6 best
 CHARBONNIER_EPS = 1e-6  # Eq. 5
+BRI_FORMS = ("l1", "l2", "l3", "log")  # L_bri's distances: paper, code, then ours
 LOG_OFFSET = 0.1       # ours: L_bri's "log" form measures log(m + 0.1), as log camera curves
                        # offset black: it keeps the loss and its push (~1/m without it) finite
                        # on near-black crops (model card, finding 21)

@@ -21,6 +21,8 @@ DEFAULT_WEIGHTS = {
              "spread": 0.0, "smooth": 0.0, "level": 0.0},
 }
 
+LEVEL_ON = ("image", "mean-map")  # what the "level" term measures (Objective.level_on)
+
 
 @dataclass
 class Objective:
@@ -49,10 +51,10 @@ class Objective:
         if self.tv_on not in ("efe", "full", "image"):
             raise ValueError(f"tv_on must be 'efe', 'full' or 'image', got {self.tv_on!r}")
         self.bri_form = self.bri_form or ("l2" if self.variant == "code" else "l1")
-        if self.level_on not in ("image", "mean-map"):
-            raise ValueError(f"level_on must be 'image' or 'mean-map', got {self.level_on!r}")
-        if self.bri_form not in ("l1", "l2", "l3", "log"):
-            raise ValueError(f"bri_form must be 'l1', 'l2', 'l3' or 'log', got {self.bri_form!r}")
+        if self.level_on not in LEVEL_ON:
+            raise ValueError(f"level_on must be one of {LEVEL_ON}, got {self.level_on!r}")
+        if self.bri_form not in losses.BRI_FORMS:
+            raise ValueError(f"bri_form must be one of {losses.BRI_FORMS}, got {self.bri_form!r}")
 
     def __call__(self, y: torch.Tensor, x: torch.Tensor, x_r: torch.Tensor,
                  uss=None, x_r_efe: torch.Tensor | None = None
