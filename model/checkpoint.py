@@ -20,6 +20,7 @@ from .rie import STEPS
 FORMAT = "sgz-serve-checkpoint"
 VERSION = 1
 ARCH = {"name": "efe", "blocks": 7, "features": FEATURES}
+LEVEL_ARCH = {**ARCH, "level": True}  # EFE(level=True): the paper's EFE and our level gain
 PUBLISHED_SCALE_FACTOR = 12  # the published inference code's EFE downscale factor
 DEFAULT_CHECKPOINT = Path(__file__).parent / "weights" / "sgz-default.pt"
 
@@ -41,6 +42,11 @@ class Checkpoint:
     def sha256(self) -> str:
         """Computed once: /readyz and the metrics report it on every call."""
         return state_dict_sha256(self.state_dict)
+
+    @property
+    def level(self) -> bool:
+        """Whether the weights include our level gain (model/efe.py): EFE(level=...)."""
+        return "level" in self.state_dict
 
 
 def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
@@ -64,7 +70,8 @@ def save_checkpoint(path: str | Path, efe: EFE, scale_factor: int, steps: int = 
                   for k, v in efe.state_dict().items()}
     digest = state_dict_sha256(state_dict)
     payload = {
-        "format": FORMAT, "version": VERSION, "arch": dict(ARCH),
+        "format": FORMAT, "version": VERSION,
+        "arch": dict(LEVEL_ARCH if efe.level is not None else ARCH),
         "scale_factor": int(scale_factor), "steps": int(steps),
         "recipe": recipe, "sha256": digest, "state_dict": state_dict,
     }
@@ -120,13 +127,16 @@ def _from_ours(obj: dict, path: Path) -> Checkpoint:
     if obj.get("version") != VERSION:
         raise CheckpointError(f"checkpoint {path}: format version {obj.get('version')!r}, "
                               f"this build reads version {VERSION}")
-    if obj.get("arch") != ARCH:
+    if obj.get("arch") not in (ARCH, LEVEL_ARCH):
         raise CheckpointError(f"checkpoint {path}: architecture {obj.get('arch')!r}, "
-                              f"this build runs {ARCH}")
+                              f"this build runs {ARCH} or {LEVEL_ARCH}")
     state_dict = obj.get("state_dict")
     if not isinstance(state_dict, dict) or not all(
             isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise CheckpointError(f"checkpoint {path}: missing state_dict, or it holds non-tensors")
+    if ("level" in state_dict) != (obj["arch"] == LEVEL_ARCH):
+        raise CheckpointError(f"checkpoint {path}: architecture {obj['arch']!r} does not match "
+                              f"its weights (level gain {'present' if 'level' in state_dict else 'absent'})")
     for name in ("scale_factor", "steps"):
         value = obj.get(name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -147,7 +157,7 @@ def _from_ours(obj: dict, path: Path) -> Checkpoint:
 
 
 def check_state_dict(state_dict: dict, path) -> None:
-    expected = EFE().state_dict()
+    expected = EFE(level="level" in state_dict).state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     if missing or unexpected:

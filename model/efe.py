@@ -3,12 +3,36 @@
 A 7-block fully convolutional network of depthwise-separable convolutions with symmetric
 skip concatenations. It maps an RGB image in [0, 1] to the enhancement factor x_r in [-1, 1],
 one value per pixel and channel. 10,561 parameters (paper: "0.011 M").
+
+`EFE(level=True)` is ours, not the paper's: two more parameters that scale each image's x_r by a
+gain set by the image's mean brightness (`level_gain`). EFE's receptive field is ~15 pixels of
+its downscaled input, so it can only set a map's level from local brightness, and a level that
+follows the scene then comes with a map that varies inside the image (model card, finding 22);
+the gain gives the level a global input. At zero it is the identity, so a published checkpoint
+is `level=False`, and `level=True` starts training where the paper's network does.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 FEATURES = 32  # paper Sec. 3.1: 32 feature maps per block
+LEVEL_EPS = 1 / 255  # one grey level: a black frame's log-brightness stays finite
+LEVEL_REF = 0.5      # mid-grey: centres the log-brightness, so the gain's two parameters
+                     # (log-gain at mid-grey, its slope) are not learned against each other
+
+
+def level_gain(x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    """Per-image gain of x_r, (N, 1, 1, 1): exp(level[0] + level[1] * log(mu / LEVEL_REF)), mu
+    the mean of EFE's input over pixels and channels. A power law in the brightness: a
+    negative slope lifts dark scenes more and bright ones less."""
+    mu = x.float().mean((1, 2, 3), keepdim=True) + LEVEL_EPS
+    return torch.exp(level[0] + level[1] * torch.log(mu / LEVEL_REF))
+
+
+def apply_level(x_r: torch.Tensor, x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    """x_r scaled by `level_gain`, clamped to [-1, 1]: outside it RIE's curve (Eq. 1) would
+    no longer be monotonic in [0, 1]."""
+    return (x_r * level_gain(x, level)).clamp(-1, 1)
 
 
 class DepthwiseSeparableConv(nn.Module):
@@ -27,7 +51,7 @@ class DepthwiseSeparableConv(nn.Module):
 
 
 class EFE(nn.Module):
-    def __init__(self, features: int = FEATURES):
+    def __init__(self, features: int = FEATURES, level: bool = False):
         super().__init__()
         f = features
         self.e_conv1 = DepthwiseSeparableConv(3, f)
@@ -37,6 +61,8 @@ class EFE(nn.Module):
         self.e_conv5 = DepthwiseSeparableConv(2 * f, f)
         self.e_conv6 = DepthwiseSeparableConv(2 * f, f)
         self.e_conv7 = DepthwiseSeparableConv(2 * f, 3)
+        # (log-gain at mid-grey, slope of log-gain in log-brightness): zero is the identity
+        self.level = nn.Parameter(torch.zeros(2)) if level else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, 3, h, w) in [0, 1] -> x_r: (N, 3, h, w) in [-1, 1]."""
@@ -46,10 +72,14 @@ class EFE(nn.Module):
         x4 = F.relu(self.e_conv4(x3))
         x5 = F.relu(self.e_conv5(torch.cat([x3, x4], 1)))
         x6 = F.relu(self.e_conv6(torch.cat([x2, x5], 1)))
-        return torch.tanh(self.e_conv7(torch.cat([x1, x6], 1)))
+        x_r = torch.tanh(self.e_conv7(torch.cat([x1, x6], 1)))
+        if self.level is not None:
+            x_r = apply_level(x_r, x, self.level)
+        return x_r
 
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
-        """Paper Sec. 4.1: filter weights initialised from N(0, 0.02), biases 0."""
+        """Paper Sec. 4.1: filter weights initialised from N(0, 0.02), biases 0. The level
+        stays at zero (the identity)."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 with torch.no_grad():

@@ -56,7 +56,7 @@ class Enhancer:
         self.device = device
         self.scale_factor = checkpoint.scale_factor
         self.steps = checkpoint.steps
-        self.efe = EFE()
+        self.efe = EFE(level=checkpoint.level)
         self.efe.load_state_dict(checkpoint.state_dict)
         self.efe.eval().requires_grad_(False).to(device)
         self.fast = fast and backend != "eager"

@@ -20,7 +20,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from .efe import EFE
+from .efe import EFE, apply_level
 from .kernels import HALO, MIN_BAND_ROWS, efe_items, efe_one, lowres_size, numba, rie_uint8, taps
 from .rie import upsample_factor
 
@@ -49,6 +49,7 @@ class NumbaFast:
 
     def __init__(self, efe: EFE, scale_factor: float, steps: int):
         self.scale_factor, self.steps = scale_factor, steps
+        self.level = None if efe.level is None else efe.level.detach().cpu().float().clone()
         blocks = [self._fold(getattr(efe, f"e_conv{k}")) for k in range(1, 8)]
         self.weights = tuple(tuple(b[i] for b in blocks) for i in range(3))  # dws, pws, biases
 
@@ -103,7 +104,10 @@ class NumbaFast:
         out = out[:, :, 1:-1, 1:-1]
         if n == 1 and len(rows) == 2:
             out = np.concatenate([out[:1, :, :hi[0]], out[1:, :, lo[1]:]], axis=2)
-        return torch.from_numpy(np.ascontiguousarray(out))
+        r = torch.from_numpy(np.ascontiguousarray(out))
+        if self.level is not None:  # the kernels run the paper's EFE; the gain needs only the mean
+            r = apply_level(r, efe_input(images, self.scale_factor), self.level)
+        return r
 
     def apply_factor(self, images: torch.Tensor, r_low: torch.Tensor) -> torch.Tensor:
         check_factor(images, r_low)
@@ -128,6 +132,22 @@ def device_taps(n_in: int, n_out: int, align_corners: bool, device: torch.device
     return tuple(torch.from_numpy(t).to(device) for t in taps(n_in, n_out, align_corners))
 
 
+def efe_input(images: torch.Tensor, scale_factor: float) -> torch.Tensor:
+    """EFE's input, images / 255 downscaled (bilinear), read from only the 4 source pixels of
+    each output pixel."""
+    if scale_factor == 1:
+        return images.float().div_(255)
+    H, W = images.shape[-2:]
+    h, w = lowres_size(H, W, scale_factor)
+    y0, y1, ly = device_taps(H, h, False, images.device)
+    x0, x1, lx = device_taps(W, w, False, images.device)
+    rows = images.index_select(2, torch.cat([y0, y1]))
+    v = rows.index_select(3, torch.cat([x0, x1])).float().div_(255)
+    t = v[..., :w] * (1 - lx) + v[..., w:] * lx
+    ly = ly[:, None]
+    return t[:, :, :h] * (1 - ly) + t[:, :, h:] * ly
+
+
 class TorchFast:
     """Any device: the same formulation in torch ops (CUDA, or CPU without numba)."""
     name = "torch"
@@ -135,25 +155,8 @@ class TorchFast:
     def __init__(self, efe: EFE, scale_factor: float, steps: int):
         self.efe, self.scale_factor, self.steps = efe, scale_factor, steps
 
-    def _gather_downscale(self, images: torch.Tensor) -> torch.Tensor:
-        """Bilinear downscale of images / 255 from only the 4 source pixels per output pixel."""
-        H, W = images.shape[-2:]
-        h, w = lowres_size(H, W, self.scale_factor)
-        y0, y1, ly = device_taps(H, h, False, images.device)
-        x0, x1, lx = device_taps(W, w, False, images.device)
-        rows = images.index_select(2, torch.cat([y0, y1]))
-        v = rows.index_select(3, torch.cat([x0, x1])).float().div_(255)
-        t = v[..., :w] * (1 - lx) + v[..., w:] * lx
-        ly = ly[:, None]
-        return t[:, :, :h] * (1 - ly) + t[:, :, h:] * ly
-
-    def _efe_input(self, images: torch.Tensor) -> torch.Tensor:
-        if self.scale_factor == 1:
-            return images.float().div_(255)
-        return self._gather_downscale(images)
-
     def factor_lowres(self, images: torch.Tensor) -> torch.Tensor:
-        return self.efe(self._efe_input(images))
+        return self.efe(efe_input(images, self.scale_factor))
 
     def apply_factor(self, images: torch.Tensor, r_low: torch.Tensor) -> torch.Tensor:
         check_factor(images, r_low)
@@ -181,7 +184,7 @@ class TritonFast(TorchFast):
         return importlib.util.find_spec("triton") is not None
 
     def factor_lowres(self, images: torch.Tensor) -> torch.Tensor:
-        x = self._efe_input(images).contiguous(memory_format=torch.channels_last)
+        x = efe_input(images, self.scale_factor).contiguous(memory_format=torch.channels_last)
         return self.efe(x).contiguous()
 
     def apply_factor(self, images: torch.Tensor, r_low: torch.Tensor) -> torch.Tensor:

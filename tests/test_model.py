@@ -1,5 +1,6 @@
 """The model package: EFE size, parity with the published inference code, any image size,
 factor maps, and checkpoint files (ours and the published raw state dicts)."""
+import math
 import pathlib
 
 import numpy as np
@@ -168,6 +169,48 @@ def test_checkpoint_round_trip_keeps_metadata_and_hash(tmp_path):
     for _ in range(4):
         y = y + r * (y * y - y)
     assert (enhancer.enhance(images).int() - torch.round(255 * y.clamp(0, 1)).int()).abs().max() <= 1
+
+
+def test_level_gain_by_hand():
+    """EFE(level=True): x_r times exp(a + b * log((mu + 1/255) / 0.5)), clamped; zero = the
+    paper's EFE."""
+    plain, leveled = trained_efe(), EFE(level=True)
+    assert sum(p.numel() for p in leveled.parameters()) == 10_563
+    leveled.load_state_dict({**plain.state_dict(), "level": torch.zeros(2)})
+    x = torch.rand(2, 3, 9, 11) * 0.4
+    x[1] = 0.125  # a flat grey frame: mu = 0.125
+    with torch.no_grad():
+        base = plain(x)
+        assert torch.equal(leveled(x), base)
+        leveled.level.copy_(torch.tensor([0.3, -0.5]))
+        gain = math.exp(0.3 - 0.5 * math.log((0.125 + 1 / 255) / 0.5))  # 2.6144...
+        torch.testing.assert_close(leveled(x)[1], (base[1] * gain).clamp(-1, 1))
+        leveled.level.copy_(torch.tensor([20.0, 0.0]))  # a huge gain (e^20) saturates at +-1
+        assert leveled(x).abs().max() == 1
+
+
+def test_level_checkpoints_round_trip_and_every_path_applies_the_gain(tmp_path):
+    published = load_checkpoint(SGZ_PUBLISHED).state_dict
+    efe = EFE(level=True)
+    efe.load_state_dict({**published, "level": torch.tensor([-0.7, -0.25])})
+    save_checkpoint(tmp_path / "level.pt", efe, scale_factor=12)
+    ckpt = load_checkpoint(tmp_path / "level.pt")
+    assert ckpt.level and torch.equal(ckpt.state_dict["level"], efe.level.detach())
+    assert not load_checkpoint(SGZ_PUBLISHED).level
+    image = sice("101_0_.png")
+    eager = load_model(tmp_path / "level.pt", "cpu", fast=False)
+    want = eager.enhance(image)
+    for backend in ("numba", "torch"):
+        got = load_model(tmp_path / "level.pt", "cpu", backend=backend).enhance(image)
+        assert (got.int() - want.int()).abs().max() <= 1, backend
+    # the gain is applied: the same weights without it answer differently
+    assert (load_model(SGZ_PUBLISHED, "cpu").enhance(image).int() - want.int()).abs().max() > 5
+    # a checkpoint whose weights and architecture disagree is refused
+    obj = torch.load(tmp_path / "level.pt", weights_only=True)
+    obj["arch"] = {k: v for k, v in obj["arch"].items() if k != "level"}
+    torch.save(obj, tmp_path / "mismatch.pt")
+    with pytest.raises(CheckpointError, match="does not match its weights"):
+        load_checkpoint(tmp_path / "mismatch.pt")
 
 
 def test_published_checkpoints_load_as_published():

@@ -38,8 +38,9 @@ def test_uss_shapes_and_frozen_mode(uss):
     assert uss(torch.rand(1, 3, 64, 96)).shape == (1, 21, 16, 24)
 
 
-def test_gradients_reach_efe_and_uss_does_not_change(uss):
-    efe = EFE()
+@pytest.mark.parametrize("level", [False, True], ids=["efe", "efe-level"])
+def test_gradients_reach_efe_and_uss_does_not_change(uss, level):
+    efe = EFE(level=level)
     efe.init_weights(generator=torch.Generator().manual_seed(0))
     before = {k: v.clone() for k, v in uss.state_dict().items()}
     opt = torch.optim.Adam(efe.parameters(), lr=1e-3)
@@ -100,6 +101,13 @@ def test_init_from_a_checkpoint_and_bad_init(tmp_path):
                       objective={"sem_size": 64})
     path = train(cfg, progress=False)
     assert load_model(path, "cpu").sha256 == load_model(SGZ_PUBLISHED, "cpu").sha256
+    # with our level gain on top, a published start keeps its weights and the gain is identity
+    cfg.out, cfg.efe_level = str(tmp_path / "level"), True
+    leveled = load_model(train(cfg, progress=False), "cpu", fast=False)
+    assert leveled.checkpoint.level and torch.equal(leveled.efe.level, torch.zeros(2))
+    image = torch.from_numpy(np.asarray(Image.open(sorted((LOL / "low").glob("*.png"))[0])))
+    image = image.permute(2, 0, 1)[None].contiguous()
+    assert torch.equal(leveled.enhance(image), load_model(SGZ_PUBLISHED, "cpu", fast=False).enhance(image))
     r = subprocess.run([sys.executable, "-m", "model.cli", "train", "--data", str(data),
                         "--out", str(tmp_path / "bad"), "--init", str(tmp_path / "missing.pt"),
                         "--max-steps", "1", "--no-progress"], capture_output=True, text=True)

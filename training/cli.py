@@ -36,6 +36,9 @@ def register(sub) -> None:
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     p.add_argument("--init", default=None, metavar="CHECKPOINT",
                    help="start EFE from this checkpoint (fine-tuning) instead of N(0, 0.02)")
+    p.add_argument("--efe-level", action="store_true",
+                   help="ours: give EFE a per-image level gain set by the image's mean "
+                        "brightness (2 parameters, model/efe.py)")
     p.add_argument("--keep-snapshots", action="store_true",
                    help="also keep OUT/snapshots/efe-STEP.pt at every checkpoint")
     p.add_argument("--loss", choices=["paper", "code"], default="code",
@@ -106,7 +109,8 @@ def run_train(args) -> int:
         max_steps=args.max_steps, scale_factor=args.scale_factor,
         infer_scale_factor=args.infer_scale_factor, seed=args.seed, workers=args.workers,
         device=args.device, amp=args.amp, checkpoint_every=args.checkpoint_every,
-        keep_snapshots=args.keep_snapshots, init=args.init, objective=objective,
+        keep_snapshots=args.keep_snapshots, init=args.init, efe_level=args.efe_level,
+        objective=objective,
         uss_backbone=args.uss_backbone, uss_weights=args.uss_weights)
     try:
         path = train(cfg, resume=args.resume, progress=not args.no_progress)

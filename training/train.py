@@ -41,6 +41,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_snapshots: bool = False    # also keep OUT/snapshots/efe-STEP.pt at every checkpoint
     init: str | None = None         # start EFE from this checkpoint instead of N(0, init_std)
+    efe_level: bool = False         # ours: EFE's per-image level gain (model/efe.py)
     objective: dict = field(default_factory=dict)  # Objective(**objective)
     uss_backbone: str = "efficientnet-lite0"
     uss_weights: str | None = None
@@ -66,10 +67,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     if objective.weights["sem"]:
         from .uss import USS
         uss = USS(cfg.uss_backbone, cfg.uss_weights).to(device)
-    efe = EFE()  # initialised on the CPU: the same seed gives the same start on every device
+    # initialised on the CPU: the same seed gives the same start on every device
+    efe = EFE(level=cfg.efe_level)
     efe.init_weights(cfg.init_std, torch.Generator().manual_seed(cfg.seed))
     if cfg.init:
-        efe.load_state_dict(load_checkpoint(cfg.init).state_dict)
+        init = load_checkpoint(cfg.init).state_dict
+        if cfg.efe_level and "level" not in init:  # a level-less start: the gain at identity
+            init = {**init, "level": efe.level.detach().clone()}
+        efe.load_state_dict(init)
     # channels-last: oneDNN's depthwise convolutions (forward and backward) ran ~3x faster on
     # NHWC maps (a scale-1 step of 6 crops of 512 px: 15-20 s -> 6 s on 2 cores), cuDNN's too
     efe.to(device, memory_format=torch.channels_last)
