@@ -39,7 +39,7 @@ class PublishedSGZ(nn.Module):
 
     def __init__(self, state_dict: dict):
         super().__init__()
-        self.efe = EFE()
+        self.efe = EFE(level="level" in state_dict)  # our level gain, when the weights have it
         self.efe.load_state_dict(state_dict)
         self.upsample = nn.UpsamplingBilinear2d(scale_factor=PUBLISHED_SCALE)
 

@@ -22,11 +22,15 @@ LEVEL_REF = 0.5      # mid-grey: centres the log-brightness, so the gain's two p
 
 
 def level_gain(x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
-    """Per-image gain of x_r, (N, 1, 1, 1): exp(level[0] + level[1] * log(mu / LEVEL_REF)), mu
-    the mean of EFE's input over pixels and channels. A power law in the brightness: a
-    negative slope lifts dark scenes more and bright ones less."""
-    mu = x.float().mean((1, 2, 3), keepdim=True) + LEVEL_EPS
-    return torch.exp(level[0] + level[1] * torch.log(mu / LEVEL_REF))
+    """Per-image gain of x_r, (N, 1, 1, 1), from EFE's input x (see `gain_of_mean`)."""
+    return gain_of_mean(x.float().mean((1, 2, 3), keepdim=True), level)
+
+
+def gain_of_mean(mu: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    """exp(level[0] + level[1] * log((mu + LEVEL_EPS) / LEVEL_REF)), mu the mean of EFE's input
+    over pixels and channels. A power law in the brightness: a negative slope lifts dark scenes
+    more and bright ones less."""
+    return torch.exp(level[0] + level[1] * torch.log((mu + LEVEL_EPS) / LEVEL_REF))
 
 
 def apply_level(x_r: torch.Tensor, x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:

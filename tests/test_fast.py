@@ -223,3 +223,30 @@ def test_cuda_torch_ops_match_cpu_reference(eager):
     # cuDNN's convolutions sum in TF32 and CUDA fuses multiply-adds throughout the 35
     # elementwise passes: on an H200, 0.74% of the values were one level off (never more)
     assert_close(gpu.enhance(image).cpu(), eager.enhance(image), share=2e-2)
+
+
+def test_near_dead_weights_are_flushed(eager):
+    """The published checkpoint's e_conv3-5 hold denormal weights; the kernels get zeros there
+    (kernels.TINY), so no product falls into x86's slow denormal path. The outputs stay within
+    1 grey level of the eager path that keeps them (test_real_photos_match_reference)."""
+    from model.kernels import TINY
+    weights = torch.cat([p.detach().abs().flatten() for p in eager.efe.parameters()])
+    assert ((weights > 0) & (weights < 1.2e-38)).any()  # what makes this test meaningful
+    path = fastpath.NumbaFast(eager.efe, eager.scale_factor, eager.steps)
+    for group in path.weights:
+        for t in group:
+            assert not ((t != 0) & (np.abs(t) < TINY)).any()
+
+
+@pytest.mark.parametrize("layout", ["planar", "channels-last"])
+def test_level_gain_mean_is_the_efe_inputs_mean(layout):
+    """NumbaFast takes the level gain's brightness from the source rows and columns the
+    downscale reads (fast.downscaled_mean) instead of building EFE's input: the same mean."""
+    from model.kernels import taps
+    images = torch.cat([photo("101_0_.png"), photo("761_0_.png")])[:, :, :333, :497].contiguous()
+    if layout == "channels-last":
+        images = images.to(memory_format=torch.channels_last)
+    h, w = fastpath.lowres_size(333, 497, 12)
+    got = fastpath.downscaled_mean(images.numpy(), taps(333, h, False), taps(497, w, False))
+    want = fastpath.efe_input(images, 12).mean((1, 2, 3))
+    torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-6, rtol=0)
