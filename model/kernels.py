@@ -62,10 +62,10 @@ ROWS = 8  # image rows per work item of the fused RIE kernel: enough work to amo
 CHUNK = 512  # EFE pixels per pass of _block: its depthwise results (<= 64 x 2 KB) stay in L2
 HALO = 7  # EFE has 7 blocks of 3x3 convolutions: each reaches one row further
 MIN_BAND_ROWS = 4 * HALO  # below this a single image's EFE is too small to split in two
-# Trained EFEs leave middle blocks nearly dead: weight decay takes their weights to 1e-15..1e-30
-# (the published SGZ checkpoint's e_conv3-5 hold denormals, ~2e-40), so their activations are
-# ~1e-24 and products of the two fall below float32's normal range, where x86 computes ~100x
-# slower (EFE at 1200x900: 43 ms instead of 6). Weights (NumbaFast._fold) and activations below
+# Trained EFEs leave middle blocks nearly dead: weight decay takes their weights to 1e-9..1e-30
+# in ours (the published SGZ checkpoint's e_conv3-5 hold denormals, ~2e-40), so activations
+# reach ~1e-24 and products of the two fall below float32's normal range, where x86 computes
+# ~100x slower (the published checkpoint's EFE at 1920x1080: 43 ms instead of 6). Weights (NumbaFast._fold) and activations below
 # TINY are set to 0: every product of two values at or above it stays normal, and what is
 # dropped is ~1e-17 of a factor map that tanh bounds to [-1, 1].
 TINY = np.float32(1e-19)

@@ -108,6 +108,9 @@ def test_init_from_a_checkpoint_and_bad_init(tmp_path):
     image = torch.from_numpy(np.asarray(Image.open(sorted((LOL / "low").glob("*.png"))[0])))
     image = image.permute(2, 0, 1)[None].contiguous()
     assert torch.equal(leveled.enhance(image), load_model(SGZ_PUBLISHED, "cpu", fast=False).enhance(image))
+    cfg.init, cfg.efe_level = str(tmp_path / "level" / "efe.pt"), False
+    with pytest.raises(ValueError, match="--efe-level"):
+        train(cfg, progress=False)
     r = subprocess.run([sys.executable, "-m", "model.cli", "train", "--data", str(data),
                         "--out", str(tmp_path / "bad"), "--init", str(tmp_path / "missing.pt"),
                         "--max-steps", "1", "--no-progress"], capture_output=True, text=True)

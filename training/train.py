@@ -74,6 +74,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         init = load_checkpoint(cfg.init).state_dict
         if cfg.efe_level and "level" not in init:  # a level-less start: the gain at identity
             init = {**init, "level": efe.level.detach().clone()}
+        if "level" in init and not cfg.efe_level:
+            raise ValueError(f"--init {cfg.init} has the level gain: train it with --efe-level")
         efe.load_state_dict(init)
     # channels-last: oneDNN's depthwise convolutions (forward and backward) ran ~3x faster on
     # NHWC maps (a scale-1 step of 6 crops of 512 px: 15-20 s -> 6 s on 2 cores), cuDNN's too
