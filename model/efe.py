@@ -21,12 +21,7 @@ LEVEL_REF = 0.5      # mid-grey: centres the log-brightness, so the gain's two p
                      # (log-gain at mid-grey, its slope) are not learned against each other
 
 
-def level_gain(x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
-    """Per-image gain of x_r, (N, 1, 1, 1), from EFE's input x (see `gain_of_mean`)."""
-    return gain_of_mean(x.float().mean((1, 2, 3), keepdim=True), level)
-
-
-def gain_of_mean(mu: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+def level_gain(mu: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
     """exp(level[0] + level[1] * log((mu + LEVEL_EPS) / LEVEL_REF)), mu the mean of EFE's input
     over pixels and channels. A power law in the brightness: a negative slope lifts dark scenes
     more and bright ones less."""
@@ -34,9 +29,9 @@ def gain_of_mean(mu: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
 
 
 def apply_level(x_r: torch.Tensor, x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
-    """x_r scaled by `level_gain`, clamped to [-1, 1]: outside it RIE's curve (Eq. 1) would
-    no longer be monotonic in [0, 1]."""
-    return (x_r * level_gain(x, level)).clamp(-1, 1)
+    """x_r scaled by `level_gain` of EFE's input x, clamped to [-1, 1]: outside it RIE's curve
+    (Eq. 1) would no longer be monotonic in [0, 1]."""
+    return (x_r * level_gain(x.float().mean((1, 2, 3), keepdim=True), level)).clamp(-1, 1)
 
 
 class DepthwiseSeparableConv(nn.Module):

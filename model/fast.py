@@ -20,7 +20,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from .efe import EFE, gain_of_mean
+from .efe import EFE, level_gain
 from .kernels import HALO, MIN_BAND_ROWS, TINY, efe_items, efe_one, lowres_size, numba, rie_uint8, taps
 from .rie import upsample_factor
 
@@ -110,7 +110,7 @@ class NumbaFast:
         out = np.ascontiguousarray(out)
         if self.level is not None:  # the kernels run the paper's EFE; the gain needs only the mean
             mu = downscaled_mean(img, (y0, y1, ly), xs)
-            gain = gain_of_mean(torch.from_numpy(mu), self.level).numpy()
+            gain = level_gain(torch.from_numpy(mu), self.level).numpy()
             out *= gain[:, None, None, None]
             np.clip(out, -1, 1, out=out)  # as efe.apply_level
         return torch.from_numpy(out)
