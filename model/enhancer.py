@@ -11,8 +11,33 @@ import torch
 
 from . import fast as fastpath
 from .checkpoint import DEFAULT_CHECKPOINT, Checkpoint, CheckpointError, load_checkpoint
+from .denoise import DenoiseConfig, denoise as denoise_reference
 from .efe import EFE
+from .exposure import apply_exposure
 from .rie import downscale, rie, upsample_factor
+
+# The defaults of `enhance` (chosen on lol-pairs and sice-real: docs/model-card.md, "Denoising
+# and exposure"). denoise: 0 = off, 1 = eps as tuned, more = stronger (up to MAX_DENOISE).
+DENOISE = 1.0
+MAX_DENOISE = 4.0
+# exposure: "auto" lifts images the model leaves darker than AUTO_EXPOSURE up to it and keeps
+# the model's level above; a number is an exact target mean brightness; None the model's level.
+AUTO_EXPOSURE = 0.40
+EXPOSURE_RANGE = (0.05, 0.95)
+
+
+def check_options(strength: float, denoise: float, exposure) -> None:
+    """ValueError naming the bad option; the CLI and the service check the same way."""
+    if not 0.0 <= float(strength) <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    if not 0.0 <= float(denoise) <= MAX_DENOISE:
+        raise ValueError(f"denoise must be in [0, {MAX_DENOISE:g}], got {denoise}")
+    if exposure is None or exposure == "auto":
+        return
+    lo, hi = EXPOSURE_RANGE
+    if isinstance(exposure, str) or not lo <= float(exposure) <= hi:
+        raise ValueError(f"exposure must be 'auto', None (the model's level) or a mean "
+                         f"brightness in [{lo}, {hi}], got {exposure!r}")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -63,6 +88,7 @@ class Enhancer:
         self._fast = (fastpath.build(self.efe, device, self.scale_factor, self.steps, backend)
                       if self.fast else None)
         self.backend = self._fast.name if self.fast else "eager"
+        self.denoise_config = DenoiseConfig()
 
     @property
     def sha256(self) -> str:
@@ -85,30 +111,52 @@ class Enhancer:
 
     @torch.inference_mode()
     def enhance(self, images: torch.Tensor, strength: float = 1.0,
-                return_factor: bool = False):
+                return_factor: bool = False, *, denoise: float = DENOISE,
+                exposure: float | str | None = "auto"):
         """uint8 (N,3,H,W) -> uint8 (N,3,H,W), on the enhancer's device.
 
-        `strength` in [0, 1] scales the factor map (1 = the model, 0 = identity). With
-        `return_factor`, also returns the low-resolution factor map (see `factor_lowres`);
-        `upsample_factor(r_low, (H, W))` gives the full-size map.
+        `strength` in [0, 1] scales the factor map (1 = the model, 0 = identity). `denoise`
+        removes the noise the curve amplified (0 = off, 1 = default, up to 4 = stronger;
+        model/denoise.py). `exposure`: "auto" brightens images the model leaves darker than
+        mean 0.40 up to it, a number in [0.05, 0.95] is the mean brightness to reach, None keeps
+        the model's own level (model/exposure.py). With `denoise=0, exposure=None` the output
+        is the paper's EFE + RIE alone. With `return_factor`, also returns the low-resolution
+        factor map as applied (see `factor_lowres`); `upsample_factor(r_low, (H, W))` gives
+        the full-size map.
         """
-        if not 0.0 <= float(strength) <= 1.0:
-            raise ValueError(f"strength must be in [0, 1], got {strength}")
-        r_low = self.factor_lowres(images)
+        check_options(strength, denoise, exposure)
+        r_low = self.expose(images, self.factor_lowres(images), exposure)
         if strength != 1.0:
             r_low = r_low * float(strength)
-        out = self.apply_factor(images, r_low)
+        out = self.apply_factor(images, r_low, denoise)
         return (out, r_low) if return_factor else out
 
     @torch.inference_mode()
-    def apply_factor(self, images: torch.Tensor, r_low: torch.Tensor) -> torch.Tensor:
-        """Upsample x_r, run the RIE steps and round to uint8: the full-resolution part."""
+    def expose(self, images: torch.Tensor, r_low: torch.Tensor,
+               exposure: float | str | None) -> torch.Tensor:
+        """The factor map shifted to the asked exposure (see `enhance`)."""
+        if exposure is None:
+            return r_low
+        auto = exposure == "auto"
+        return apply_exposure(images, r_low, AUTO_EXPOSURE if auto else float(exposure),
+                              self.steps, floor=auto)
+
+    @torch.inference_mode()
+    def apply_factor(self, images: torch.Tensor, r_low: torch.Tensor,
+                     denoise: float = 0.0) -> torch.Tensor:
+        """Upsample x_r, run the RIE steps and round to uint8, then denoise (strength
+        `denoise`, 0 = off): the full-resolution part."""
         check_images(images)
         if self._fast is not None:
-            return self._fast.apply_factor(images.to(self.device), r_low)
+            return self._fast.apply_factor(images.to(self.device), r_low, float(denoise),
+                                           self.denoise_config)
         x = images.to(self.device).float().div_(255)
         r = upsample_factor(r_low.to(self.device), tuple(images.shape[-2:]))
-        return to_uint8(rie(x, r, self.steps))
+        out = to_uint8(rie(x, r, self.steps))
+        if denoise > 0:
+            out = denoise_reference(images.to(self.device), out, r_low.to(self.device),
+                                    float(denoise), self.denoise_config, self.steps)
+        return out
 
     def warmup(self) -> float:
         """Compile (or load from numba's or Triton's on-disk cache) the fast path's kernels and
@@ -117,9 +165,11 @@ class Enhancer:
         start = time.perf_counter()
         for n, h, w in ((1, 37, 53), (2, 24, 24)):  # one image and a batch: both code paths
             images = torch.zeros(n, 3, h, w, dtype=torch.uint8)
-            self.enhance(images, strength=0.5)
-            # decoded images come channels-last (DecodedImage.to_tensor): its own kernels
-            self.enhance(images.to(memory_format=torch.channels_last), strength=0.5)
+            for denoise in (0.0, DENOISE):
+                self.enhance(images, strength=0.5, denoise=denoise)
+                # decoded images come channels-last (DecodedImage.to_tensor): its own kernels
+                self.enhance(images.to(memory_format=torch.channels_last), strength=0.5,
+                             denoise=denoise)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start

@@ -20,9 +20,13 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from .denoise import DenoiseConfig, denoise as denoise_reference
 from .efe import EFE, level_gain
 from .kernels import HALO, MIN_BAND_ROWS, TINY, efe_items, efe_one, lowres_size, numba, rie_uint8, taps
+from .kernels_dn import denoise_numba
 from .rie import upsample_factor
+
+NO_DENOISE = DenoiseConfig()
 
 
 # ---- the two fast paths --------------------------------------------------------------------
@@ -115,8 +119,12 @@ class NumbaFast:
             np.clip(out, -1, 1, out=out)  # as efe.apply_level
         return torch.from_numpy(out)
 
-    def apply_factor(self, images: torch.Tensor, r_low: torch.Tensor) -> torch.Tensor:
+    def apply_factor(self, images: torch.Tensor, r_low: torch.Tensor, denoise: float = 0.0,
+                     config: DenoiseConfig = NO_DENOISE) -> torch.Tensor:
         check_factor(images, r_low)
+        if denoise > 0 and not channels_last(images):  # its kernels read channels-last rows
+            cl = images.contiguous(memory_format=torch.channels_last)
+            return self.apply_factor(cl, r_low, denoise, config).contiguous()
         r = r_low.detach().to("cpu", torch.float32).contiguous().numpy()
         (n, c, H, W), (n_r, h, w) = images.shape, (r.shape[0], *r.shape[-2:])
         row_taps, col_taps = taps(h, H, True), taps(w, W, True)
@@ -124,6 +132,8 @@ class NumbaFast:
             img = images.permute(0, 2, 3, 1).numpy().reshape(n, H, W * c)
             out = np.empty_like(img)
             self._run(rie_uint8, img, r, *row_taps, *col_taps, self.steps, out)
+            if denoise > 0:
+                denoise_numba(img, out, r, denoise, config, self.steps, self._run)
             return torch.from_numpy(out).view(n, H, W, c).permute(0, 3, 1, 2)
         img = images.contiguous().numpy().reshape(n * c, H, W)  # planes as 1-channel images
         out = np.empty_like(img)
@@ -185,7 +195,8 @@ class TorchFast:
     def factor_lowres(self, images: torch.Tensor) -> torch.Tensor:
         return self.efe(efe_input(images, self.scale_factor))
 
-    def apply_factor(self, images: torch.Tensor, r_low: torch.Tensor) -> torch.Tensor:
+    def apply_factor(self, images: torch.Tensor, r_low: torch.Tensor, denoise: float = 0.0,
+                     config: DenoiseConfig = NO_DENOISE) -> torch.Tensor:
         check_factor(images, r_low)
         x = images.float().div_(255)
         r = upsample_factor(r_low.to(images.device, torch.float32), tuple(images.shape[-2:]))
@@ -193,7 +204,10 @@ class TorchFast:
         for _ in range(self.steps):  # Eq. 1, in place: the same roundings as rie()
             torch.mul(x, x, out=t).sub_(x).mul_(r)
             x.add_(t)
-        return x.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
+        out = x.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
+        if denoise > 0:
+            out = denoise_reference(images, out, r_low, denoise, config, self.steps)
+        return out
 
 
 class TritonFast(TorchFast):
@@ -214,7 +228,8 @@ class TritonFast(TorchFast):
         x = efe_input(images, self.scale_factor).contiguous(memory_format=torch.channels_last)
         return self.efe(x).contiguous()
 
-    def apply_factor(self, images: torch.Tensor, r_low: torch.Tensor) -> torch.Tensor:
+    def apply_factor(self, images: torch.Tensor, r_low: torch.Tensor, denoise: float = 0.0,
+                     config: DenoiseConfig = NO_DENOISE) -> torch.Tensor:
         from . import triton_kernels  # imported on first use: triton takes ~1 s to import
         check_factor(images, r_low)
         cl = channels_last(images)
@@ -234,6 +249,8 @@ class TritonFast(TorchFast):
                 images.stride(0), images.stride(2), images.stride(1),
                 out.stride(0), out.stride(2), out.stride(1), s_r_n, r.stride(1), r.stride(2),
                 STEPS=self.steps, CHANNELS_LAST=cl, BLOCK=triton_kernels.BLOCK)
+        if denoise > 0:  # in torch ops on the GPU (a Triton kernel for it is still to come)
+            out = denoise_reference(images, out, r, denoise, config, self.steps)
         return out
 
 
