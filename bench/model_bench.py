@@ -1,7 +1,9 @@
 """Part 1: the model step, uint8 pixels in, uint8 pixels out, for up to four implementations,
 each in a process of its own (see run_model_bench):
 
-  fast       `load_model(...)`: the default path (model/fast.py: numba on CPU, Triton on CUDA)
+  fast       `load_model(...)`: the default path (model/fast.py: numba on CPU, Triton on CUDA),
+             EFE + RIE alone (`denoise=0, exposure=None`), the same work as the baselines
+  denoise    the same path as `enhance` runs by default: + exposure "auto" and denoising
   torch      `load_model(..., backend="torch")`: the same formulation in plain torch ops
   eager      `load_model(..., fast=False)`: our eager reference
   published  the published SGZ / Zero-DCE++ test script's formulation, re-stated below
@@ -108,12 +110,25 @@ def paths_for(checkpoint: str, names: list[str], device: str = "cpu") -> dict:
         if name in names:
             enhancer = load_model(checkpoint, device, backend=backend)
             enhancer.warmup()
-            make[name] = lambda hwc, t, e=enhancer: e.enhance(t)
+            make[name] = lambda hwc, t, e=enhancer: e.enhance(t, denoise=0, exposure=None)
+    if "fast" in names:  # fast and denoise read the photos channels-last, as decoded (a view)
+        make["fast"] = lambda hwc, t, e=make["fast"].__defaults__[0]: e.enhance(
+            _channels_last(hwc), denoise=0, exposure=None)
+    if "denoise" in names:
+        enhancer = load_model(checkpoint, device)
+        enhancer.warmup()
+        make["denoise"] = lambda hwc, t, e=enhancer: e.enhance(_channels_last(hwc))
     if "published" in names:
         ref = load_model(checkpoint, "cpu", fast=False)  # reads either checkpoint format
         net = PublishedSGZ(ref.efe.state_dict()).eval().to(device)
         make["published"] = lambda hwc, t: published_step(net, hwc)
     return make
+
+
+def _channels_last(hwc) -> torch.Tensor:
+    """(N, H, W, 3) numpy or tensor -> (N, 3, H, W) channels-last view, no copy."""
+    t = torch.from_numpy(hwc) if isinstance(hwc, np.ndarray) else hwc
+    return t.permute(0, 3, 1, 2)
 
 
 ROUNDS = 4  # processes per path, alternating paths, so slow drift of the machine hits all alike

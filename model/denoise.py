@@ -36,6 +36,7 @@ class DenoiseConfig:
     k_luma: float = 3.0      # eps = k * denoise * (g sigma)^2
     k_chroma: float = 12.0
     max_sigma: float = 0.05  # noise estimates above this (in [0, 1] units) are texture, not noise
+    noise_quantile: float = 0.25  # of the local noise estimates (see noise_sigma)
 
     def __post_init__(self):
         if self.cell < 4 or self.cell % 2:
@@ -43,6 +44,7 @@ class DenoiseConfig:
 
 
 IMMERKAER = np.sqrt(np.pi / 2) / 6  # Immerkaer 1996, Eq. 3: sigma = sqrt(pi/2) / (6 n) sum |I * N|
+NOISE_BLOCK = 64                    # columns per local noise estimate (one row of a cell row)
 TINY_VAR = 1e-10                    # keeps a / (var + eps) finite in a perfectly flat window
 
 
@@ -52,9 +54,11 @@ def noise_rows(H: int, cell: int) -> np.ndarray:
     return np.arange(1, H - 1, cell)
 
 
-def noise_sigma(images: torch.Tensor, cell: int) -> torch.Tensor:
+def noise_sigma(images: torch.Tensor, cell: int, quantile: float = 0.25) -> torch.Tensor:
     """Immerkaer's estimate of the input's noise std on its luma, in [0, 1] units: (N,) float32.
-    Sums |L * N| (N = [[1,-2,1],[-2,4,-2],[1,-2,1]]) over the interior of the rows `noise_rows`."""
+    |L * N| (N = [[1,-2,1],[-2,4,-2],[1,-2,1]]) on the rows `noise_rows`, averaged over blocks
+    of NOISE_BLOCK columns of one row, and the `quantile` of those block estimates taken: edges
+    and texture raise some blocks, noise all of them, so a low quantile reads the noise."""
     n, _, H, W = images.shape
     if H < 3 or W < 3:
         return torch.zeros(n, device=images.device)
@@ -64,7 +68,23 @@ def noise_sigma(images: torch.Tensor, cell: int) -> torch.Tensor:
     k = torch.tensor([1.0, -2.0, 1.0], device=images.device)
     conv = sum(k[i] * F.conv1d(t.reshape(-1, 1, W), k.view(1, 1, 3)).reshape(n, len(rows), W - 2)
                for i, t in enumerate((up, mid, down)))
-    return conv.abs().sum((1, 2)) * IMMERKAER / (len(rows) * (W - 2))
+    conv = F.pad(conv.abs(), (1, 1 + (-W) % NOISE_BLOCK))          # x = 0 .. W-1, then zeros
+    blocks = conv.reshape(n, len(rows), -1, NOISE_BLOCK).sum(3) * IMMERKAER
+    return _block_quantile(blocks, W, quantile)
+
+
+def block_counts(W: int) -> np.ndarray:
+    """Interior pixels (x = 1 .. W - 2) in each block of NOISE_BLOCK columns."""
+    x = np.arange(W)
+    inside = (x >= 1) & (x <= W - 2)
+    return np.add.reduceat(inside, np.arange(0, W, NOISE_BLOCK)).astype(np.float32)
+
+
+def _block_quantile(sums: torch.Tensor, W: int, quantile: float) -> torch.Tensor:
+    """sums (N, rows, blocks) of IMMERKAER |L * N| -> the quantile of the block means (N,)."""
+    counts = torch.from_numpy(block_counts(W)).to(sums.device)
+    means = (sums / counts.clamp(min=1))[..., counts > 0]
+    return torch.quantile(means.reshape(sums.shape[0], -1), quantile, dim=1)
 
 
 def curve_gain(x: torch.Tensor, r: torch.Tensor, steps: int = STEPS) -> torch.Tensor:
@@ -148,7 +168,7 @@ def denoise(images: torch.Tensor, enhanced: torch.Tensor, r_low: torch.Tensor, s
     lum_in = images.float().sum(1, keepdim=True) / (3 * 255)
     sums = _cell_sums(torch.cat([planes, planes * planes, lum_in], 1), s)  # (N, 7, hc, wc)
     count = _cell_sums(ones, s)
-    sigma = noise_sigma(images, s).clamp(max=cfg.max_sigma)
+    sigma = noise_sigma(images, s, cfg.noise_quantile).clamp(max=cfg.max_sigma)
     gain = cell_gain(sums[:, 6:] / count, r_low.expand(n, -1, -1, -1), H, W, s, steps)
     noise = (gain * sigma[:, None, None, None]) ** 2                    # (N, 1, hc, wc)
     coef = []

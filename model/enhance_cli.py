@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Iterator
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError
-from .enhancer import load_model
+from .enhancer import DENOISE, MAX_DENOISE, load_model, parse_exposure
 from .imageio import (FORMATS, IMAGE_SUFFIXES, DecodedImage, ImageDecodeError, ImageTooLarge,
                       decode_image, encode_image, factor_to_picture, tensor_to_rgb)
 from .rie import upsample_factor
@@ -58,7 +58,34 @@ def register(subparsers) -> None:
                    help="jpeg / webp quality (default 90)")
     p.add_argument("--factor-dir", type=Path, default=None, metavar="DIR",
                    help="also write each factor map x_r as a picture (darker = lower factor)")
+    add_quality_options(p)
     p.set_defaults(func=run)
+
+
+def add_quality_options(p: argparse.ArgumentParser) -> None:
+    """--denoise and --exposure, as `Enhancer.enhance` takes them (also used by `sgz eval`)."""
+    p.add_argument("--denoise", type=_denoise, default=DENOISE, metavar=f"0-{MAX_DENOISE:g}",
+                   help=f"noise removal: 0 = off, 1 = default, up to {MAX_DENOISE:g} = stronger")
+    p.add_argument("--exposure", type=_exposure, default="auto", metavar="auto|model|0.05-0.95",
+                   help="auto (default): lift images darker than mean 0.40 up to it; model: "
+                        "the model's own level; a number: the mean brightness to reach")
+
+
+def _denoise(text: str) -> float:
+    try:
+        d = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"denoise must be a number, got {text!r}") from None
+    if not 0 <= d <= MAX_DENOISE:
+        raise argparse.ArgumentTypeError(f"denoise must be in 0..{MAX_DENOISE:g}, got {text}")
+    return d
+
+
+def _exposure(text: str):
+    try:
+        return parse_exposure(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _quality(text: str) -> int:
@@ -173,6 +200,7 @@ class Run:
         self.enhancer, self.bar = enhancer, bar
         self.outdir, self.factor_dir = args.output, args.factor_dir
         self.fmt, self.quality = FORMATS[args.format], args.quality
+        self.options = {"denoise": args.denoise, "exposure": args.exposure}
         self.suffix = "." + args.format
         self.written = self.failed = 0
         self.first_failed: list[str] = []  # for the summary; each failure is reported as it comes
@@ -187,9 +215,9 @@ class Run:
         """Run the model; return the (path, encode) pairs the writer thread should finish."""
         images = image.to_tensor()
         if self.factor_dir is None:
-            out = self.enhancer.enhance(images)
+            out = self.enhancer.enhance(images, **self.options)
         else:
-            out, r_low = self.enhancer.enhance(images, return_factor=True)
+            out, r_low = self.enhancer.enhance(images, return_factor=True, **self.options)
         rgb = tensor_to_rgb(out)
         writes = [(self.outdir / (str(job.name) + self.suffix),
                    lambda: encode_image(rgb, image.alpha, image.gray, self.fmt, self.quality))]

@@ -26,16 +26,31 @@ AUTO_EXPOSURE = 0.40
 EXPOSURE_RANGE = (0.05, 0.95)
 
 
+def parse_exposure(text: str) -> float | str | None:
+    """The exposure option as the CLI and the query string spell it: "auto", "model" (the
+    model's own level) or a number. ValueError otherwise or out of range."""
+    text = text.strip().lower()
+    if text in ("auto", "model"):
+        return "auto" if text == "auto" else None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"exposure must be 'auto', 'model' or a mean brightness in "
+                         f"[{EXPOSURE_RANGE[0]}, {EXPOSURE_RANGE[1]}], got {text!r}") from None
+    check_options(1.0, 0.0, value)
+    return value
+
+
 def check_options(strength: float, denoise: float, exposure) -> None:
     """ValueError naming the bad option; the CLI and the service check the same way."""
     if not 0.0 <= float(strength) <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
-    if not 0.0 <= float(denoise) <= MAX_DENOISE:
+    if not 0.0 <= float(denoise) <= MAX_DENOISE:  # also refuses NaN
         raise ValueError(f"denoise must be in [0, {MAX_DENOISE:g}], got {denoise}")
     if exposure is None or exposure == "auto":
         return
     lo, hi = EXPOSURE_RANGE
-    if isinstance(exposure, str) or not lo <= float(exposure) <= hi:
+    if isinstance(exposure, (str, bool)) or not lo <= float(exposure) <= hi:
         raise ValueError(f"exposure must be 'auto', None (the model's level) or a mean "
                          f"brightness in [{lo}, {hi}], got {exposure!r}")
 

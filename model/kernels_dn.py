@@ -11,7 +11,8 @@ import threading
 
 import numpy as np
 
-from .denoise import IMMERKAER, DenoiseConfig, cell_taps, centre_taps, noise_rows
+from .denoise import (IMMERKAER, NOISE_BLOCK, DenoiseConfig, block_counts, cell_taps,
+                      centre_taps, noise_rows)
 from .kernels import ROWS, _compile, prange
 
 kernel, serial = _compile(parallel=True), _compile(parallel=False)
@@ -25,8 +26,9 @@ THIRD = np.float32(1 / 3)
 
 @kernel
 def cell_stats(img, out, cell, sums, noise):
-    """sums (N, PLANES, hc, wc) float32, noise (N, hc) float32: per cell row, the sum of
-    |L * N| over the row at offset 1 (model/denoise.py, `noise_sigma`). img, out: (N, H, 3 W)
+    """sums (N, PLANES, hc, wc) float32, noise (N, hc, blocks) float32: per cell row, the sums
+    of |L * N| over each block of NOISE_BLOCK columns of its row at offset 1
+    (model/denoise.py, `noise_sigma`). img, out: (N, H, 3 W)
     uint8, channels-last rows; cell even, >= 4. Each row's values are summed per pixel into
     buffers (one store per loop, contiguous: it vectorises), then per cell."""
     n_img, hc = img.shape[0], sums.shape[2]
@@ -56,11 +58,13 @@ def _stats_job(img, out, cell, sums, noise, n, band):
         for p in range(PLANES):
             _cell_reduce(acc[p], cell, sums[n, p, i])
         y = i * cell + 1  # Immerkaer's row, between the two even rows kept in lum
-        noise[n, i] = np.float32(0)
+        _fill(noise[n, i], np.float32(0))
         if y < H - 1 and W > 2:
             _to_float(img[n, y], f)
             _luma(f, lum[2])
-            noise[n, i] = _immerkaer(lum[0], lum[2], lum[1])
+            _immerkaer(lum[0], lum[2], lum[1], planes[0])
+            for b in range(noise.shape[2]):
+                noise[n, i, b] = _sum(planes[0, b * NOISE_BLOCK:(b + 1) * NOISE_BLOCK])
 
 
 @fused
@@ -74,6 +78,7 @@ def _cell_reduce(acc, cell, dst):
         for k in range(cell):
             _add_strided(dst[:full], acc, k, cell)
     if full < dst.shape[0]:  # a last, partial cell
+        dst[full] = np.float32(0)
         for x in range(full * cell, W):
             dst[full] += acc[x]
 
@@ -138,15 +143,24 @@ def _add_both(acc, acc2, p):
         acc2[x] += p[x] * p[x]
 
 
-@_compile(parallel=False, fastmath={"contract", "reassoc"})
-def _immerkaer(up, mid, down):
-    """sum |L * N| over x = 1 .. W - 2 (reassociated: a vectorised sum)."""
-    total = np.float32(0)
-    for x in range(1, mid.shape[0] - 1):
+@fused
+def _immerkaer(up, mid, down, dst):
+    """dst[x] = |L * N| at x = 1 .. W - 2, 0 at both ends."""
+    W = mid.shape[0]
+    dst[0], dst[W - 1] = np.float32(0), np.float32(0)
+    for x in range(1, W - 1):
         c = (up[x - 1] - 2 * up[x] + up[x + 1]
              - 2 * (mid[x - 1] - 2 * mid[x] + mid[x + 1])
              + down[x - 1] - 2 * down[x] + down[x + 1])
-        total += abs(c)
+        dst[x] = abs(c)
+
+
+@_compile(parallel=False, fastmath={"contract", "reassoc"})
+def _sum(p):
+    """A vectorised (reassociated) sum."""
+    total = np.float32(0)
+    for x in range(p.shape[0]):
+        total += p[x]
     return total
 
 
@@ -373,10 +387,14 @@ def denoise_numba(img: np.ndarray, out: np.ndarray, r_low: np.ndarray, strength:
     s = cfg.cell
     hc, wc = -(-H // s), -(-W // s)
     sums = np.empty((n, PLANES, hc, wc), np.float32)
-    noise = np.empty((n, hc), np.float32)
+    noise = np.empty((n, hc, -(-W // NOISE_BLOCK)), np.float32)
     run(cell_stats, img, out, s, sums, noise)
     rows = len(noise_rows(H, s))
-    sigma = (noise.astype(np.float64).sum(1) * IMMERKAER / max(1, rows * (W - 2)))
+    sigma = np.zeros(n, np.float32)
+    if rows and W > 2:  # as denoise._block_quantile
+        counts = block_counts(W)
+        means = (noise[:, :rows] * np.float32(IMMERKAER) / np.maximum(counts, 1))[..., counts > 0]
+        sigma = np.quantile(means.reshape(n, -1), cfg.noise_quantile, axis=1)
     sigma = np.minimum(sigma, cfg.max_sigma).astype(np.float32)
     rows_in = (np.minimum(s, H - np.arange(hc) * s) + 1) // 2  # even rows of each cell
     count = np.outer(rows_in, np.minimum(s, W - np.arange(wc) * s)).astype(np.float32)

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from model import Enhancer
+from model.enhancer import DENOISE
 
 ENHANCE = "enhance"
 FACTOR = "factor"
@@ -15,15 +16,18 @@ class Work:
     image: torch.Tensor    # (1, 3, H, W) uint8, on the CPU
     strength: float = 1.0  # scales the factor map; 1 = the model
     task: str = ENHANCE    # FACTOR: only the factor map, no RIE
+    denoise: float = DENOISE
+    exposure: float | str | None = "auto"  # as Enhancer.enhance takes it
 
     @property
     def size(self) -> tuple[int, int]:
         return tuple(self.image.shape[-2:])
 
     @property
-    def key(self) -> tuple[str, int, int]:
-        """Only work with the same key shares a batch: same task, same (H, W)."""
-        return (self.task, *self.size)
+    def key(self) -> tuple:
+        """Only work with the same key shares a batch: same task, same (H, W), same denoise
+        and exposure (strength may differ within a batch)."""
+        return (self.task, *self.size, self.denoise, self.exposure)
 
     @property
     def pixels(self) -> int:
@@ -53,15 +57,17 @@ def run_batch(enhancer: Enhancer, works: list[Work]) -> list[Output]:
         r_low = enhancer.factor_lowres(images).cpu()
         return [Output(None, r.clone()) for r in r_low]
     strengths = {w.strength for w in works}
+    denoise, exposure = works[0].denoise, works[0].exposure  # one value per batch (key)
     if len(strengths) == 1:
-        out, r_low = enhancer.enhance(images, strengths.pop(), return_factor=True)
+        out, r_low = enhancer.enhance(images, strengths.pop(), return_factor=True,
+                                      denoise=denoise, exposure=exposure)
     else:
         # Per-image strength without splitting the batch: exactly what `enhance` does to each
-        # image (x_r scaled, then RIE), with the EFE pass shared.
+        # image (exposure, x_r scaled, RIE, denoising), with the EFE pass shared.
         scale = torch.tensor([w.strength for w in works], dtype=torch.float32)
-        r_low = enhancer.factor_lowres(images)
+        r_low = enhancer.expose(images, enhancer.factor_lowres(images), exposure)
         r_low = r_low * scale.to(r_low.device).view(-1, 1, 1, 1)
-        out = enhancer.apply_factor(images, r_low)
+        out = enhancer.apply_factor(images, r_low, denoise)
     out, r_low = out.cpu(), r_low.cpu()
     # clone: a stored factor map must not keep the whole batch's tensor alive
     return [Output(out[i:i + 1], r_low[i].clone()) for i in range(len(works))]
@@ -72,4 +78,4 @@ def warmup_images() -> list[Work]:
     the first real request does not pay for lazy initialisation (oneDNN primitives, cuDNN)."""
     ramp = torch.linspace(0, 96, 128).round().to(torch.uint8)
     image = ramp.view(1, 1, 1, -1).expand(1, 3, 96, 128).contiguous()
-    return [Work(image, 1.0, ENHANCE), Work(image, 0.5, ENHANCE)]
+    return [Work(image, 1.0, ENHANCE), Work(image, 0.5, ENHANCE)]  # denoise on: its kernels

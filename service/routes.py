@@ -4,6 +4,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 
+from model.enhancer import DENOISE, MAX_DENOISE, parse_exposure
 from model.imageio import MEDIA_TYPES, encode_image, output_format, tensor_to_rgb
 
 from .errors import ApiError
@@ -42,13 +43,23 @@ async def enhance(
                           Query(description="output format; default: the input's "
                                 "(PNG for formats other than these)")] = None,
         quality: Annotated[int, Query(ge=1, le=100, description="JPEG/WebP quality")] = 90,
+        denoise: Annotated[float, Query(ge=0, le=MAX_DENOISE, description="noise removal: "
+                                        "0 = off, 1 = default, more = stronger")] = DENOISE,
+        exposure: Annotated[str, Query(max_length=16, description="auto: lift images darker "
+                                       "than mean 0.40 up to it; model: the model's own level; "
+                                       "a number in [0.05, 0.95]: the mean brightness to reach"
+                                       )] = "auto",
 ) -> Response:
     """Brighten a dark photo. The image comes as multipart field `image` or as the raw body.
     Its factor map stays available for a while at `GET /factor/{X-Request-ID}`."""
     rt, timing = runtime(request), Timing()
+    try:
+        level = parse_exposure(exposure)
+    except ValueError as e:
+        raise ApiError(422, "invalid_parameter", str(e)) from None
     rt.check_ready()
     decoded, tensor = await rt.receive_image(request, timing)
-    out = await rt.infer(request, Work(tensor, strength, ENHANCE), timing)
+    out = await rt.infer(request, Work(tensor, strength, ENHANCE, denoise, level), timing)
     rt.factors.put(request.state.request_id, out.factor_lowres, tuple(tensor.shape[-2:]))
     fmt = output_format(format, decoded.format)
     body = await rt.encode(_encode, out.image, decoded, fmt, quality, timing=timing)

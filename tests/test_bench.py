@@ -30,7 +30,8 @@ def test_published_formulation_computes_our_model():
     eager = load_model(SGZ_PUBLISHED, "cpu", fast=False)
     net = PublishedSGZ(eager.efe.state_dict()).eval()
     got = published_step(net, hwc)
-    want = eager.enhance(torch.from_numpy(hwc).permute(0, 3, 1, 2).contiguous())
+    want = eager.enhance(torch.from_numpy(hwc).permute(0, 3, 1, 2).contiguous(), denoise=0,
+                         exposure=None)
     assert got.shape == want.shape == (2, 3, 96, 120)
     assert (got.int() - want.int()).abs().max().item() <= 1
 
@@ -52,11 +53,12 @@ def test_model_bench_smoke(tmp_path):
     r = sgz_bench("--parts", "model", "--sizes", "96x72,120x90", "--batches", "1,2",
                   "--repeats", "3", "--out", str(out))
     assert r.returncode == 0, r.stderr
-    assert "published/fast" in r.stdout and "floor" in r.stdout
+    assert "published/fast" in r.stdout and "denoise/fast" in r.stdout and "floor" in r.stdout
     res = json.loads(out.read_text())
     rows = res["model"]["rows"]
     assert {(x["path"], x["width"], x["batch"]) for x in rows} == {
-        (p, w, b) for p in ("fast", "eager", "published") for w in (96, 120) for b in (1, 2)}
+        (p, w, b) for p in ("fast", "denoise", "eager", "published") for w in (96, 120)
+        for b in (1, 2)}
     assert all(x["ms_per_image"] > 0 and x["repeats"] == 3 for x in rows)
     assert len(res["model"]["ratios"]) == 4
     assert all(f["floor_ms"] > 0 for f in res["model"]["floor"]["sizes"])

@@ -14,6 +14,7 @@ from PIL import Image
 from conftest import SGZ_PUBLISHED, SICE
 from model import DEFAULT_CHECKPOINT
 from model.imageio import decode_image, factor_to_picture
+from model.rie import upsample_factor
 
 
 def sgz(*args, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -120,7 +121,8 @@ def test_factor_dir_holds_one_factor_picture_per_image(png_run, inputs, publishe
     _, enhanced, factors = png_run
     assert files_under(factors) == files_under(enhanced)
     images = as_tensor(inputs / "101_0_.png")
-    expected = factor_to_picture(published_enhancer.factor(images)[0]).astype(int)
+    _, r_low = published_enhancer.enhance(images, return_factor=True)  # the map as applied
+    expected = factor_to_picture(upsample_factor(r_low, images.shape[-2:])[0]).astype(int)
     picture = np.asarray(Image.open(factors / "101_0_.png"))
     assert picture.shape == expected.shape
     assert np.abs(picture.astype(int) - expected).max() <= 1
@@ -187,3 +189,23 @@ def test_default_checkpoint(inputs, tmp_path):
     assert DEFAULT_CHECKPOINT.is_file()
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out" / "gray.png").is_file()
+
+
+def test_denoise_and_exposure_options(tmp_path, published_enhancer):
+    """--denoise 0 --exposure model is the network alone; --exposure 0.5 reaches it; bad values
+    are usage errors (exit 2) that name the option."""
+    source = SICE / "101_0_.png"
+    for name, args, options in (("plain", ["--denoise", "0", "--exposure", "model"],
+                                 {"denoise": 0, "exposure": None}),
+                                ("bright", ["--denoise", "2", "--exposure", "0.5"],
+                                 {"denoise": 2, "exposure": 0.5})):
+        result = sgz("enhance", source, "-o", tmp_path / name, "--checkpoint", SGZ_PUBLISHED,
+                     *args)
+        assert result.returncode == 0, result.stderr
+        got = as_tensor(tmp_path / name / "101_0_.png")
+        assert torch.equal(got, published_enhancer.enhance(as_tensor(source), **options))
+    for args, word in ((["--denoise", "9"], "denoise"), (["--denoise", "x"], "denoise"),
+                       (["--exposure", "bright"], "exposure"), (["--exposure", "1.2"], "exposure")):
+        result = sgz("enhance", source, "-o", tmp_path / "bad", *args)
+        assert result.returncode == 2 and word in result.stderr, result.stderr
+        assert not (tmp_path / "bad").exists()

@@ -13,6 +13,8 @@ from conftest import SGZ_PUBLISHED, SICE, ZERO_DCE_PP_PUBLISHED
 from model import (DEFAULT_CHECKPOINT, EFE, CheckpointError, load_checkpoint, load_model,
                    save_checkpoint)
 
+NET = {"denoise": 0, "exposure": None}  # EFE + RIE alone: the paper's network
+
 
 def sice(name: str, box: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """A real photo from sice-real as a (1, 3, H, W) uint8 tensor, optionally cropped."""
@@ -66,7 +68,7 @@ def test_parity_with_published_inference(checkpoint, fast):
         assert images.shape[-1] % 12 == 0 and images.shape[-2] % 12 == 0
         with torch.inference_mode():
             expected = reference_enhance(state_dict, images)
-        out = enhancer.enhance(images)
+        out = enhancer.enhance(images, **NET)
         assert out.shape == images.shape and out.dtype == torch.uint8
         diff = (out.int() - expected.int()).abs()
         assert diff.max() <= 1, f"{name}: {int(diff.max())} grey levels off"
@@ -79,7 +81,7 @@ def test_parity_on_a_full_size_photo(published_enhancer):
     images = sice("474_1_.png")  # 1080x1920: both sides multiples of 12
     with torch.inference_mode():
         expected = reference_enhance(state_dict, images)
-    assert (published_enhancer.enhance(images).int() - expected.int()).abs().max() <= 1
+    assert (published_enhancer.enhance(images, **NET).int() - expected.int()).abs().max() <= 1
 
 
 def test_dark_photo_is_brightened(published_enhancer):
@@ -93,7 +95,7 @@ def test_any_size_gives_output_of_input_size(published_enhancer, size):
     strip = Image.open(SICE / "512_0_.png").convert("RGB").crop((0, 1000, 3840, 1000 + h))
     images = torch.from_numpy(np.asarray(strip.resize((w, h), Image.BILINEAR)).copy())
     images = images.permute(2, 0, 1)[None]
-    out = published_enhancer.enhance(images)
+    out = published_enhancer.enhance(images, **NET)
     assert out.shape == (1, 3, h, w) and out.dtype == torch.uint8
     # the full-size factor map drives RIE: enhance == round(255 * rie(x, factor(x)))
     r = published_enhancer.factor(images)
@@ -123,7 +125,7 @@ def test_batch_equals_images_one_by_one(published_enhancer):
 
 def test_strength_zero_is_identity_and_strength_scales(published_enhancer):
     images = sice("101_0_.png", (0, 0, 256, 192))
-    assert torch.equal(published_enhancer.enhance(images, strength=0.0), images)
+    assert torch.equal(published_enhancer.enhance(images, strength=0.0, **NET), images)
     half = published_enhancer.enhance(images, strength=0.5).float().mean()
     full = published_enhancer.enhance(images).float().mean()
     assert images.float().mean() < half < full
@@ -168,7 +170,7 @@ def test_checkpoint_round_trip_keeps_metadata_and_hash(tmp_path):
         r = efe(x)
     for _ in range(4):
         y = y + r * (y * y - y)
-    assert (enhancer.enhance(images).int() - torch.round(255 * y.clamp(0, 1)).int()).abs().max() <= 1
+    assert (enhancer.enhance(images, **NET).int() - torch.round(255 * y.clamp(0, 1)).int()).abs().max() <= 1
 
 
 def test_level_gain_by_hand():
@@ -199,12 +201,12 @@ def test_level_checkpoints_round_trip_and_every_path_applies_the_gain(tmp_path):
     assert not load_checkpoint(SGZ_PUBLISHED).level
     image = sice("101_0_.png")
     eager = load_model(tmp_path / "level.pt", "cpu", fast=False)
-    want = eager.enhance(image)
+    want = eager.enhance(image, **NET)
     for backend in ("numba", "torch"):
-        got = load_model(tmp_path / "level.pt", "cpu", backend=backend).enhance(image)
+        got = load_model(tmp_path / "level.pt", "cpu", backend=backend).enhance(image, **NET)
         assert (got.int() - want.int()).abs().max() <= 1, backend
     # the gain is applied: the same weights without it answer differently
-    assert (load_model(SGZ_PUBLISHED, "cpu").enhance(image).int() - want.int()).abs().max() > 5
+    assert (load_model(SGZ_PUBLISHED, "cpu").enhance(image, **NET).int() - want.int()).abs().max() > 5
     # a checkpoint whose weights and architecture disagree is refused
     obj = torch.load(tmp_path / "level.pt", weights_only=True)
     obj["arch"] = {k: v for k, v in obj["arch"].items() if k != "level"}

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import SICE
+from conftest import LOL, SICE
 from model.imageio import decode_image, factor_to_picture
 from sgz_server import DEVICE, FACTOR_ATOL, Server, assert_error, metric, photo
 
@@ -46,12 +46,12 @@ def as_tensor(data: bytes) -> torch.Tensor:
     return decode_image(data).to_tensor()
 
 
-def assert_enhanced(response: httpx.Response, source: bytes, enhancer, strength=1.0):
+def assert_enhanced(response: httpx.Response, source: bytes, enhancer, strength=1.0, **options):
     assert response.status_code == 200, response.text
     got = as_tensor(response.content)
     image = as_tensor(source)
     assert got.shape == image.shape
-    diff = (got.int() - enhancer.enhance(image, strength).int()).abs().max().item()
+    diff = (got.int() - enhancer.enhance(image, strength, **options).int()).abs().max().item()
     assert diff <= 1, f"response differs from enhancer.enhance by {diff} grey levels"
 
 
@@ -93,6 +93,23 @@ def test_enhance_raw_body_strength_and_output_formats(client, published_enhancer
         assert r.status_code == 200 and r.headers["content-type"] == media
         with Image.open(io.BytesIO(r.content)) as im:
             assert im.format == fmt.upper() and im.size == (1920, 1080)
+
+
+def test_denoise_and_exposure_parameters(client, published_enhancer):
+    """Each option reaches the model: the answer is `enhance` with the same options, and
+    denoise=0 with exposure=model is the network alone."""
+    source = (LOL / "low" / "14.png").read_bytes()
+    answers = {}
+    for params, options in (({}, {}), ({"denoise": 0, "exposure": "model"},
+                                        {"denoise": 0, "exposure": None}),
+                            ({"denoise": 2.5, "exposure": "0.5"}, {"denoise": 2.5, "exposure": 0.5})):
+        r = client.post("/enhance", params=params, content=source,
+                        headers={"content-type": "image/png"})
+        assert_enhanced(r, source, published_enhancer, **options)
+        answers[str(params)] = as_tensor(r.content).float()
+    plain, default, bright = answers.values()
+    assert abs(float(bright.mean()) / 255 - 0.5) < 0.03 < float(bright.mean() - default.mean()) / 255
+    assert not torch.equal(plain, default)
 
 
 def test_client_request_id_is_kept_when_valid(client):
@@ -195,7 +212,9 @@ def test_bad_input_gets_a_specific_4xx_and_the_service_keeps_working(
 def test_bad_query_parameters_are_422(client):
     source = photo((512, 512)).read_bytes()
     for params in ({"strength": 1.5}, {"strength": -0.1}, {"strength": "x"},
-                   {"format": "gif"}, {"quality": 0}):
+                   {"format": "gif"}, {"quality": 0}, {"denoise": -1}, {"denoise": 4.5},
+                   {"denoise": "nan"}, {"exposure": "bright"}, {"exposure": "1.5"},
+                   {"exposure": "0"}, {"exposure": "x" * 100}):
         r = client.post("/enhance", params=params, content=source,
                         headers={"content-type": "image/png"})
         assert_error(r, 422, "invalid_parameter")

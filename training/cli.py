@@ -82,6 +82,8 @@ def register(sub) -> None:
     e.add_argument("--save", default=None, help="also write the enhanced images here")
     e.add_argument("--strength", type=float, default=1.0,
                    help="scale the factor map (1 = the model; a diagnostic, as the API's)")
+    from model.enhance_cli import add_quality_options
+    add_quality_options(e)
     e.set_defaults(func=run_eval)
 
 
@@ -126,7 +128,8 @@ def run_eval(args) -> int:
     from .evaluate import evaluate, format_report
     try:
         report = evaluate(args.checkpoint, Path(args.low), Path(args.high) if args.high else None,
-                          device=args.device, save=args.save, strength=args.strength)
+                          device=args.device, save=args.save, strength=args.strength,
+                          denoise=args.denoise, exposure=args.exposure)
     except (FileNotFoundError, ValueError, CheckpointError, ImportError) as e:
         print(f"sgz eval: {e}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from model import load_model
+from model.enhancer import DENOISE
 from model.imageio import decode_image, encode_image, tensor_to_rgb
 
 from .data import list_images
@@ -57,7 +58,10 @@ def _require_scoring():
 
 
 def evaluate(checkpoint, low: Path, high: Path | None = None, device=None,
-             save: str | None = None, strength: float = 1.0) -> dict:
+             save: str | None = None, strength: float = 1.0, denoise: float = DENOISE,
+             exposure="auto") -> dict:
+    """Scores of `Enhancer.enhance(image, strength, denoise=..., exposure=...)` per image and
+    their means (denoise=0, exposure=None: the network alone)."""
     _require_scoring()
     enhancer = load_model(checkpoint, device=device)
     files = list_images(low)
@@ -65,7 +69,8 @@ def evaluate(checkpoint, low: Path, high: Path | None = None, device=None,
     for f in files:
         img = decode_image(f.read_bytes())
         t = time.perf_counter()
-        out = tensor_to_rgb(enhancer.enhance(img.to_tensor(), strength))
+        out = tensor_to_rgb(enhancer.enhance(img.to_tensor(), strength, denoise=denoise,
+                                             exposure=exposure))
         row = {"image": f.name, "ms": round((time.perf_counter() - t) * 1000, 1),
                "brightness": round(float(out.mean()) / 255, 4)}
         if high is not None:
@@ -84,7 +89,7 @@ def evaluate(checkpoint, low: Path, high: Path | None = None, device=None,
     keys = [k for k in rows[0] if k not in ("image", "ms")]
     summary = {k: float(np.mean([r[k] for r in rows])) for k in keys}
     return {"checkpoint": str(checkpoint or "default"), "sha256": enhancer.sha256[:16],
-            "strength": strength,
+            "strength": strength, "denoise": denoise, "exposure": exposure,
             "low": str(low), "high": str(high) if high else None, "images": len(rows),
             "summary": summary, "rows": rows}
 
