@@ -23,6 +23,10 @@ MAX_DENOISE = 4.0
 # exposure: "auto" lifts images the model leaves darker than AUTO_EXPOSURE up to it and keeps
 # the model's level above; a number is an exact target mean brightness; None the model's level.
 AUTO_EXPOSURE = 0.40
+# ...shifting the factor map by at most this much: near-black frames (SICE-real's 126 and 450,
+# mean input 0.003-0.011) would otherwise get the whole curve (offset -2) and their noise and
+# banding with it; LOL's darkest input needs -0.26
+AUTO_MAX_LIFT = 0.3
 EXPOSURE_RANGE = (0.05, 0.95)
 
 
@@ -153,8 +157,10 @@ class Enhancer:
         if exposure is None:
             return r_low
         auto = exposure == "auto"
-        return apply_exposure(images, r_low, AUTO_EXPOSURE if auto else float(exposure),
-                              self.steps, floor=auto)
+        if auto:
+            return apply_exposure(images, r_low, AUTO_EXPOSURE, self.steps, floor=True,
+                                  max_lift=AUTO_MAX_LIFT)
+        return apply_exposure(images, r_low, float(exposure), self.steps)
 
     @torch.inference_mode()
     def apply_factor(self, images: torch.Tensor, r_low: torch.Tensor,

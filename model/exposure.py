@@ -58,22 +58,25 @@ def solve(x: np.ndarray, r: np.ndarray, target: float, steps: int, floor: bool) 
 
 
 def exposure_offset(images: torch.Tensor, r_low: torch.Tensor, target: float,
-                    steps: int = STEPS, floor: bool = False) -> torch.Tensor:
+                    steps: int = STEPS, floor: bool = False, max_lift: float = 2.0
+                    ) -> torch.Tensor:
     """The offset per image (N,) that brings the mean output to `target` in [0, 1]; with
     `floor`, 0 for images whose output is already at least that bright. A target beyond the
-    curve's reach (a black frame cannot reach 0.4 in eight steps) gets the nearest end."""
+    curve's reach (a black frame cannot reach 0.4 in eight steps) gets the nearest end. The
+    offset never brightens by more than `max_lift` (it is >= -max_lift)."""
     n = images.shape[0]
     h, w = r_low.shape[-2:]
     x, step = samples(images, h, w)
     r = r_low.detach().float().cpu().expand(n, -1, -1, -1).numpy()[:, :, ::step, ::step]
     offset = [solve(np.ascontiguousarray(x[i]).ravel(), np.ascontiguousarray(r[i]).ravel(),
                     float(target), steps, floor) for i in range(n)]
-    return torch.tensor(offset, dtype=torch.float32)
+    return torch.tensor(offset, dtype=torch.float32).clamp(min=-max_lift)
 
 
 def apply_exposure(images: torch.Tensor, r_low: torch.Tensor, target: float,
-                   steps: int = STEPS, floor: bool = False) -> torch.Tensor:
+                   steps: int = STEPS, floor: bool = False, max_lift: float = 2.0
+                   ) -> torch.Tensor:
     """r_low (N or 1, 3, h, w) shifted per image to reach `target`: (N, 3, h, w)."""
-    offset = exposure_offset(images, r_low, target, steps, floor).to(r_low.device)
+    offset = exposure_offset(images, r_low, target, steps, floor, max_lift).to(r_low.device)
     r = r_low.expand(images.shape[0], -1, -1, -1)
     return (r + offset[:, None, None, None]).clamp(-1, 1)
