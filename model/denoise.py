@@ -8,9 +8,10 @@ stage removes that noise where the curve put it and leaves the rest alone:
 2. g, the curve's gain per cell of `cell` x `cell` pixels: the derivative of the eight RIE steps
    chained, g = prod_t (1 + x_r (2 y_t - 1)), at the cell's mean input and factor;
 3. a self-guided filter (He, Sun & Tang 2013) on the output's luma L = (R+G+B)/3 and on each of
-   its chroma planes R - L and B - L, with eps = k (g sigma)^2 per window: where the window's
-   variance is at the amplified noise's level it is smoothed, edges and texture well above it
-   are kept, and a clean or unbrightened image (sigma or g - 1 near 0) comes back unchanged.
+   its chroma planes R - L and B - L, with eps = k (g^2 - 1) sigma^2 per window, the variance
+   the curve added to the input's noise: where the window's variance is at that level it is
+   smoothed, edges and texture well above it are kept, and a clean or unbrightened image
+   (sigma or g - 1 near 0) comes back unchanged: the input's own noise is the user's.
    Chroma gets a larger k (colour speckle is the most visible noise) and a wider window.
 
 It is a fast guided filter (He & Sun 2015): window statistics are summed per cell over the
@@ -33,7 +34,7 @@ class DenoiseConfig:
     cell: int = 4            # pixels per side of a statistics cell (even)
     radius_luma: int = 1     # window radius in cells: (2 r + 1) cell pixels a side
     radius_chroma: int = 2
-    k_luma: float = 3.0      # eps = k * denoise * (g sigma)^2
+    k_luma: float = 3.0      # eps = k * denoise * (g^2 - 1) sigma^2
     k_chroma: float = 12.0
     max_sigma: float = 0.05  # noise estimates above this (in [0, 1] units) are texture, not noise
     noise_quantile: float = 0.25  # of the local noise estimates (see noise_sigma)
@@ -170,7 +171,8 @@ def denoise(images: torch.Tensor, enhanced: torch.Tensor, r_low: torch.Tensor, s
     count = _cell_sums(ones, s)
     sigma = noise_sigma(images, s, cfg.noise_quantile).clamp(max=cfg.max_sigma)
     gain = cell_gain(sums[:, 6:] / count, r_low.expand(n, -1, -1, -1), H, W, s, steps)
-    noise = (gain * sigma[:, None, None, None]) ** 2                    # (N, 1, hc, wc)
+    # the noise the curve added: (g^2 - 1) sigma^2 (the input's own noise, where g = 1, stays)
+    noise = (gain * gain - 1).clamp(min=0) * sigma[:, None, None, None] ** 2  # (N, 1, hc, wc)
     coef = []
     for ch, radius, k in ((0, cfg.radius_luma, cfg.k_luma), (1, cfg.radius_chroma, cfg.k_chroma),
                           (2, cfg.radius_chroma, cfg.k_chroma)):

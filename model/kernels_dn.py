@@ -185,7 +185,8 @@ def _window_sums(p, radius, out, tmp):
 def _guided(pixels, cells, total, squares, noise2, k, radius, coef_a, coef_b, work):
     """One plane's self-guided filter at cell resolution: a = var / (var + k noise^2),
     b = m - a m over each window, then (A, B) their means over each window of cells.
-    pixels, cells: the window sums of the pixel counts and of ones; work: (5, h, w) scratch."""
+    pixels, cells: 1 / the window sums of the pixel counts and of ones (multiplying by a
+    reciprocal instead of dividing: 0.3 ms a plane at 1200x900); work: (5, h, w) scratch."""
     h = pixels.shape[0]
     m, var, a, b, tmp = work[0], work[1], work[2], work[3], work[4]
     _window_sums(total, radius, m, tmp)
@@ -195,16 +196,17 @@ def _guided(pixels, cells, total, squares, noise2, k, radius, coef_a, coef_b, wo
     _window_sums(a, radius, m, tmp)
     _window_sums(b, radius, var, tmp)
     for i in range(h):
-        _divide(m[i], cells[i], coef_a[i])
-        _divide(var[i], cells[i], coef_b[i])
+        _multiply(m[i], cells[i], coef_a[i])
+        _multiply(var[i], cells[i], coef_b[i])
 
 
 @fused
-def _ab_row(c, m, var, noise2, k, a, b):
-    """The guided filter's a = var / (var + k noise^2), b = mean - a mean, from window sums."""
+def _ab_row(inv_c, m, var, noise2, k, a, b):
+    """The guided filter's a = var / (var + k noise^2), b = mean - a mean, from window sums
+    and 1 / the window's pixel count."""
     for j in range(a.shape[0]):
-        mean = m[j] / c[j]
-        v = max(var[j] / c[j] - mean * mean, np.float32(0))
+        mean = m[j] * inv_c[j]
+        v = max(var[j] * inv_c[j] - mean * mean, np.float32(0))
         a[j] = v / (v + k * noise2[j] + np.float32(1e-10))
         b[j] = mean - a[j] * mean
 
@@ -216,8 +218,20 @@ def _divide(num, den, dst):
 
 
 @fused
+def _multiply(a, b, dst):
+    for j in range(dst.shape[0]):
+        dst[j] = a[j] * b[j]
+
+
+@fused
+def _reciprocal(p):
+    for j in range(p.shape[0]):
+        p[j] = np.float32(1) / p[j]
+
+
+@fused
 def _noise2(sums, count, sigma, r, cy0, cy1, cly, cx0, cx1, clx, steps, out):
-    """(g sigma)^2 per cell: g the curve's slope (`cell_gain`) at the cell's mean input luma,
+    """(g^2 - 1) sigma^2 per cell: g the curve's slope (`cell_gain`) at the cell's mean input luma,
     for the factor map (mean of the channels) at the cell's centre."""
     hc, wc = out.shape
     h = r.shape[1]
@@ -235,12 +249,12 @@ def _noise2(sums, count, sigma, r, cy0, cy1, cly, cx0, cx1, clx, steps, out):
 
 @fused
 def _gain_noise(x, r, sigma, steps, out):
-    """out = (g sigma)^2, g the chained slope of `steps` RIE steps at x (curve_gain)."""
+    """out = (g^2 - 1) sigma^2, g the chained slope of `steps` RIE steps at x (curve_gain)."""
     _fill(out, np.float32(1))
     for _ in range(steps):
         _slope_step(out, x, r)
     for j in range(out.shape[0]):
-        out[j] = (out[j] * sigma) ** 2
+        out[j] = max(out[j] * out[j] - 1, np.float32(0)) * sigma * sigma
 
 
 @fused
@@ -265,6 +279,7 @@ def coefficients(sums, count, sigma, r_low, cy0, cy1, cly, cx0, cx1, clx, k_luma
     for q, radius in enumerate((radius_luma, radius_chroma)):
         _window_sums(count, radius, windows[2 * q], tmp)
         _window_sums(ones, radius, windows[2 * q + 1], tmp)
+    _reciprocal(windows.reshape(-1))
     for n in range(n_img):
         _noise2(sums[n, 6], count, sigma[n], r_low[n % r_low.shape[0]], cy0, cy1, cly, cx0,
                 cx1, clx, steps, noise2[0])
