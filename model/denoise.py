@@ -46,7 +46,7 @@ class DenoiseConfig:
 
 IMMERKAER = np.sqrt(np.pi / 2) / 6  # Immerkaer 1996, Eq. 3: sigma = sqrt(pi/2) / (6 n) sum |I * N|
 NOISE_BLOCK = 64                    # columns per local noise estimate (one row of a cell row)
-TINY_VAR = 1e-10                    # keeps a / (var + eps) finite in a perfectly flat window
+TINY_VAR = 1e-30                    # keeps var / (var + eps) finite (where eps = 0 it is unused)
 
 
 @lru_cache(maxsize=256)
@@ -179,7 +179,8 @@ def denoise(images: torch.Tensor, enhanced: torch.Tensor, r_low: torch.Tensor, s
         c = _box(count, radius)
         m = _box(sums[:, ch:ch + 1], radius) / c
         var = (_box(sums[:, 3 + ch:4 + ch], radius) / c - m * m).clamp(min=0)
-        a = var / (var + k * strength * noise + TINY_VAR)
+        eps = k * strength * noise
+        a = torch.where(eps > 0, var / (var + eps).clamp(min=TINY_VAR), 1.0)  # 1: identity
         b = m - a * m
         cells = _box(torch.ones_like(count), radius)
         coef += [_box(a, radius) / cells, _box(b, radius) / cells]
