@@ -157,15 +157,20 @@ def cell_gain(lum_mean: torch.Tensor, r_low: torch.Tensor, H: int, W: int, cell:
     return curve_gain(lum_mean, r, steps)
 
 
-def denoise(images: torch.Tensor, enhanced: torch.Tensor, r_low: torch.Tensor, strength: float,
-            cfg: DenoiseConfig = DenoiseConfig(), steps: int = STEPS) -> torch.Tensor:
-    """images: the uint8 input (N, 3, H, W); enhanced: RIE's uint8 output of it with the factor
-    map r_low (N or 1, 3, h, w); strength > 0 scales eps. Returns the denoised uint8 output."""
-    s, (n, _, H, W) = cfg.cell, images.shape
+def _planes(enhanced: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float (N, 3, H, W): L, R - L, B - L in [0, 1] units."""
     y = enhanced.float() / 255
     lum = y.sum(1, keepdim=True) / 3
-    planes = torch.cat([lum, y[:, :1] - lum, y[:, 2:] - lum], 1)       # L, R - L, B - L
-    ones = torch.ones(1, 1, H, W, device=y.device)
+    return torch.cat([lum, y[:, :1] - lum, y[:, 2:] - lum], 1)
+
+
+def coefficients(images: torch.Tensor, enhanced: torch.Tensor, r_low: torch.Tensor,
+                 strength: float, cfg: DenoiseConfig = DenoiseConfig(),
+                 steps: int = STEPS) -> torch.Tensor:
+    """The guided filter's (A, B) of L, R - L and B - L per cell: (N, 6, hc, wc)."""
+    s, (n, _, H, W) = cfg.cell, images.shape
+    planes = _planes(enhanced)
+    ones = torch.ones(1, 1, H, W, device=planes.device)
     lum_in = images.float().sum(1, keepdim=True) / (3 * 255)
     sums = _cell_sums(torch.cat([planes, planes * planes, lum_in], 1), s)  # (N, 7, hc, wc)
     count = _cell_sums(ones, s)
@@ -184,8 +189,22 @@ def denoise(images: torch.Tensor, enhanced: torch.Tensor, r_low: torch.Tensor, s
         b = m - a * m
         cells = _box(torch.ones_like(count), radius)
         coef += [_box(a, radius) / cells, _box(b, radius) / cells]
-    A_B = _upsample(torch.cat(coef, 1), H, W, s)                       # (N, 6, H, W)
-    q = A_B[:, 0::2] * planes + A_B[:, 1::2]                           # L', (R-L)', (B-L)'
+    return torch.cat(coef, 1)
+
+
+def apply_coefficients(enhanced: torch.Tensor, coef: torch.Tensor, cell: int) -> torch.Tensor:
+    """q = A p + B on L, R - L, B - L, (A, B) upsampled from the cells; back to uint8 RGB."""
+    H, W = enhanced.shape[-2:]
+    A_B = _upsample(coef, H, W, cell)                                   # (N, 6, H, W)
+    q = A_B[:, 0::2] * _planes(enhanced) + A_B[:, 1::2]                 # L', (R-L)', (B-L)'
     L, u, v = q[:, :1], q[:, 1:2], q[:, 2:]
     out = torch.cat([L + u, L - u - v, L + v], 1)
     return out.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
+
+
+def denoise(images: torch.Tensor, enhanced: torch.Tensor, r_low: torch.Tensor, strength: float,
+            cfg: DenoiseConfig = DenoiseConfig(), steps: int = STEPS) -> torch.Tensor:
+    """images: the uint8 input (N, 3, H, W); enhanced: RIE's uint8 output of it with the factor
+    map r_low (N or 1, 3, h, w); strength > 0 scales eps. Returns the denoised uint8 output."""
+    coef = coefficients(images, enhanced, r_low, strength, cfg, steps)
+    return apply_coefficients(enhanced, coef, cfg.cell)

@@ -20,7 +20,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from .denoise import DenoiseConfig, denoise as denoise_reference
+from .denoise import DenoiseConfig, cell_taps, coefficients, denoise as denoise_reference
 from .efe import EFE, level_gain
 from .kernels import HALO, MIN_BAND_ROWS, TINY, efe_items, efe_one, lowres_size, numba, rie_uint8, taps
 from .kernels_dn import denoise_numba
@@ -164,6 +164,12 @@ def downscaled_mean(img: np.ndarray, ys: tuple, xs: tuple) -> np.ndarray:
 
 
 @lru_cache(maxsize=256)
+def cell_taps_on(n: int, cell: int, device: torch.device):
+    """`denoise.cell_taps` as tensors on the device, kept."""
+    return tuple(torch.from_numpy(t).to(device) for t in cell_taps(n, cell))
+
+
+@lru_cache(maxsize=256)
 def device_taps(n_in: int, n_out: int, align_corners: bool, device: torch.device):
     """`taps` as tensors on the device, kept: a video stream asks for the same few sizes."""
     return tuple(torch.from_numpy(t).to(device) for t in taps(n_in, n_out, align_corners))
@@ -249,8 +255,22 @@ class TritonFast(TorchFast):
                 images.stride(0), images.stride(2), images.stride(1),
                 out.stride(0), out.stride(2), out.stride(1), s_r_n, r.stride(1), r.stride(2),
                 STEPS=self.steps, CHANNELS_LAST=cl, BLOCK=triton_kernels.BLOCK)
-        if denoise > 0:  # in torch ops on the GPU (a Triton kernel for it is still to come)
-            out = denoise_reference(images, out, r, denoise, config, self.steps)
+        if denoise > 0:  # statistics and coefficients in torch ops, the full-size pass fused
+            out = self._denoise(images, out, r, denoise, config)
+        return out
+
+    def _denoise(self, images, enhanced, r, denoise, config):
+        from . import triton_kernels
+        coef = coefficients(images, enhanced, r, denoise, config, self.steps).contiguous()
+        out = torch.empty_like(enhanced)
+        (n, _, H, W), (hc, wc) = enhanced.shape, coef.shape[-2:]
+        blocks = -(-W // triton_kernels.BLOCK)
+        s_n, s_c, s_y, s_x = enhanced.stride()
+        with torch.cuda.device(images.device) if images.is_cuda else nullcontext():
+            triton_kernels.denoise_apply[(n * H * blocks,)](
+                enhanced, out, coef, *cell_taps_on(H, config.cell, images.device),
+                *cell_taps_on(W, config.cell, images.device), H, W, blocks, hc, wc,
+                s_n, s_y, s_x, s_c, BLOCK=triton_kernels.BLOCK)
         return out
 
 

@@ -72,3 +72,55 @@ if triton is not None:
         tl.store(dst, (v + 0.5).to(tl.uint8), mask=mask)
 else:
     rie_uint8 = None
+
+
+
+if triton is not None:
+    @triton.jit
+    def _cell_value(plane, ca, cb, wb, xa, xb, wx, wc, mask):
+        """One coefficient map (hc, wc) at the pixels: bilinear from the cell centres, rows
+        first as `denoise._upsample` computes it."""
+        va = tl.load(plane + ca * wc + xa, mask=mask, other=0.0) * (1 - wb) + \
+            tl.load(plane + cb * wc + xa, mask=mask, other=0.0) * wb
+        vb = tl.load(plane + ca * wc + xb, mask=mask, other=0.0) * (1 - wb) + \
+            tl.load(plane + cb * wc + xb, mask=mask, other=0.0) * wb
+        return va * (1 - wx) + vb * wx
+
+    @triton.jit(do_not_specialize=["H", "W", "blocks", "hc", "wc", "s_n", "s_y", "s_x", "s_c"])
+    def denoise_apply(img, out, coef, y0, y1, ly, x0, x1, lx, H, W, blocks, hc, wc,
+                      s_n, s_y, s_x, s_c, BLOCK: tl.constexpr):
+        """The denoising stage's last pass (model/denoise.py, `apply_coefficients`) for BLOCK
+        pixels of one image row: L, R - L, B - L of the pixel, q = A p + B with (A, B) from the
+        cell grid coef (N, 6, hc, wc), contiguous (taps y*, x*: `denoise.cell_taps`), back to
+        RGB. img and out share strides (s_n, s_y, s_x, s_c): channels-last or planar alike."""
+        pid = tl.program_id(0).to(tl.int64)
+        row, seg = pid // blocks, pid % blocks
+        n, y = row // H, row % H
+        x = seg * BLOCK + tl.arange(0, BLOCK)
+        mask = x < W
+        at = n * s_n + y * s_y + x * s_x
+        r = tl.load(img + at, mask=mask, other=0).to(tl.float32) / 255.0
+        g = tl.load(img + at + s_c, mask=mask, other=0).to(tl.float32) / 255.0
+        b = tl.load(img + at + 2 * s_c, mask=mask, other=0).to(tl.float32) / 255.0
+        lum = (r + g + b) / 3.0
+        ca, cb, wb = tl.load(y0 + y), tl.load(y1 + y), tl.load(ly + y)
+        xa = tl.load(x0 + x, mask=mask, other=0)
+        xb = tl.load(x1 + x, mask=mask, other=0)
+        wx = tl.load(lx + x, mask=mask, other=0.0)
+        size = hc * wc
+        plane = coef + n * 6 * size
+        q_l = _cell_value(plane, ca, cb, wb, xa, xb, wx, wc, mask) * lum + \
+            _cell_value(plane + size, ca, cb, wb, xa, xb, wx, wc, mask)
+        q_u = _cell_value(plane + 2 * size, ca, cb, wb, xa, xb, wx, wc, mask) * (r - lum) + \
+            _cell_value(plane + 3 * size, ca, cb, wb, xa, xb, wx, wc, mask)
+        q_v = _cell_value(plane + 4 * size, ca, cb, wb, xa, xb, wx, wc, mask) * (b - lum) + \
+            _cell_value(plane + 5 * size, ca, cb, wb, xa, xb, wx, wc, mask)
+        # round half up (torch: half to even): differs only on exact .5, within 1 level
+        r = tl.minimum(tl.maximum(q_l + q_u, 0.0), 1.0) * 255.0 + 0.5
+        g = tl.minimum(tl.maximum(q_l - q_u - q_v, 0.0), 1.0) * 255.0 + 0.5
+        b = tl.minimum(tl.maximum(q_l + q_v, 0.0), 1.0) * 255.0 + 0.5
+        tl.store(out + at, r.to(tl.uint8), mask=mask)
+        tl.store(out + at + s_c, g.to(tl.uint8), mask=mask)
+        tl.store(out + at + 2 * s_c, b.to(tl.uint8), mask=mask)
+else:
+    denoise_apply = None

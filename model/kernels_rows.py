@@ -1,0 +1,124 @@
+"""Row helpers of the denoising kernels (model/kernels_dn.py, model/kernels_guided.py).
+
+Every inner loop is a function of its own over 1-D arrays: numba then vectorises it (the same
+loop written inline over rows of 2-D arrays ran ~15x slower, measured on this machine;
+docs/performance.md, "The denoising stage").
+"""
+import numpy as np
+
+from .kernels import _compile
+
+kernel, serial = _compile(parallel=True), _compile(parallel=False)
+fused = _compile(parallel=False, fastmath={"contract"})
+
+THIRD = np.float32(1 / 3)
+
+
+@fused
+def _fill(dst, value):
+    for j in range(dst.shape[0]):
+        dst[j] = value
+
+
+@fused
+def _add(acc, p):
+    for x in range(acc.shape[0]):
+        acc[x] += p[x]
+
+
+@fused
+def _add_both(acc, acc2, p):
+    """acc += p, acc2 += p^2."""
+    for x in range(acc.shape[0]):
+        acc[x] += p[x]
+        acc2[x] += p[x] * p[x]
+
+
+@_compile(parallel=False, fastmath={"contract", "reassoc"})
+def _sum(p):
+    """A vectorised (reassociated) sum."""
+    total = np.float32(0)
+    for x in range(p.shape[0]):
+        total += p[x]
+    return total
+
+
+@fused
+def _divide(num, den, dst):
+    for j in range(dst.shape[0]):
+        dst[j] = num[j] / den[j]
+
+
+@fused
+def _multiply(a, b, dst):
+    for j in range(dst.shape[0]):
+        dst[j] = a[j] * b[j]
+
+
+@fused
+def _reciprocal(p):
+    for j in range(p.shape[0]):
+        p[j] = np.float32(1) / p[j]
+
+
+@fused
+def _lerp(a, b, wb, dst):
+    wa = np.float32(1) - wb
+    for x in range(dst.shape[0]):
+        dst[x] = a[x] * wa + b[x] * wb
+
+
+@fused
+def _sum4(src, dst):
+    for j in range(dst.shape[0]):
+        dst[j] = src[4 * j] + src[4 * j + 1] + src[4 * j + 2] + src[4 * j + 3]
+
+
+@fused
+def _add_strided(dst, src, start, step):
+    for j in range(dst.shape[0]):
+        dst[j] += src[start + j * step]
+
+
+@fused
+def _cell_reduce(acc, cell, dst):
+    """dst[j] = sum of acc over cell j: one strided pass per offset in the cell."""
+    W, full = acc.shape[0], acc.shape[0] // cell
+    if cell == 4:
+        _sum4(acc, dst[:full])
+    else:
+        _fill(dst, np.float32(0))
+        for k in range(cell):
+            _add_strided(dst[:full], acc, k, cell)
+    if full < dst.shape[0]:  # a last, partial cell
+        dst[full] = np.float32(0)
+        for x in range(full * cell, W):
+            dst[full] += acc[x]
+
+
+
+
+@fused
+def _to_float(px, f):
+    """f = px / 255: a channels-last row of 3 W uint8 values."""
+    inv = np.float32(1 / 255)
+    for x in range(px.shape[0]):
+        f[x] = np.float32(px[x]) * inv
+
+
+@fused
+def _luma(f, lum):
+    """L = (R + G + B) / 3 from interleaved floats."""
+    for x in range(lum.shape[0]):
+        lum[x] = (f[3 * x] + f[3 * x + 1] + f[3 * x + 2]) * THIRD
+
+
+@fused
+def _planes(px, f, lum, u, v):
+    """L, R - L, B - L of a channels-last uint8 row, in [0, 1] units (one loop per plane)."""
+    _to_float(px, f)
+    _luma(f, lum)
+    for x in range(lum.shape[0]):
+        u[x] = f[3 * x] - lum[x]
+    for x in range(lum.shape[0]):
+        v[x] = f[3 * x + 2] - lum[x]
