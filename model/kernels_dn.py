@@ -8,13 +8,14 @@ output in place, q = A p + B on L, R - L, B - L. Images are channels-last rows, 
 uint8.
 """
 import threading
+from functools import lru_cache
 
 import numpy as np
 
 from .denoise import (IMMERKAER, NOISE_BLOCK, DenoiseConfig, block_counts, cell_taps,
                       centre_taps, noise_rows)
 from .kernels import prange
-from .kernels_guided import coefficients, scratch_size
+from .kernels_guided import coefficients, scratch_size, window_reciprocals
 from .kernels_rows import (_add, _add_both, _cell_reduce, _fill, _luma, _planes, _sum,
                            _to_float, fused, kernel, serial)
 
@@ -172,6 +173,18 @@ def _scratch(n: int, hc: int, wc: int) -> np.ndarray:
     return buf
 
 
+@lru_cache(maxsize=64)
+def _geometry(H: int, W: int, cell: int, radius_luma: int, radius_chroma: int):
+    """Per image size: the pixels of each cell that the statistics read (its even rows), and
+    `window_reciprocals` of them (read-only: shared by every call and thread)."""
+    hc, wc = -(-H // cell), -(-W // cell)
+    rows_in = (np.minimum(cell, H - np.arange(hc) * cell) + 1) // 2
+    count = np.outer(rows_in, np.minimum(cell, W - np.arange(wc) * cell)).astype(np.float32)
+    windows = window_reciprocals(count, radius_luma, radius_chroma)
+    count.flags.writeable = windows.flags.writeable = False
+    return count, windows
+
+
 def denoise_numba(img: np.ndarray, out: np.ndarray, r_low: np.ndarray, strength: float,
                   cfg: DenoiseConfig, steps: int, run) -> None:
     """model/denoise.py's `denoise` on channels-last (N, H, 3 W) uint8 arrays, `out` rewritten
@@ -192,10 +205,9 @@ def denoise_numba(img: np.ndarray, out: np.ndarray, r_low: np.ndarray, strength:
         means = (noise[:, :rows] * np.float32(IMMERKAER) / np.maximum(counts, 1))[..., counts > 0]
         sigma = np.quantile(means.reshape(n, -1), cfg.noise_quantile, axis=1)
     sigma = np.minimum(sigma, cfg.max_sigma).astype(np.float32)
-    rows_in = (np.minimum(s, H - np.arange(hc) * s) + 1) // 2  # even rows of each cell
-    count = np.outer(rows_in, np.minimum(s, W - np.arange(wc) * s)).astype(np.float32)
+    count, windows = _geometry(H, W, s, cfg.radius_luma, cfg.radius_chroma)
     h, w = r_low.shape[-2:]
-    run(coefficients, sums, count, sigma, r_low, *centre_taps(H, h, s), *centre_taps(W, w, s),
+    run(coefficients, sums, count, windows, sigma, r_low, *centre_taps(H, h, s), *centre_taps(W, w, s),
         np.float32(cfg.k_luma * strength), np.float32(cfg.k_chroma * strength),
         cfg.radius_luma, cfg.radius_chroma, steps, coef, buf[n * (PLANES + 6):])
     run(apply, out, coef, s, *cell_taps(H, s), *cell_taps(W, s))

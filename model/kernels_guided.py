@@ -58,10 +58,10 @@ def _ab_row(inv_c, m, var, noise2, k, a, b):
 
 
 @fused
-def _noise2(sums, count, sigma, r, cy0, cy1, cly, cx0, cx1, clx, steps, out):
-    """(g^2 - 1) sigma^2 per cell: g the curve's slope (`cell_gain`) at the cell's mean input luma,
-    for the factor map (mean of the channels) at the cell's centre."""
-    hc, wc = out.shape
+def _noise2(sums, count, sigma, r, cy0, cy1, cly, cx0, cx1, clx, steps, out, i0, i1):
+    """(g^2 - 1) sigma^2 per cell of rows i0 to i1 - 1: g the curve's slope (`cell_gain`) at the
+    cell's mean input luma, for the factor map (mean of the channels) at the cell's centre."""
+    wc = out.shape[1]
     h = r.shape[1]
     rm = (r[0] + r[1] + r[2]) * THIRD                                  # (h, w)
     cols = np.empty((h, wc), np.float32)
@@ -69,7 +69,7 @@ def _noise2(sums, count, sigma, r, cy0, cy1, cly, cx0, cx1, clx, steps, out):
         for j in range(wc):
             cols[i, j] = rm[i, cx0[j]] * (1 - clx[j]) + rm[i, cx1[j]] * clx[j]
     rc, x = np.empty(wc, np.float32), np.empty(wc, np.float32)
-    for i in range(hc):
+    for i in range(i0, i1):
         _lerp(cols[cy0[i]], cols[cy1[i]], cly[i], rc)
         _divide(sums[i], count[i], x)
         _gain_noise(x, rc, sigma, steps, out[i])
@@ -93,30 +93,39 @@ def _slope_step(g, x, r):
 
 
 @kernel
-def coefficients(sums, count, sigma, r_low, cy0, cy1, cly, cx0, cx1, clx, k_luma, k_chroma,
-                 radius_luma, radius_chroma, steps, coef, work):
+def coefficients(sums, count, windows, sigma, r_low, cy0, cy1, cly, cx0, cx1, clx, k_luma,
+                 k_chroma, radius_luma, radius_chroma, steps, coef, work):
     """coef (N, 6, hc, wc): (A, B) of L, R - L, B - L. r_low (n_r, 3, h, w): image n uses map
-    n % n_r, read at each cell's centre (taps cy*, cx*). One job per image and plane.
-    work: (N, 3, 5, hc, wc) + (5, hc, wc) float32 scratch, passed in so that it is not
-    page-faulted afresh on every call."""
+    n % n_r, read at each cell's centre (taps cy*, cx*). windows: `window_reciprocals`. Per
+    image, the noise in two halves of rows, then one job per plane. work: (N, 3, 5, hc, wc) +
+    (1, hc, wc) float32 scratch, passed in so that it is not page-faulted afresh every call."""
     n_img, _, hc, wc = sums.shape
-    scratch, shared = work[:n_img * 15].reshape(n_img, 3, 5, hc, wc), work[n_img * 15:]
-    noise2, windows = shared[0:1], shared[1:5]   # windows: pixels and cells for both radii
-    ones, tmp = shared[5], shared[6]
-    _fill(ones.reshape(-1), np.float32(1))
-    for q, radius in enumerate((radius_luma, radius_chroma)):
-        _window_sums(count, radius, windows[2 * q], tmp)
-        _window_sums(ones, radius, windows[2 * q + 1], tmp)
-    _reciprocal(windows.reshape(-1))
+    scratch, noise2 = work[:n_img * 15].reshape(n_img, 3, 5, hc, wc), work[n_img * 15]
     for n in range(n_img):
-        _noise2(sums[n, 6], count, sigma[n], r_low[n % r_low.shape[0]], cy0, cy1, cly, cx0,
-                cx1, clx, steps, noise2[0])
+        for half in prange(2):
+            _noise2(sums[n, 6], count, sigma[n], r_low[n % r_low.shape[0]], cy0, cy1, cly, cx0,
+                    cx1, clx, steps, noise2, half * hc // 2, (half + 1) * hc // 2)
         for p in prange(3):
             k, radius, q = (k_luma, radius_luma, 0) if p == 0 else (k_chroma, radius_chroma, 1)
-            _guided(windows[2 * q], windows[2 * q + 1], sums[n, p], sums[n, 3 + p], noise2[0],
+            _guided(windows[2 * q], windows[2 * q + 1], sums[n, p], sums[n, 3 + p], noise2,
                     k, radius, coef[n, 2 * p], coef[n, 2 * p + 1], scratch[n, p])
 
 
 def scratch_size(n_img: int) -> int:
     """Planes of (hc, wc) that `coefficients` needs as `work`."""
-    return n_img * 15 + 7
+    return n_img * 15 + 1
+
+
+@serial
+def window_reciprocals(count, radius_luma, radius_chroma):
+    """1 / the window sums of the pixel counts and of ones, for both radii: (4, hc, wc). They
+    depend on the image's size only (kept per size by kernels_dn)."""
+    hc, wc = count.shape
+    out = np.empty((4, hc, wc), np.float32)
+    ones, tmp = np.ones((hc, wc), np.float32), np.empty((hc, wc), np.float32)
+    for q in range(2):
+        radius = radius_luma if q == 0 else radius_chroma
+        _window_sums(count, radius, out[2 * q], tmp)
+        _window_sums(ones, radius, out[2 * q + 1], tmp)
+    _reciprocal(out.reshape(-1))
+    return out
