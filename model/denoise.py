@@ -35,7 +35,7 @@ class DenoiseConfig:
     radius_luma: int = 1     # window radius in cells: (2 r + 1) cell pixels a side
     radius_chroma: int = 1
     k_luma: float = 3.0      # eps = k * denoise * (g^2 - 1) sigma^2
-    k_chroma: float = 24.0
+    k_chroma: float = 16.0
     max_sigma: float = 0.05  # noise estimates above this (in [0, 1] units) are texture, not noise
     noise_quantile: float = 0.25  # of the local noise estimates (see noise_sigma)
 

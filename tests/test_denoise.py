@@ -101,7 +101,7 @@ def test_clean_photo_is_barely_touched(numba_enhancer):
     plain = numba_enhancer.enhance(x, denoise=0, exposure=None)
     assert float(plain.float().mean()) / 255 > 0.45
     change = (numba_enhancer.enhance(x, exposure=None).float() - plain.float()).abs()
-    assert float(change.mean()) < 0.5
+    assert float(change.mean()) < 0.75
 
 
 def test_strength_follows_the_input_noise(numba_enhancer):
