@@ -127,13 +127,14 @@ class NumbaFast:
             return self.apply_factor(cl, r_low, denoise, config).contiguous()
         r = r_low.detach().to("cpu", torch.float32).contiguous().numpy()
         (n, c, H, W), (n_r, h, w) = images.shape, (r.shape[0], *r.shape[-2:])
-        row_taps, col_taps = taps(h, H, True), taps(w, W, True)
+        row_taps, col_taps = host_taps(h, H, True), host_taps(w, W, True)
         if channels_last(images):  # answered in the same layout: no transposes either side
             img = images.permute(0, 2, 3, 1).numpy().reshape(n, H, W * c)
             out = np.empty_like(img)
-            self._run(rie_uint8, img, r, *row_taps, *col_taps, self.steps, out)
-            if denoise > 0:
+            if denoise > 0:  # RIE fused with the denoising statistics
                 denoise_numba(img, out, r, denoise, config, self.steps, self._run)
+            else:
+                self._run(rie_uint8, img, r, *row_taps, *col_taps, self.steps, out)
             return torch.from_numpy(out).view(n, H, W, c).permute(0, 3, 1, 2)
         img = images.contiguous().numpy().reshape(n * c, H, W)  # planes as 1-channel images
         out = np.empty_like(img)
@@ -161,6 +162,9 @@ def downscaled_mean(img: np.ndarray, ys: tuple, xs: tuple) -> np.ndarray:
     else:
         sums = ((img[:, :, rows].astype(np.float32) @ wc) @ wr[rows]).sum(1)  # (N,)
     return (sums / np.float32(255 * 3 * len(ly) * len(lx))).astype(np.float32)
+
+
+host_taps = lru_cache(maxsize=256)(taps)  # `taps`, kept: the same sizes come again
 
 
 @lru_cache(maxsize=256)

@@ -253,7 +253,18 @@ def rie_uint8(img, r_low, y0, y1, ly, x0, x1, lx, steps, out):
     upsampled along rows first, at EFE's height (1/12 of the work), into rows interleaved like
     the image, so the full-size loop over a row is one contiguous pass. Same order of
     operations as PyTorch's bilinear kernel."""
-    n_img, H, WC = img.shape
+    n_img, H, _ = img.shape
+    rows = factor_rows(r_low, x0, x1, lx, img.shape[2])
+    n_blocks = (H + ROWS - 1) // ROWS
+    for job in prange(n_img * n_blocks):
+        n, blk = job // n_blocks, job % n_blocks
+        rie_rows(img, rows, y0, y1, ly, steps, out, n, blk * ROWS, min(H, blk * ROWS + ROWS))
+
+
+@serial
+def factor_rows(r_low, x0, x1, lx, WC):
+    """(n_r, h, WC): each row of the factor maps upsampled along x, channels interleaved like
+    the image's rows (rie_uint8)."""
     n_r, ch, h, _ = r_low.shape
     one = np.float32(1)
     rows = np.empty((n_r, h, WC), np.float32)
@@ -264,16 +275,20 @@ def rie_uint8(img, r_low, y0, y1, ly, x0, x1, lx, steps, out):
             src = r_low[n, c, j]
             for x in range(WC // ch):
                 dst[x * ch + c] = src[x0[x]] * (one - lx[x]) + src[x1[x]] * lx[x]
-    n_blocks = (H + ROWS - 1) // ROWS
-    for job in prange(n_img * n_blocks):
-        n, blk = job // n_blocks, job % n_blocks
-        nr = n % n_r
-        for y in range(blk * ROWS, min(H, blk * ROWS + ROWS)):
-            ra, rb, wa, wb = rows[nr, y0[y]], rows[nr, y1[y]], one - ly[y], ly[y]
-            if steps == STEPS:
-                _rie_row_fixed(img[n, y], ra, rb, wa, wb, out[n, y])
-            else:
-                _rie_row(img[n, y], ra, rb, wa, wb, steps, out[n, y])
+    return rows
+
+
+@serial
+def rie_rows(img, rows, y0, y1, ly, steps, out, n, ya, yb):
+    """Rows ya to yb - 1 of image n: RIE with the factor between `factor_rows` rows."""
+    one = np.float32(1)
+    nr = n % rows.shape[0]
+    for y in range(ya, yb):
+        ra, rb, wa, wb = rows[nr, y0[y]], rows[nr, y1[y]], one - ly[y], ly[y]
+        if steps == STEPS:
+            _rie_row_fixed(img[n, y], ra, rb, wa, wb, out[n, y])
+        else:
+            _rie_row(img[n, y], ra, rb, wa, wb, steps, out[n, y])
 
 
 @_compile(parallel=False, fastmath={"contract"})

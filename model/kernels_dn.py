@@ -1,8 +1,8 @@
 """The numba kernels of the denoising stage (model/denoise.py is the reference they follow).
 
-Three launches after RIE's fused pass: `cell_stats` reads the input and RIE's uint8 output once
-and sums each cell's luma, chroma, their squares and the input's luma, plus Immerkaer's sums on
-one input row per cell row; `coefficients` (model/kernels_guided.py) runs the guided filter at
+Three launches: `rie_stats` is RIE's fused pass (kernels.rie_uint8) that, on each band of rows
+just written, sums each cell's luma, chroma, their squares and the input's luma, plus
+Immerkaer's sums on one input row per cell row; `coefficients` (model/kernels_guided.py) runs the guided filter at
 cell resolution (1/16 of the pixels); `apply` upsamples the filter's (A, B) and rewrites the
 output in place, q = A p + B on L, R - L, B - L. Images are channels-last rows, (N, H, 3 W)
 uint8.
@@ -14,7 +14,7 @@ import numpy as np
 
 from .denoise import (IMMERKAER, NOISE_BLOCK, DenoiseConfig, block_counts, cell_taps,
                       centre_taps, noise_rows)
-from .kernels import prange
+from .kernels import factor_rows, prange, rie_rows, taps
 from .kernels_guided import coefficients, scratch_size, window_reciprocals
 from .kernels_rows import (_add, _add_both, _cell_reduce, _fill, _luma, _planes, _sum,
                            _to_float, fused, kernel, serial)
@@ -25,16 +25,23 @@ PLANES = 7  # cell sums: L, R-L, B-L, their squares, the input's luma
 
 
 @kernel
-def cell_stats(img, out, cell, sums, noise):
-    """sums (N, PLANES, hc, wc) float32, noise (N, hc, blocks) float32: per cell row, the sums
+def rie_stats(img, r_low, y0, y1, ly, x0, x1, lx, steps, out, cell, sums, noise):
+    """RIE's fused pass (kernels.rie_uint8: out = its uint8 output of img with the factor maps
+    r_low at the taps y*, x*) and, on each band of cell rows just written, while the rows are
+    in cache, the statistics: sums (N, PLANES, hc, wc) float32, noise (N, hc, blocks) float32:
+    per cell row, the sums
     of |L * N| over each block of NOISE_BLOCK columns of its row at offset 1
     (model/denoise.py, `noise_sigma`). img, out: (N, H, 3 W)
     uint8, channels-last rows; cell even, >= 4. Each row's values are summed per pixel into
     buffers (one store per loop, contiguous: it vectorises), then per cell."""
     n_img, hc = img.shape[0], sums.shape[2]
+    rows = factor_rows(r_low, x0, x1, lx, img.shape[2])
     bands = (hc + STATS_BAND - 1) // STATS_BAND
     for job in prange(n_img * bands):  # the body is its own function: kept out of numba's
-        _stats_job(img, out, cell, sums, noise, job // bands, job % bands)  # parfor passes
+        n, band = job // bands, job % bands  # parfor passes
+        rie_rows(img, rows, y0, y1, ly, steps, out, n, band * STATS_BAND * cell,
+                 min(img.shape[1], (band + 1) * STATS_BAND * cell))
+        _stats_job(img, out, cell, sums, noise, n, band)
 
 
 @serial
@@ -173,6 +180,27 @@ def _scratch(n: int, hc: int, wc: int) -> np.ndarray:
     return buf
 
 
+@lru_cache(maxsize=256)
+def _taps(n_in: int, n_out: int):
+    return taps(n_in, n_out, True)
+
+
+@lru_cache(maxsize=256)
+def _block_scale(W: int):
+    """IMMERKAER / the interior pixels of each noise block, and which blocks have any."""
+    counts = block_counts(W)
+    return np.float32(IMMERKAER) / np.maximum(counts, 1), counts > 0
+
+
+def _quantile(values: np.ndarray, q: float) -> float:
+    """np.quantile's default (linear) method, without its overhead (~0.3 ms a call)."""
+    pos = q * (len(values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(values) - 1)
+    part = np.partition(values, (lo, hi))
+    return float(part[lo] + (part[hi] - part[lo]) * (pos - lo))
+
+
 @lru_cache(maxsize=64)
 def _geometry(H: int, W: int, cell: int, radius_luma: int, radius_chroma: int):
     """Per image size: the pixels of each cell that the statistics read (its even rows), and
@@ -187,8 +215,9 @@ def _geometry(H: int, W: int, cell: int, radius_luma: int, radius_chroma: int):
 
 def denoise_numba(img: np.ndarray, out: np.ndarray, r_low: np.ndarray, strength: float,
                   cfg: DenoiseConfig, steps: int, run) -> None:
-    """model/denoise.py's `denoise` on channels-last (N, H, 3 W) uint8 arrays, `out` rewritten
-    in place; `run(kernel, *args)` launches a parallel kernel (NumbaFast._run: one at a time)."""
+    """RIE (as kernels.rie_uint8) and model/denoise.py's `denoise` on channels-last (N, H, 3 W)
+    uint8 arrays into `out`; r_low (n_r, 3, h, w) float32; `run(kernel, *args)` launches a
+    parallel kernel (NumbaFast._run: one at a time)."""
     n, H, WC = img.shape
     W = WC // 3
     s = cfg.cell
@@ -197,16 +226,16 @@ def denoise_numba(img: np.ndarray, out: np.ndarray, r_low: np.ndarray, strength:
     sums = buf[:n * PLANES].reshape(n, PLANES, hc, wc)
     coef = buf[n * PLANES:n * (PLANES + 6)].reshape(n, 6, hc, wc)
     noise = np.empty((n, hc, -(-W // NOISE_BLOCK)), np.float32)
-    run(cell_stats, img, out, s, sums, noise)
+    h, w = r_low.shape[-2:]
+    run(rie_stats, img, r_low, *_taps(h, H), *_taps(w, W), steps, out, s, sums, noise)
     rows = len(noise_rows(H, s))
     sigma = np.zeros(n, np.float32)
     if rows and W > 2:  # as denoise._block_quantile
-        counts = block_counts(W)
-        means = (noise[:, :rows] * np.float32(IMMERKAER) / np.maximum(counts, 1))[..., counts > 0]
-        sigma = np.quantile(means.reshape(n, -1), cfg.noise_quantile, axis=1)
+        scale, valid = _block_scale(W)
+        means = (noise[:, :rows] * scale)[..., valid].reshape(n, -1)
+        sigma = np.array([_quantile(m, cfg.noise_quantile) for m in means])
     sigma = np.minimum(sigma, cfg.max_sigma).astype(np.float32)
     count, windows = _geometry(H, W, s, cfg.radius_luma, cfg.radius_chroma)
-    h, w = r_low.shape[-2:]
     run(coefficients, sums, count, windows, sigma, r_low, *centre_taps(H, h, s), *centre_taps(W, w, s),
         np.float32(cfg.k_luma * strength), np.float32(cfg.k_chroma * strength),
         cfg.radius_luma, cfg.radius_chroma, steps, coef, buf[n * (PLANES + 6):])
