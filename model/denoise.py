@@ -1,7 +1,8 @@
 """Noise-adaptive denoising after the curve (ours, not the paper's): the eager reference.
 
 RIE brightens a dark pixel by the curve's slope there, and its sensor noise by the same slope:
-the output carries ~4x the ground truth's noise on LOL (docs/model-card.md, "Denoising"). This
+the output carries ~4x the ground truth's noise on LOL (docs/model-card.md, "Denoising and
+exposure"). This
 stage removes that noise where the curve put it and leaves the rest alone:
 
 1. sigma, the input's noise (Immerkaer 1996, "Fast noise variance estimation"), on its luma;
@@ -12,12 +13,14 @@ stage removes that noise where the curve put it and leaves the rest alone:
    the curve added to the input's noise: where the window's variance is at that level it is
    smoothed, edges and texture well above it are kept, and a clean or unbrightened image
    (sigma or g - 1 near 0) comes back unchanged: the input's own noise is the user's.
-   Chroma gets a larger k (colour speckle is the most visible noise) and a wider window.
+   Chroma gets a larger k: colour speckle is the most visible noise.
 
 It is a fast guided filter (He & Sun 2015): window statistics are summed per cell over the
-image's even rows, the filter's coefficients (a, b) computed and box-averaged at cell resolution, then
-upsampled bilinearly and applied per pixel, q = A p + B. The numba kernels in model/kernels_dn.py
-compute exactly this; tests/test_denoise.py checks them against this file.
+image's even rows, the filter's coefficients (a, b) computed and box-averaged at cell
+resolution, then upsampled bilinearly and applied per pixel, q = A p + B. The numba kernels
+(model/kernels_dn.py, kernels_guided.py) and the CUDA path (torch ops here, then
+triton_kernels.denoise_apply) compute exactly this; tests/test_denoise.py and
+tests/test_triton.py check them against this file.
 """
 from dataclasses import dataclass
 from functools import lru_cache
@@ -102,7 +105,8 @@ def cell_taps(n_full: int, cell: int):
     """Bilinear taps from cell centres (cell i covers pixels [i cell, (i+1) cell)) to pixels:
     (i0, i1, weight of i1) per pixel, as numpy arrays."""
     n_cells = -(-n_full // cell)
-    src = (np.arange(n_full, dtype=np.float32) + np.float32(0.5)) / np.float32(cell) - np.float32(0.5)
+    half = np.float32(0.5)
+    src = (np.arange(n_full, dtype=np.float32) + half) / np.float32(cell) - half
     src = np.clip(src, 0, n_cells - 1).astype(np.float32)
     i0 = np.floor(src).astype(np.int64)
     i1 = np.minimum(i0 + 1, n_cells - 1)

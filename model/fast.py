@@ -22,7 +22,8 @@ import torch
 
 from .denoise import DenoiseConfig, cell_taps, coefficients, denoise as denoise_reference
 from .efe import EFE, level_gain
-from .kernels import HALO, MIN_BAND_ROWS, TINY, efe_items, efe_one, lowres_size, numba, rie_uint8, taps
+from .kernels import (HALO, MIN_BAND_ROWS, TINY, efe_items, efe_one, lowres_size, numba,
+                      rie_uint8, taps)
 from .kernels_dn import denoise_numba
 from .rie import upsample_factor
 

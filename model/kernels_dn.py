@@ -2,8 +2,8 @@
 
 Three launches: `rie_stats` is RIE's fused pass (kernels.rie_uint8) that, on each band of rows
 just written, sums each cell's luma, chroma, their squares and the input's luma, plus
-Immerkaer's sums on one input row per cell row; `coefficients` (model/kernels_guided.py) runs the guided filter at
-cell resolution (1/16 of the pixels); `apply` upsamples the filter's (A, B) and rewrites the
+Immerkaer's sums on one input row per cell row; `coefficients` (model/kernels_guided.py) runs
+the guided filter at cell resolution (1/16 of the pixels); `apply` upsamples the filter's (A, B) and rewrites the
 output in place, q = A p + B on L, R - L, B - L. Images are channels-last rows, (N, H, 3 W)
 uint8.
 """
@@ -236,7 +236,8 @@ def denoise_numba(img: np.ndarray, out: np.ndarray, r_low: np.ndarray, strength:
         sigma = np.array([_quantile(m, cfg.noise_quantile) for m in means])
     sigma = np.minimum(sigma, cfg.max_sigma).astype(np.float32)
     count, windows = _geometry(H, W, s, cfg.radius_luma, cfg.radius_chroma)
-    run(coefficients, sums, count, windows, sigma, r_low, *centre_taps(H, h, s), *centre_taps(W, w, s),
+    run(coefficients, sums, count, windows, sigma, r_low, *centre_taps(H, h, s),
+        *centre_taps(W, w, s),
         np.float32(cfg.k_luma * strength), np.float32(cfg.k_chroma * strength),
         cfg.radius_luma, cfg.radius_chroma, steps, coef, buf[n * (PLANES + 6):])
     run(apply, out, coef, s, *cell_taps(H, s), *cell_taps(W, s))
