@@ -58,7 +58,7 @@ def _stats_job(img, out, cell, sums, noise, n, band):
             _planes(out[n, y], f, planes[0], planes[1], planes[2])
             for p in range(3):
                 _add_both(acc[p], acc[3 + p], planes[p])
-            k = min((y - i * cell) // 2, 1)
+            k = min((y - i * cell) // 2, 2)  # rows 0 and 2 are kept; lum[2] is scratch here
             _to_float(img[n, y], f)
             _luma(f, lum[k])
             _add(acc[6], lum[k])

@@ -175,3 +175,13 @@ def test_lol_figures_improve_with_denoising(numba_enhancer):
             scores.append((10 * np.log10(255 ** 2 / mse),
                            skimage.structural_similarity(out, gt, channel_axis=2, data_range=255)))
         assert scores[1][0] > scores[0][0] and scores[1][1] > scores[0][1] + 0.05, name
+
+
+@pytest.mark.parametrize("cell", [6, 8])
+def test_other_cell_sizes_match_the_reference(cell):
+    """DenoiseConfig(cell=...) reaches every path: the numba kernels' general code (not the
+    4-pixel fast paths) against the eager reference."""
+    x = photo(LOL / "low" / "106.png")
+    fast, eager = load_model(backend="numba"), load_model(fast=False)
+    fast.denoise_config = eager.denoise_config = DenoiseConfig(cell=cell)
+    assert max_diff(fast.enhance(x), eager.enhance(x)) <= 1
