@@ -103,32 +103,33 @@ def _size(path: Path) -> tuple[int, int]:
         return im.size
 
 
-def paths_for(checkpoint: str, names: list[str], device: str = "cpu") -> dict:
-    """name -> callable(hwc batch, nchw batch) for each implementation asked for."""
-    make = {}
-    for name, backend in (("fast", None), ("torch", "torch"), ("eager", "eager")):
-        if name in names:
-            enhancer = load_model(checkpoint, device, backend=backend)
-            enhancer.warmup()
-            make[name] = lambda hwc, t, e=enhancer: e.enhance(t, denoise=0, exposure=None)
-    if "fast" in names:  # fast and denoise read the photos channels-last, as decoded (a view)
-        make["fast"] = lambda hwc, t, e=make["fast"].__defaults__[0]: e.enhance(
-            _channels_last(hwc), denoise=0, exposure=None)
-    if "denoise" in names:
-        enhancer = load_model(checkpoint, device)
-        enhancer.warmup()
-        make["denoise"] = lambda hwc, t, e=enhancer: e.enhance(_channels_last(hwc))
-    if "published" in names:
-        ref = load_model(checkpoint, "cpu", fast=False)  # reads either checkpoint format
-        net = PublishedSGZ(ref.efe.state_dict()).eval().to(device)
-        make["published"] = lambda hwc, t: published_step(net, hwc)
-    return make
+NET = {"denoise": 0, "exposure": None}  # EFE + RIE alone: the work the baselines do
 
 
 def _channels_last(hwc) -> torch.Tensor:
     """(N, H, W, 3) numpy or tensor -> (N, 3, H, W) channels-last view, no copy."""
     t = torch.from_numpy(hwc) if isinstance(hwc, np.ndarray) else hwc
     return t.permute(0, 3, 1, 2)
+
+
+def paths_for(checkpoint: str, names: list[str], device: str = "cpu") -> dict:
+    """name -> callable(hwc batch, nchw batch) for each implementation asked for."""
+    make = {}
+    # fast and denoise read the photos channels-last, as decoded (a view); torch and eager the
+    # planar batch, as before; all but denoise run the network alone
+    for name, backend, options, layout in (
+            ("fast", None, NET, _channels_last), ("denoise", None, {}, _channels_last),
+            ("torch", "torch", NET, None), ("eager", "eager", NET, None)):
+        if name in names:
+            enhancer = load_model(checkpoint, device, backend=backend)
+            enhancer.warmup()
+            make[name] = lambda hwc, t, e=enhancer, o=options, f=layout: e.enhance(
+                f(hwc) if f else t, **o)
+    if "published" in names:
+        ref = load_model(checkpoint, "cpu", fast=False)  # reads either checkpoint format
+        net = PublishedSGZ(ref.efe.state_dict()).eval().to(device)
+        make["published"] = lambda hwc, t: published_step(net, hwc)
+    return make
 
 
 ROUNDS = 4  # processes per path, alternating paths, so slow drift of the machine hits all alike

@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Iterator
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError
-from .enhancer import DENOISE, MAX_DENOISE, load_model, parse_exposure
+from .enhancer import DENOISE, MAX_DENOISE, check_options, load_model, parse_exposure
 from .imageio import (FORMATS, IMAGE_SUFFIXES, DecodedImage, ImageDecodeError, ImageTooLarge,
                       decode_image, encode_image, factor_to_picture, tensor_to_rgb)
 from .rie import upsample_factor
@@ -74,10 +74,10 @@ def add_quality_options(p: argparse.ArgumentParser) -> None:
 def _denoise(text: str) -> float:
     try:
         d = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"denoise must be a number, got {text!r}") from None
-    if not 0 <= d <= MAX_DENOISE:
-        raise argparse.ArgumentTypeError(f"denoise must be in 0..{MAX_DENOISE:g}, got {text}")
+        check_options(1.0, d, None)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"denoise must be a number in 0..{MAX_DENOISE:g}, "
+                                         f"got {text!r}") from e
     return d
 
 

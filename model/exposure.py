@@ -13,9 +13,7 @@ every backend.
 import numpy as np
 import torch
 
-from .kernels import _compile, serial
-
-fused = _compile(parallel=False, fastmath={"contract"})
+from .kernels_rows import _sum, fused, serial
 from .rie import STEPS
 
 MAX_SAMPLES = 1024  # pixels per image the mean is estimated on (its error: ~0.2 / 32 = 0.006)
@@ -45,7 +43,7 @@ def mean_after(x: np.ndarray, r: np.ndarray, offset: float, steps: int, work: np
     _shift(r, np.float32(offset), rr, x, v)
     for _ in range(steps):
         _step(v, rr)
-    return _mean(v)
+    return _sum(v) / v.shape[0]
 
 
 @fused
@@ -60,14 +58,6 @@ def _shift(r, offset, rr, x, v):
 def _step(v, r):
     for i in range(v.shape[0]):  # Eq. 1
         v[i] = v[i] + r[i] * (v[i] * v[i] - v[i])
-
-
-@_compile(parallel=False, fastmath={"contract", "reassoc"})
-def _mean(v):
-    total = np.float32(0)
-    for i in range(v.shape[0]):
-        total += v[i]
-    return total / v.shape[0]
 
 
 @serial
