@@ -185,3 +185,12 @@ def test_other_cell_sizes_match_the_reference(cell):
     fast, eager = load_model(backend="numba"), load_model(fast=False)
     fast.denoise_config = eager.denoise_config = DenoiseConfig(cell=cell)
     assert max_diff(fast.enhance(x), eager.enhance(x)) <= 1
+
+
+def test_strength_zero_is_still_the_input(numba_enhancer, eager_enhancer):
+    """With strength 0 the curve has slope 1 everywhere, so it added no noise: the default
+    denoising leaves the input exactly as it was, in every path."""
+    x = photo(LOL / "low" / "14.png")
+    for enhancer in (numba_enhancer, eager_enhancer):
+        assert torch.equal(enhancer.enhance(x, strength=0.0), x)
+        assert torch.equal(enhancer.enhance(x.contiguous(), strength=0.0, denoise=4), x)
