@@ -28,8 +28,25 @@ ERRORS = {code: {"description": text} for code, text in {
 }.items()}
 
 
+# The options /enhance and /jobs share.
+Strength = Annotated[float, Query(ge=0, le=1, description="scales the factor map: 1 = the "
+                                  "model, 0 = unchanged")]
+Denoise = Annotated[float, Query(ge=0, le=MAX_DENOISE, description="noise removal: 0 = off, "
+                                 "1 = default, more = stronger")]
+Exposure = Annotated[str, Query(max_length=16, description="auto: lift images darker than mean "
+                                "0.40 up to it; model: the model's own level; a number in "
+                                "[0.05, 0.95]: the mean brightness to reach")]
+
+
 def runtime(request: Request) -> Runtime:
     return request.app.state.runtime
+
+
+def exposure_level(exposure: str) -> float | str | None:
+    try:
+        return parse_exposure(exposure)
+    except ValueError as e:
+        raise ApiError(422, "invalid_parameter", str(e)) from None
 
 
 @router.post("/enhance", response_class=Response, openapi_extra=IMAGE_BODY,
@@ -37,26 +54,18 @@ def runtime(request: Request) -> Runtime:
                               "description": "the enhanced image, same size"}, **ERRORS})
 async def enhance(
         request: Request,
-        strength: Annotated[float, Query(ge=0, le=1, description="scales the factor map: "
-                                         "1 = the model, 0 = unchanged")] = 1.0,
+        strength: Strength = 1.0,
         format: Annotated[Literal["png", "jpeg", "webp"] | None,
                           Query(description="output format; default: the input's "
                                 "(PNG for formats other than these)")] = None,
         quality: Annotated[int, Query(ge=1, le=100, description="JPEG/WebP quality")] = 90,
-        denoise: Annotated[float, Query(ge=0, le=MAX_DENOISE, description="noise removal: "
-                                        "0 = off, 1 = default, more = stronger")] = DENOISE,
-        exposure: Annotated[str, Query(max_length=16, description="auto: lift images darker "
-                                       "than mean 0.40 up to it; model: the model's own level; "
-                                       "a number in [0.05, 0.95]: the mean brightness to reach"
-                                       )] = "auto",
+        denoise: Denoise = DENOISE,
+        exposure: Exposure = "auto",
 ) -> Response:
     """Brighten a dark photo. The image comes as multipart field `image` or as the raw body.
     Its factor map stays available for a while at `GET /factor/{X-Request-ID}`."""
     rt, timing = runtime(request), Timing()
-    try:
-        level = parse_exposure(exposure)
-    except ValueError as e:
-        raise ApiError(422, "invalid_parameter", str(e)) from None
+    level = exposure_level(exposure)
     rt.check_ready()
     decoded, tensor = await rt.receive_image(request, timing)
     out = await rt.infer(request, Work(tensor, strength, ENHANCE, denoise, level), timing)

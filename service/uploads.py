@@ -1,8 +1,14 @@
-"""Reading an uploaded image: multipart field `image`, or a raw body with an image type.
+"""Reading an upload: an image (multipart field `image`, or a raw body with an image type)
+into memory, or a video (field `video`, or a raw video body) streamed to a file.
 
 The size limit is enforced while the body streams in (and from Content-Length before any of
 it is read), so an oversized upload is answered with 413 after at most `max_bytes` bytes.
 """
+import asyncio
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import Message, Receive
@@ -11,6 +17,9 @@ from .errors import ApiError
 
 IMAGE_FIELD = "image"
 RAW_TYPES = ("image/", "application/octet-stream")
+VIDEO_FIELD = "video"
+VIDEO_TYPES = ("video/", "application/octet-stream")
+WRITE_CHUNK = 1024 * 1024  # bytes gathered before each write, done off the event loop
 
 # For the OpenAPI schema: the body is read by hand, so FastAPI cannot infer it.
 IMAGE_BODY = {"requestBody": {"required": True, "content": {
@@ -20,12 +29,19 @@ IMAGE_BODY = {"requestBody": {"required": True, "content": {
     "image/*": {"schema": {"type": "string", "format": "binary"}},
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
 }}}
+VIDEO_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {
+        "type": "object", "required": [VIDEO_FIELD],
+        "properties": {VIDEO_FIELD: {"type": "string", "format": "binary"}}}},
+    "video/*": {"schema": {"type": "string", "format": "binary"}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+}}}
 
 
-def too_large(max_bytes: int, seen: str) -> ApiError:
+def too_large(max_bytes: int, seen: str, setting: str = "SGZ_MAX_UPLOAD_BYTES") -> ApiError:
     return ApiError(413, "payload_too_large",
                     f"the upload is {seen} bytes; this service accepts at most {max_bytes} "
-                    "bytes per request (SGZ_MAX_UPLOAD_BYTES)")
+                    f"bytes per request ({setting})")
 
 
 async def read_image_bytes(request: Request, max_bytes: int) -> bytes:
@@ -40,15 +56,87 @@ async def read_image_bytes(request: Request, max_bytes: int) -> bytes:
         raise ApiError(499, "client_disconnected", "the client went away mid-upload") from None
 
 
-async def _read(request: Request, max_bytes: int) -> bytes:
-    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+def _limited(request: Request, max_bytes: int, setting: str = "SGZ_MAX_UPLOAD_BYTES",
+             ) -> Request:
+    """The request with its body limited to max_bytes: 413 from Content-Length, before
+    reading, or as soon as the bytes read cross it."""
     length = request.headers.get("content-length")
     if length is not None:
         if not length.isdigit():
             raise ApiError(400, "bad_request", f"Content-Length {length!r} is not a number")
         if int(length) > max_bytes:
-            raise too_large(max_bytes, length)
-    limited = Request(request.scope, _counting(request.receive, max_bytes))
+            raise too_large(max_bytes, length, setting)
+    return Request(request.scope, _counting(request.receive, max_bytes, setting))
+
+
+def _media(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def save_video(request: Request, path: Path, max_bytes: int,
+                     check: Callable[[int], None]) -> int:
+    """Stream a video upload into `path`, never whole in memory; returns its size.
+    `check(bytes so far)` runs as it grows and may raise (the disk budget)."""
+    media = _media(request)
+    limited = _limited(request, max_bytes, "SGZ_MAX_VIDEO_UPLOAD_BYTES")
+    try:
+        if media == "multipart/form-data":
+            return await _video_from_multipart(limited, path, check)
+        if media.startswith(VIDEO_TYPES):
+            return await _stream_to(limited, path, check)
+    except ClientDisconnect:
+        raise ApiError(499, "client_disconnected", "the client went away mid-upload") from None
+    raise ApiError(415, "unsupported_media_type",
+                   f"Content-Type {media or '(none)'!r} is not a video upload: send the video "
+                   f"as the raw body (-H 'Content-Type: video/mp4' --data-binary @clip.mp4) "
+                   f"or as multipart field {VIDEO_FIELD!r} (curl -F {VIDEO_FIELD}=@clip.mp4)")
+
+
+async def _stream_to(request: Request, path: Path, check: Callable[[int], None]) -> int:
+    size = 0
+    with open(path, "wb") as f:
+        pending = bytearray()
+        async for chunk in request.stream():
+            pending += chunk
+            if len(pending) >= WRITE_CHUNK:
+                size += len(pending)
+                check(size)
+                await asyncio.to_thread(f.write, pending)
+                pending = bytearray()
+        size += len(pending)
+        check(size)
+        await asyncio.to_thread(f.write, pending)
+    return size
+
+
+async def _video_from_multipart(request: Request, path: Path,
+                                check: Callable[[int], None]) -> int:
+    try:  # Starlette spools the part to a temporary file beyond 1 MB: never all in memory
+        form = await request.form(max_files=1, max_fields=16)
+    except HTTPException as e:
+        raise ApiError(400, "bad_multipart", f"malformed multipart body: {e.detail}") from None
+    try:
+        upload = form.get(VIDEO_FIELD)
+        if upload is None or isinstance(upload, str):
+            raise ApiError(400, "missing_video",
+                           f"multipart field {VIDEO_FIELD!r} with a file is required "
+                           f"(fields sent: {sorted(form.keys()) or 'none'})")
+        check(upload.size or 0)
+        await asyncio.to_thread(_copy, upload.file, path)
+        return path.stat().st_size
+    finally:
+        await form.close()
+
+
+def _copy(source, path: Path) -> None:
+    source.seek(0)
+    with open(path, "wb") as f:
+        shutil.copyfileobj(source, f, WRITE_CHUNK)
+
+
+async def _read(request: Request, max_bytes: int) -> bytes:
+    media = _media(request)
+    limited = _limited(request, max_bytes)
     if media == "multipart/form-data":
         return await _from_multipart(limited)
     if media.startswith(RAW_TYPES):
@@ -86,7 +174,7 @@ async def client_gone(request: Request) -> bool:
     return gone
 
 
-def _counting(receive: Receive, max_bytes: int) -> Receive:
+def _counting(receive: Receive, max_bytes: int, setting: str) -> Receive:
     seen = 0
 
     async def receive_counted() -> Message:
@@ -95,7 +183,7 @@ def _counting(receive: Receive, max_bytes: int) -> Receive:
         if message["type"] == "http.request":
             seen += len(message.get("body", b""))
             if seen > max_bytes:
-                raise too_large(max_bytes, f"more than {max_bytes}")
+                raise too_large(max_bytes, f"more than {max_bytes}", setting)
         return message
     return receive_counted
 
