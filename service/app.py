@@ -17,7 +17,7 @@ from fastapi_offline import FastAPIOffline
 
 from model import Enhancer, __version__, load_model
 
-from . import errors, routes
+from . import errors, job_routes, routes
 from .metrics import Metrics
 from .middleware import ServiceMiddleware
 from .runtime import Runtime
@@ -28,9 +28,10 @@ log = logging.getLogger("sgz.service")
 DESCRIPTION = """Brightens dark photos with SGZ (EFE + RIE), with dynamic micro-batching.
 
 Send an image to `POST /enhance` (multipart field `image`, or the raw body with its
-Content-Type); fetch its factor map later from `GET /factor/{X-Request-ID}`. Errors are JSON
-`{"error", "detail"}`. When `SGZ_API_KEY` is set, every endpoint but `/healthz` and `/readyz`
-needs `X-API-Key: KEY` or `Authorization: Bearer KEY`."""
+Content-Type); fetch its factor map later from `GET /factor/{X-Request-ID}`. Videos go to
+`POST /jobs` and are enhanced in the background (`GET /jobs/{id}`, `/jobs/{id}/result`).
+Errors are JSON `{"error", "detail"}`. When `SGZ_API_KEY` is set, every endpoint but
+`/healthz` and `/readyz` needs `X-API-Key: KEY` or `Authorization: Bearer KEY`."""
 
 
 def create_app(settings: Settings | None = None, *, enhancer: Enhancer | None = None) -> FastAPI:
@@ -62,9 +63,10 @@ def create_app(settings: Settings | None = None, *, enhancer: Enhancer | None = 
     app.state.metrics = metrics
     errors.install(app, settings.retry_after_s)
     app.include_router(routes.router)
+    app.include_router(job_routes.router)
     api_key = settings.api_key.get_secret_value() if settings.api_key else None
     # the routes to name requests by in metrics: the app's own (docs) and ours
     named = [r for r in app.router.routes if isinstance(getattr(r, "path", None), str)]
-    app.add_middleware(ServiceMiddleware, metrics=metrics, routes=named + routes.router.routes,
-                       api_key=api_key)
+    ours = [*routes.router.routes, *job_routes.router.routes]
+    app.add_middleware(ServiceMiddleware, metrics=metrics, routes=named + ours, api_key=api_key)
     return app

@@ -12,6 +12,8 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                    10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+# seconds: a short clip on a GPU to a long one on a CPU
+JOB_BUCKETS = (1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 
 
 class Metrics:
@@ -46,6 +48,12 @@ class Metrics:
         self.dropped = Counter("sgz_requests_dropped",
                                "Queued requests never computed, by reason (deadline, "
                                "disconnected)", ["reason"], registry=r)
+        self.video_frames = Counter("sgz_video_frames", "Video frames through the model "
+                                    "(video jobs)", registry=r)
+        self.job_duration = Histogram("sgz_job_duration_seconds", "Video job run time, start "
+                                      "to finish, by final state", ["state"],
+                                      buckets=JOB_BUCKETS, registry=r)
+        self.jobs = Gauge("sgz_jobs", "Video jobs known, by state", ["state"], registry=r)
         self.model = Info("sgz_model", "The served model: checkpoint, device, versions",
                           registry=r)
 

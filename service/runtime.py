@@ -1,6 +1,6 @@
 """Everything one running app owns: the model, the batcher, the thread pool for image I/O,
-the factor store and the metrics. Created in the app's lifespan, reached by routes through
-`request.app.state.runtime`.
+the factor store, the video jobs and the metrics. Created in the app's lifespan, reached by
+routes through `request.app.state.runtime`.
 """
 import asyncio
 import io
@@ -23,6 +23,7 @@ from .batching import Batcher, QueueFull
 from .errors import ApiError
 from .factor_store import FactorStore
 from .inference import Output, Work, run_batch, warmup_images
+from .jobs import JobManager
 from .metrics import Metrics
 from .settings import Settings
 from .uploads import client_gone, read_image_bytes
@@ -66,11 +67,13 @@ class Runtime:
             worker_initializer=lower,
             coming=(lambda: self.coming) if settings.early_dispatch else None)
         metrics.queue_depth.set_function(lambda: self.batcher.depth)
+        self.jobs = JobManager(settings, enhancer, self.batcher, metrics, lower)
         metrics.describe_model(enhancer.sha256, enhancer.checkpoint.source,
                                str(enhancer.device), _versions())
 
     def start(self) -> None:
         self.batcher.start()
+        self.jobs.start()
 
     async def warm_up(self) -> None:
         """Run the model once, then report ready (a failure leaves /readyz at 503)."""
@@ -90,8 +93,9 @@ class Runtime:
         log.info("ready: checkpoint %s on %s", self.enhancer.sha256[:12], self.enhancer.device)
 
     async def close(self) -> None:
-        """Finish every queued request, then stop the threads."""
+        """Cancel the video jobs, finish every queued request, then stop the threads."""
         self.ready = False
+        await self.jobs.close()  # first: their model steps need the batcher's thread
         await self.batcher.close()
         self.decode_pool.shutdown(wait=True)
         self.encode_pool.shutdown(wait=True)

@@ -9,6 +9,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
+GiB = 1024 * MiB
 
 
 class Settings(BaseSettings):
@@ -53,6 +54,26 @@ class Settings(BaseSettings):
     # Recent factor maps for GET /factor/{request_id} (stored at EFE's low resolution).
     factor_store_items: int = Field(1024, ge=0)
     factor_store_bytes: int = Field(64 * MiB, ge=0)
+
+    # Video jobs (service/jobs.py). They live in memory and in jobs_dir: none survives a
+    # restart.
+    jobs_dir: Path | None = Field(None, description="where uploads and results go (a fresh "
+                                  "folder inside it, removed at shutdown); unset = the "
+                                  "system's temporary folder")
+    max_running_jobs: int = Field(1, ge=1, description="video jobs enhanced at once")
+    max_queued_jobs: int = Field(8, ge=0, description="video jobs waiting to run; beyond "
+                                 "this POST /jobs gets 503")
+    max_video_upload_bytes: int = Field(512 * MiB, ge=1, description="video upload size, "
+                                        "counted while reading (413 beyond)")
+    max_video_duration_s: float = Field(600.0, gt=0, description="longest video accepted "
+                                        "(413 beyond)")
+    max_jobs_disk_bytes: int = Field(8 * GiB, ge=1, description="uploads and results on "
+                                     "disk, all jobs together; POST /jobs gets 503 beyond")
+    job_result_ttl_s: float = Field(3600.0, gt=0, description="how long a finished job and "
+                                    "its result are kept")
+    job_yield_ms: float = Field(250.0, ge=0, description="longest a video job's batch of "
+                                "frames waits for queued image requests before taking its "
+                                "turn on the model")
 
     # Process.
     io_threads: int = Field(
