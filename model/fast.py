@@ -71,8 +71,10 @@ class NumbaFast:
             t[np.abs(t) < TINY] = 0
         return folded
 
-    def _run(self, kernel, *args):
-        with self._launch:  # follows torch's thread setting, so one knob limits both
+    @staticmethod
+    def _run(kernel, *args):
+        """Launch a parallel kernel: one at a time per process (model/temporal.py's too)."""
+        with NumbaFast._launch:  # follows torch's thread setting, so one knob limits both
             numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
             kernel(*args)
 

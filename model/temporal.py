@@ -1,0 +1,176 @@
+"""Temporal stability for video (ours): what frame-by-frame enhancement flickers with, and the
+state that removes it.
+
+Frame by frame, two things change from one frame to the next that the scene does not:
+1. the exposure: a night camera's auto-exposure pumps, and the model, set by each frame's
+   brightness, follows it. `factor` smooths the factor map (at EFE's resolution: cheap) and
+   the output brightness it gives across frames, then shifts the smoothed map (exposure.py) to
+   hit the smoothed brightness exactly, so the level changes only as fast as the scene does.
+2. the noise: the curve amplifies sensor noise that is new in every frame; the spatial
+   denoiser (denoise.py) leaves a residue that crawls. `denoise` is a motion-adaptive
+   recursive filter: each output pixel moves from the running average towards the new frame
+   by a weight that grows with their difference averaged over a small window (noise averages
+   out there, motion does not), measured in units of the frame's output noise (the input's
+   noise times the curve's gain), so static areas average over ~1/min_weight frames and moving
+   things follow at once instead of ghosting.
+Both restart at a scene cut: a new shot must not inherit the old one's level or pixels.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .denoise import DenoiseConfig, noise_sigma
+from .exposure import mean_after, samples, solve
+from .fast import NumbaFast
+from .kernels_temporal import noise_sigma as noise_numba, numba, recursive_filter
+
+NOISE_QUANTILE = DenoiseConfig().noise_quantile  # as the spatial denoiser reads the noise
+
+
+@dataclass(frozen=True)
+class TemporalConfig:
+    factor_weight: float = 0.5   # a new frame's share of the smoothed factor map
+    level_weight: float = 0.15   # ... of the smoothed output brightness (~7 frames' memory)
+    cut: float = 0.4             # scene cut: histogram distance (0 same, 1 disjoint) above this
+    noise_k: float = 3.5         # motion threshold of the recursive filter, in output noise stds
+    radius: int = 2              # window (2 radius + 1)^2 the frame difference is averaged over
+    min_weight: float = 0.1      # a new frame's least share where nothing moves
+    cell: int = 4                # rows of the noise estimate (denoise.noise_rows)
+
+
+class TemporalState:
+    """The state of one video stream: smoothed factor map and brightness, the previous
+    frame's histogram, the recursive filter's running average."""
+
+    def __init__(self, enhancer, config: TemporalConfig):
+        self.enhancer, self.config = enhancer, config
+        self.cuts = 0
+        self.work = None  # the recursive filter's scratch, kept for the next frame
+        self.reset()
+
+    def reset(self) -> None:
+        self.r_s = self.level = self.hist = self.acc = None
+
+    # ---- 1. exposure ----------------------------------------------------------------------
+
+    def factor(self, frames: torch.Tensor, r_low: torch.Tensor, exposure) -> torch.Tensor:
+        """r_low (N, 3, h, w) of N consecutive frames -> the smoothed maps to apply."""
+        cfg, steps = self.config, self.enhancer.steps
+        r_e = self.enhancer.expose(frames, r_low, exposure).float().cpu().numpy()
+        x, step = samples(frames, *r_low.shape[-2:])
+        out = np.empty_like(r_e)
+        work = np.empty((2, x[0].size), np.float32)
+        for i in range(len(r_e)):
+            xi = np.ascontiguousarray(x[i]).ravel()
+            if self._cut(x[i]):
+                self.reset()
+                self.cuts += 1
+            level = mean_after(xi, _flat(r_e[i], step), 0.0, steps, work)
+            if self.r_s is None:
+                self.r_s, self.level = r_e[i].copy(), level
+            else:
+                self.r_s += cfg.factor_weight * (r_e[i] - self.r_s)
+                self.level += cfg.level_weight * (level - self.level)
+            offset = solve(xi, _flat(self.r_s, step), float(self.level), steps, False)
+            np.clip(self.r_s + np.float32(offset), -1, 1, out=out[i])
+        return torch.from_numpy(out).to(r_low.device)
+
+    def _cut(self, x: np.ndarray) -> bool:
+        """Histogram of the luma relative to its mean (so that exposure pumping is no cut)
+        against the previous frame's; the first frame is no cut."""
+        lum = x.mean(0)
+        hist = np.histogram(lum / max(float(lum.mean()), 1e-3), bins=16, range=(0, 4))[0]
+        hist = hist / max(hist.sum(), 1)
+        prev, self.hist = self.hist, hist
+        return prev is not None and 0.5 * float(np.abs(hist - prev).sum()) > self.config.cut
+
+    # ---- 2. noise -------------------------------------------------------------------------
+
+    def denoise(self, frames: torch.Tensor, out: torch.Tensor, r_low: torch.Tensor,
+                strength: float) -> torch.Tensor:
+        """out (N, 3, H, W) uint8, RIE's output of `frames` with maps r_low -> filtered
+        (channels-last on the CPU)."""
+        if strength <= 0:
+            self.acc = None
+            return out
+        k = self.config.noise_k * strength * self.output_noise(frames, r_low) * 255
+        k = np.maximum(k, 0.5).astype(np.float32)  # grey levels
+        if out.device.type == "cpu" and numba is not None:
+            return self._filter_numba(out, k)
+        return torch.stack([self._filter_torch(out[i], float(k[i])) for i in range(len(k))])
+
+    def output_noise(self, frames: torch.Tensor, r_low: torch.Tensor) -> np.ndarray:
+        """(N,) the output's noise std before denoising, in [0, 1] units: the input's
+        (Immerkaer, denoise.noise_sigma) times the curve's mean slope on EFE's grid."""
+        cfg = self.config
+        if frames.device.type == "cpu" and numba is not None:
+            sigma = noise_numba(_rows(frames), cfg.cell, NOISE_QUANTILE)
+        else:
+            sigma = noise_sigma(frames, cfg.cell, NOISE_QUANTILE).cpu().numpy()
+        x, step = samples(frames, *r_low.shape[-2:])
+        r = r_low.float().cpu().numpy()[:, :, ::step, ::step]
+        return sigma * curve_slope(x, r, self.enhancer.steps).reshape(len(x), -1).mean(1)
+
+    def _start(self, frame: torch.Tensor) -> bool:
+        """A first frame (or a new size): it starts the running average as it is."""
+        if self.acc is None or self.acc.shape != frame.shape:
+            self.acc = frame.float().contiguous()
+            return True
+        return False
+
+    def _filter_numba(self, out: torch.Tensor, k: np.ndarray) -> torch.Tensor:
+        cfg = self.config
+        img = _rows(out)
+        n, H, WC = img.shape
+        result = np.empty_like(img)
+        for i in range(n):
+            frame = torch.from_numpy(img[i]).view(H, WC // 3, 3)
+            if self._start(frame):
+                result[i] = img[i]
+                continue
+            if self.work is None or self.work.shape[1:] != (H, WC // 3):
+                self.work = np.empty((2, H, WC // 3), np.float32)
+            NumbaFast._run(recursive_filter, img[i], self.acc.numpy().reshape(H, WC),
+                           result[i], k[i], cfg.radius, np.float32(cfg.min_weight), self.work)
+        return torch.from_numpy(result).view(n, H, WC // 3, 3).permute(0, 3, 1, 2)
+
+    def _filter_torch(self, image: torch.Tensor, k: float) -> torch.Tensor:
+        frame = image.permute(1, 2, 0)
+        if self._start(frame):
+            return image
+        self.acc, filtered = filter_reference(self.acc, frame, k, self.config.radius,
+                                              self.config.min_weight)
+        return filtered.permute(2, 0, 1)
+
+
+def _rows(images: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) uint8 on the CPU as channels-last rows (N, H, 3W), copied only if planar."""
+    n, c, H, W = images.shape
+    return images.permute(0, 2, 3, 1).contiguous().numpy().reshape(n, H, W * c)
+
+
+def _flat(r: np.ndarray, step: int) -> np.ndarray:
+    return np.ascontiguousarray(r[:, ::step, ::step]).ravel()
+
+
+def curve_slope(x: np.ndarray, r: np.ndarray, steps: int) -> np.ndarray:
+    """d RIE(x) / dx as denoise.curve_gain, in numpy (between numba kernels, see exposure)."""
+    g = np.ones_like(x)
+    for _ in range(steps):
+        g *= 1 + r * (2 * x - 1)
+        x = x + r * (x * x - x)
+    return g
+
+
+def filter_reference(acc: torch.Tensor, frame: torch.Tensor, k: float, radius: int,
+                     min_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of the recursive filter in torch ops (CUDA, and the numba kernel's reference).
+    acc (H, W, 3) float32 running average, frame (H, W, 3) uint8 -> (new acc, uint8 output)."""
+    d = (frame.float() - acc).mean(-1)                                     # (H, W)
+    size = 2 * radius + 1
+    d = F.avg_pool2d(d[None, None], size, 1, radius, count_include_pad=False)[0, 0]
+    w = (d.abs() / k).clamp_(min_weight, 1)[..., None]                     # (H, W, 1)
+    acc = acc + w * (frame.float() - acc)
+    return acc, (acc + 0.5).clamp_(0, 255).to(torch.uint8)
