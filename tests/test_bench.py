@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import SGZ_PUBLISHED, SHARED
@@ -93,3 +94,55 @@ def test_bad_arguments_exit_with_a_message():
     if not torch.cuda.is_available():
         r = sgz_bench("--device", "cuda", "--parts", "model")
         assert r.returncode == 2 and "sees no CUDA GPU" in r.stderr
+
+
+def _decode(path) -> tuple[np.ndarray, float]:
+    import av
+    with av.open(str(path)) as c:
+        rate = float(c.streams.video[0].average_rate)
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)]), rate
+
+
+def test_video_clip_is_dark_sized_and_deterministic(tmp_path):
+    from bench.video_clips import main, make_clip
+    gt = tmp_path / "gt.npy"
+    assert main([str(tmp_path / "a.mp4"), "--size", "64x48", "--frames", "7", "--fps", "25",
+                 "--gt", str(gt), "--shared", str(SHARED)]) == 0
+    make_clip(tmp_path / "b.mp4", 64, 48, 7, 25, shared=SHARED)
+    make_clip(tmp_path / "c.mp4", 64, 48, 7, 25, seed=1, shared=SHARED)
+    make_clip(tmp_path / "clean.mp4", 64, 48, 7, 25, dark=False, shared=SHARED)
+    a, rate = _decode(tmp_path / "a.mp4")
+    truth = np.load(gt)
+    assert a.shape == truth.shape == (7, 48, 64, 3) and rate == 25
+    assert a.mean() < 0.6 * truth.mean()  # dark: the recipe's exposure is 0.08 in linear light
+    assert np.array_equal(a, _decode(tmp_path / "b.mp4")[0])  # same seed, same clip
+    assert not np.array_equal(a, _decode(tmp_path / "c.mp4")[0])
+    clean = _decode(tmp_path / "clean.mp4")[0]
+    mse = ((clean.astype(float) - truth) ** 2).mean()
+    assert 10 * np.log10(255 ** 2 / mse) > 27  # the encoder's and 4:2:0's loss only (~30 dB)
+    assert np.abs(truth[1:].astype(int) - truth[:-1]).mean() > 0.5  # the camera moves
+    with pytest.raises(ValueError, match="even"):
+        make_clip(tmp_path / "odd.mp4", 63, 48, 2, shared=SHARED)
+
+
+def test_video_bench_smoke(tmp_path):
+    out = tmp_path / "video.json"
+    r = sgz_bench("--parts", "video", "--video-sizes", "160x96", "--video-frames", "12",
+                  "--video-rounds", "2", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "x transcode" in r.stdout and "vs loop" in r.stdout
+    res = json.loads(out.read_text())["video"]
+    rows = {x["path"]: x for x in res["rows"]}
+    assert list(rows) == ["transcode", "temporal", "frames", "loop"]
+    for name, x in rows.items():
+        assert (x["width"], x["height"], x["frames"]) == (160, 96, 12), name
+        assert len(x["rounds"]) == 2 and all(c["frames"] == 12 for c in x["rounds"]), name
+        assert x["seconds"] > 0 and x["fps"] > 0 and x["encode_s"] > 0, name
+        assert x["out_bytes"] > 0 and x["x_transcode"] > 0 and x["speedup_vs_loop"] > 0, name
+        assert (x["model_s"] > 0) == (name != "transcode"), name
+    assert rows["transcode"]["x_transcode"] == 1 and rows["loop"]["speedup_vs_loop"] == 1
+
+
+def test_video_bench_refuses_odd_sizes():
+    r = sgz_bench("--parts", "video", "--video-sizes", "161x96")
+    assert r.returncode == 2 and "even" in r.stderr
