@@ -1,4 +1,4 @@
-"""`sgz enhance`: brighten image files and folders through the model API.
+"""`sgz enhance`: brighten image and video files and folders through the model API.
 
 Images stream one at a time: a reader thread decodes the next image while the model enhances
 the current one and a writer thread encodes the previous one, with at most a few images in
@@ -22,6 +22,7 @@ from .enhancer import DENOISE, MAX_DENOISE, check_options, load_model, parse_exp
 from .imageio import (FORMATS, IMAGE_SUFFIXES, DecodedImage, ImageDecodeError, ImageTooLarge,
                       decode_image, encode_image, factor_to_picture, tensor_to_rgb)
 from .rie import upsample_factor
+from . import video_cli
 
 IN_FLIGHT = 2  # images decoded ahead of the model, and encoded behind it
 EXIT_FAILED_FILES = 1
@@ -34,19 +35,21 @@ name>/. Two images of one folder sharing a stem (a.jpg, a.png) keep their extens
 (a.jpg.png, a.png.png). Hidden files and folders are skipped; any other file that is not a
 readable image is reported and the exit status is 1.
 
+""" + video_cli.VIDEO_HELP + """
 exit status: 0 all written, 1 some inputs failed (listed on stderr), 2 bad usage or checkpoint.
 """
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "enhance", help="enhance image files and folders",
-        description="Brighten low-light images with SGZ (EFE + RIE).", epilog=EPILOG,
+        "enhance", help="enhance image and video files and folders",
+        description="Brighten low-light images and videos with SGZ (EFE + RIE).",
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT", type=Path,
-                   help="image files and folders (walked recursively)")
+                   help="image and video files and folders (walked recursively)")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR",
-                   help="folder for the enhanced images (created if missing)")
+                   help="folder for the enhanced images and videos (created if missing)")
     p.add_argument("--checkpoint", type=Path, default=None, metavar="PATH",
                    help="an sgz-serve checkpoint or a published raw state dict "
                         "(default: the project's own checkpoint)")
@@ -59,6 +62,7 @@ def register(subparsers) -> None:
     p.add_argument("--factor-dir", type=Path, default=None, metavar="DIR",
                    help="also write each factor map x_r as a picture (darker = lower factor)")
     add_quality_options(p)
+    video_cli.add_video_options(p)
     p.set_defaults(func=run)
 
 
@@ -168,10 +172,15 @@ def prefetch(pool: ThreadPoolExecutor, items: Iterable, fn: Callable,
         yield item0, fut.result()
 
 
+VIDEO = "video"  # what `read` answers for a video: it streams from the file instead
+
+
 def read(job: Job) -> DecodedImage | str:
-    """The decoded image, or the reason it cannot be enhanced."""
+    """The decoded image, VIDEO, or the reason it cannot be enhanced."""
     if job.error:
         return job.error
+    if video_cli.is_video_file(job.source):
+        return VIDEO
     try:
         return decode_image(job.source.read_bytes())
     except (ImageDecodeError, ImageTooLarge) as e:
@@ -197,7 +206,7 @@ class Run:
     """State of one `sgz enhance` call: the model, the output settings and the tally."""
 
     def __init__(self, args, enhancer, bar: tqdm):
-        self.enhancer, self.bar = enhancer, bar
+        self.enhancer, self.bar, self.args = enhancer, bar, args
         self.outdir, self.factor_dir = args.output, args.factor_dir
         self.fmt, self.quality = FORMATS[args.format], args.quality
         self.options = {"denoise": args.denoise, "exposure": args.exposure}
@@ -230,16 +239,25 @@ class Run:
     def summary(self, seconds: float, inputs: list[Path]) -> int:
         """Print the outcome; return the exit status."""
         if self.written == 0 and self.failed == 0:
-            print(f"sgz enhance: no image found in {', '.join(map(str, inputs))}",
+            print(f"sgz enhance: no image or video found in {', '.join(map(str, inputs))}",
                   file=sys.stderr)
             return EXIT_FAILED_FILES
-        line = (f"sgz enhance: {self.written} image(s) written to {self.outdir} "
+        line = (f"sgz enhance: {self.written} file(s) written to {self.outdir} "
                 f"in {seconds:.1f} s on {self.enhancer.device}")
         if self.failed:
             more = f" and {self.failed - 10} more" if self.failed > 10 else ""
             line += f"; {self.failed} input(s) failed: {', '.join(self.first_failed)}{more}"
         print(line, file=sys.stderr)
         return EXIT_FAILED_FILES if self.failed else 0
+
+    def video(self, job: Job) -> None:
+        dst = video_cli.output_path(self.outdir, job.name, job.source, self.args.codec)
+        error = video_cli.enhance_file(self.enhancer, job.source, dst, self.args, self.options)
+        if error:
+            self.fail(job.source, error)
+        else:
+            self.written += 1
+        self.bar.update(1)
 
     def finish(self, job: Job, futures: list[Future]) -> None:
         errors = [e for e in (f.result() for f in futures) if e]
@@ -254,6 +272,9 @@ class Run:
         with ThreadPoolExecutor(1, "sgz-read") as reader, \
                 ThreadPoolExecutor(1, "sgz-write") as writer:
             for job, image in prefetch(reader, jobs, read):
+                if image is VIDEO:
+                    self.video(job)
+                    continue
                 if isinstance(image, str):
                     self.fail(job.source, image)
                     self.bar.update(1)
@@ -274,6 +295,11 @@ class Run:
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
+        video_cli.encoder_options(args)
+    except ValueError as e:
+        print(f"sgz enhance: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
         enhancer = load_model(args.checkpoint, args.device)
     except (CheckpointError, ValueError) as e:
         print(f"sgz enhance: error: {e}", file=sys.stderr)
@@ -289,7 +315,7 @@ def run(args: argparse.Namespace) -> int:
     skip = {os.path.realpath(d) for d in (args.output, args.factor_dir) if d is not None}
     total = sum(1 for _ in iter_jobs(args.inputs, skip))
     walk_errors: list[OSError] = []
-    with tqdm(total=total, unit="img", desc="enhance", file=sys.stderr,
+    with tqdm(total=total, unit="file", desc="enhance", file=sys.stderr,
               dynamic_ncols=True) as bar:
         state = Run(args, enhancer, bar)
         try:

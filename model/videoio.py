@@ -99,9 +99,9 @@ def open_input(path) -> "av.container.InputContainer":
     except (av.FFmpegError, UnicodeDecodeError) as e:
         raise VideoError(f"{path.name}: not a video FFmpeg can read ({_reason(e)})") from None
     if not container.streams.video:
+        kinds = ", ".join(s.type for s in container.streams) or "none"
         container.close()
-        raise VideoError(f"{path.name}: no video stream (streams: "
-                         f"{', '.join(s.type for s in container.streams) or 'none'})")
+        raise VideoError(f"{path.name}: no video stream (streams: {kinds})")
     return container
 
 

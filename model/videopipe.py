@@ -102,8 +102,8 @@ def pipeline(src, dst, process, *, encoder: EncoderOptions | None = None, batch:
         if stages.cancel.is_set():
             raise Cancelled("cancelled")
         if reader.short_by(frames):
-            raise VideoError(f"{Path(src).name}: truncated: {frames} of the "
-                             f"{info.frames} frames the container lists could be decoded")
+            raise VideoError(f"{Path(src).name}: truncated or corrupt: {frames} of the "
+                             f"~{expected_frames(info)} frames it lists could be decoded")
         os.replace(part, dst)
     except _Stop:
         raise stages.error if stages.error is not None else Cancelled("cancelled") from None
@@ -159,8 +159,10 @@ class _Reader:
         raise VideoError("the video stream has no frame that FFmpeg can decode")
 
     def short_by(self, written: int) -> bool:
-        """The container listed more frames than could be decoded (a cut-off file)."""
-        return bool(self.info.frames) and written < self.info.frames - 1
+        """Fewer frames than the container's count or duration promise (a cut-off or corrupt
+        file whose demuxer stops without an error); 5% slack for rounded durations."""
+        expected = expected_frames(self.info)
+        return expected is not None and written < 0.95 * expected - 1
 
     def run(self, stages: _Stages, first) -> None:
         if self.pending:

@@ -83,7 +83,7 @@ def test_bad_files_are_reported_by_name_and_the_exit_code_says_so(png_run):
     lines = result.stderr.splitlines()
     assert any("notes.txt" in line and "not an image" in line for line in lines), result.stderr
     assert any("broken.jpg" in line and "truncated" in line for line in lines), result.stderr
-    assert "8 image(s) written" in result.stderr and "2 input(s) failed" in result.stderr
+    assert "8 file(s) written" in result.stderr and "2 input(s) failed" in result.stderr
     assert "10/10" in result.stderr  # the progress bar counted every candidate file
 
 
@@ -166,7 +166,7 @@ def test_output_folder_inside_the_input_is_not_walked(tmp_path):
     real("761_0_.png", (0, 0, 96, 64)).save(photos / "enhanced" / "a.png")  # an earlier run's
     result = sgz("enhance", photos, "-o", photos / "enhanced", "--checkpoint", SGZ_PUBLISHED)
     assert result.returncode == 0, result.stderr
-    assert "1 image(s) written" in result.stderr
+    assert "1 file(s) written" in result.stderr
     assert files_under(photos) == {"a.png", "enhanced/a.png"}
 
 
