@@ -50,6 +50,7 @@ class Job:
     frames_total: int | None = None
     error: str | None = None
     output_bytes: int | None = None
+    dropped_streams: list[str] = field(default_factory=list)  # not copied into the result
     too_long: bool = False  # stopped because it ran past max_video_duration_s
     cancel: threading.Event = field(default_factory=threading.Event)
     future: Future | None = None
@@ -84,6 +85,7 @@ class Job:
                 "error": self.error, "created": _iso(self.created),
                 "started": _iso(self.started), "finished": _iso(self.finished),
                 "upload_bytes": self.upload_bytes, "output_bytes": self.output_bytes,
+                "dropped_streams": self.dropped_streams,
                 "result": f"/jobs/{self.id}/result" if self.state == DONE else None,
                 "input": {"width": i.width, "height": i.height, "frames": i.frames,
                           "fps": round(i.fps, 3), "duration_s": i.duration, "codec": i.codec,

@@ -162,6 +162,7 @@ class JobManager:
         else:
             job.frames_done = job.frames_total = stats.frames
             job.output_bytes = job.output.stat().st_size
+            job.dropped_streams = list(stats.dropped_streams)
             job.state = DONE
         finally:
             job.finished = time.time()
