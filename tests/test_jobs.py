@@ -2,8 +2,8 @@
 and by range), bad and oversized uploads, a full queue, cancelling, /enhance while a job runs,
 metrics, and a shutdown that cancels and cleans up.
 
-One server holds at most one queued job; a 1500-frame 320x240 video (~10 s on 2 cores) keeps
-a job running long enough to act on it.
+One server holds at most one queued job; a 1500-frame 320x240 video written with a slow
+encoder keeps a job running long enough to act on it, on a CPU or a GPU.
 """
 import io
 import signal
@@ -20,15 +20,19 @@ from sgz_server import Server, assert_error, metric, photo
 
 MAX_UPLOAD = 1024 * 1024
 MAX_DURATION_S = 30
-LONG = 1500  # frames at 320x240: ~10 s of work on 2 cores, still running while tests act
+LONG = 1500  # frames at 320x240, still running while the tests act on the job:
+# ...with x265's slower preset (~40 frames/s on 2 cores, and few threads at this size), so
+# that a machine with more cores or a GPU does not finish it first
+SLOW = {"codec": "hevc", "preset": "slower"}
 
 
 def make_video(path: Path, width: int = 96, height: int = 64, frames: int = 20,
-               fps: int = 10, audio: bool = False) -> Path:
-    """A dark gradient with a moving grey square, libx264 (and a 440 Hz AAC tone)."""
+               fps: int = 10, audio: bool = False, faststart: bool = False) -> Path:
+    """A dark gradient with a moving grey square, libx264 (and a 440 Hz AAC tone);
+    `faststart`: the index (with the frame count) before the frames."""
     y, x = np.mgrid[0:height, 0:width]
     base = np.stack([x * 60 // width, y * 60 // height, np.full_like(x, 20)], -1)
-    with av.open(str(path), "w") as c:
+    with av.open(str(path), "w", options={"movflags": "faststart"} if faststart else {}) as c:
         s = c.add_stream("libx264", rate=fps)
         s.width, s.height, s.pix_fmt = width, height, "yuv420p"
         s.options = {"preset": "ultrafast"}
@@ -56,7 +60,8 @@ def videos(tmp_path_factory) -> dict[str, Path]:
     return {"short": make_video(d / "short.mp4", audio=True),
             "small": make_video(d / "small.mp4", 64, 48, 12),
             "long": make_video(d / "long.mp4", 320, 240, LONG, fps=60),
-            "too_long": make_video(d / "too_long.mp4", 64, 48, MAX_DURATION_S + 5, fps=1)}
+            "too_long": make_video(d / "too_long.mp4", 64, 48, MAX_DURATION_S + 5, fps=1),
+            "indexed": make_video(d / "indexed.mp4", 64, 48, 30, faststart=True)}
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +120,7 @@ def test_submit_poll_download(server, videos):
     assert done["state"] == "done", done
     assert done["frames_done"] == done["frames_total"] == 20
     assert done["fps"] > 0 and done["eta_s"] == 0 and done["started"] and done["finished"]
+    assert done["dropped_streams"] == []  # the AAC track is copied
     result = httpx.get(server.url + done["result"], timeout=30)
     assert result.status_code == 200
     assert result.headers["content-type"] == "video/mp4"
@@ -175,6 +181,17 @@ def test_bad_uploads_are_refused_and_leave_nothing(server, jobs_dir):
     assert job_folders(jobs_dir) == before
 
 
+def test_a_video_broken_past_its_header_fails_the_job(server, videos, jobs_dir):
+    data = videos["indexed"].read_bytes()
+    r = httpx.post(f"{server.url}/jobs", content=data[:len(data) * 6 // 10],
+                   headers={"content-type": "video/mp4"})
+    assert r.status_code == 202, r.text  # the probe reads only the header
+    job = wait_for(server, r.json()["id"], ("done", "failed"))
+    assert job["state"] == "failed" and "truncated" in job["error"], job
+    assert_error(httpx.get(f"{server.url}/jobs/{job['id']}/result"), 409, "job_failed")
+    assert job["id"] not in job_folders(jobs_dir)
+
+
 def test_too_large_and_too_long(server, videos):
     big = np.random.default_rng(1).bytes(MAX_UPLOAD + 1)
     r = httpx.post(f"{server.url}/jobs", content=big, headers={"content-type": "video/mp4"})
@@ -196,9 +213,9 @@ def test_unknown_job_is_404(server):
 
 
 def test_queue_cancel_and_images_while_a_job_runs(server, videos, jobs_dir):
-    running = submit(server, videos["long"]).json()
+    running = submit(server, videos["long"], **SLOW).json()
     wait_for(server, running["id"], ("running",))
-    queued = submit(server, videos["long"])
+    queued = submit(server, videos["long"], **SLOW)
     assert queued.status_code == 202 and queued.json()["state"] == "queued"
     full = submit(server, videos["small"])
     assert_error(full, 503, "too_many_jobs")
@@ -245,6 +262,7 @@ def test_metrics(server):
     text = httpx.get(f"{server.url}/metrics").text
     assert metric(text, "sgz_video_frames_total") >= 20 + 12 * 3
     assert metric(text, "sgz_job_duration_seconds_count", state="done") >= 3
+    assert metric(text, "sgz_job_duration_seconds_count", state="failed") == 1
     assert metric(text, "sgz_job_duration_seconds_count", state="cancelled") == 2
     assert metric(text, "sgz_jobs", state="cancelled") == 2
     assert metric(text, "sgz_jobs", state="done") >= 2
@@ -275,7 +293,7 @@ def test_disk_budget_and_expiry(videos, tmp_path):
 
 
 def test_shutdown_cancels_running_jobs_and_removes_files(server, videos, jobs_dir):
-    job = submit(server, videos["long"]).json()
+    job = submit(server, videos["long"], **SLOW).json()
     wait_for(server, job["id"], ("running",))
     assert any(jobs_dir.iterdir())
     start = time.monotonic()
