@@ -33,7 +33,7 @@ NOISE_QUANTILE = DenoiseConfig().noise_quantile  # as the spatial denoiser reads
 class TemporalConfig:
     factor_weight: float = 0.5   # a new frame's share of the smoothed factor map
     level_weight: float = 0.15   # ... of the smoothed output brightness (~7 frames' memory)
-    cut: float = 0.4             # scene cut: histogram distance (0 same, 1 disjoint) above this
+    cut: float = 0.5             # scene cut: change of the coarse luma above this (_cut)
     noise_k: float = 3.5         # motion threshold of the recursive filter, in output noise stds
     radius: int = 2              # window (2 radius + 1)^2 the frame difference is averaged over
     min_weight: float = 0.1      # a new frame's least share where nothing moves
@@ -42,7 +42,7 @@ class TemporalConfig:
 
 class TemporalState:
     """The state of one video stream: smoothed factor map and brightness, the previous
-    frame's histogram, the recursive filter's running average."""
+    frame's coarse luma, the recursive filter's running average."""
 
     def __init__(self, enhancer, config: TemporalConfig):
         self.enhancer, self.config = enhancer, config
@@ -51,7 +51,8 @@ class TemporalState:
         self.reset()
 
     def reset(self) -> None:
-        self.r_s = self.level = self.hist = self.acc = None
+        self.r_s = self.level = self.coarse = self.acc = None
+        self.cut_at: list[int] = []  # frames of the last batch `factor` found a cut before
 
     # ---- 1. exposure ----------------------------------------------------------------------
 
@@ -62,10 +63,12 @@ class TemporalState:
         x, step = samples(frames, *r_low.shape[-2:])
         out = np.empty_like(r_e)
         work = np.empty((2, x[0].size), np.float32)
+        self.cut_at = []
         for i in range(len(r_e)):
             xi = np.ascontiguousarray(x[i]).ravel()
-            if self._cut(x[i]):
-                self.reset()
+            if self._cut(x[i]):  # the filter's average restarts at this frame (denoise)
+                self.r_s = self.level = None
+                self.cut_at.append(i)
                 self.cuts += 1
             level = mean_after(xi, _flat(r_e[i], step), 0.0, steps, work)
             if self.r_s is None:
@@ -78,13 +81,21 @@ class TemporalState:
         return torch.from_numpy(out).to(r_low.device)
 
     def _cut(self, x: np.ndarray) -> bool:
-        """Histogram of the luma relative to its mean (so that exposure pumping is no cut)
-        against the previous frame's; the first frame is no cut."""
+        """A scene cut: the luma on a coarse grid (blocks of 4 x 4 samples: noise averages
+        out, a pan moves little), relative to its mean, differs from the previous frame's by
+        more than `cut` on average, counting the change of the mean's log too (a pumping
+        camera changes it by a few percent per frame). Measured on shots of the dev clip and
+        of pans over sice-real photos: 0.08-0.32 within shots, 0.76-1.7 across cuts."""
         lum = x.mean(0)
-        hist = np.histogram(lum / max(float(lum.mean()), 1e-3), bins=16, range=(0, 4))[0]
-        hist = hist / max(hist.sum(), 1)
-        prev, self.hist = self.hist, hist
-        return prev is not None and 0.5 * float(np.abs(hist - prev).sum()) > self.config.cut
+        b = max(1, min(4, lum.shape[0] // 4, lum.shape[1] // 4))
+        h, w = lum.shape[0] // b * b, lum.shape[1] // b * b
+        lum = lum[:h, :w].reshape(h // b, b, w // b, b).mean((1, 3))
+        mean = float(lum.mean()) + 1e-3
+        prev, self.coarse = self.coarse, (lum / mean, mean)
+        if prev is None:
+            return False
+        change = np.abs(lum / mean - prev[0]).mean() + abs(np.log(mean / prev[1]))
+        return float(change) > self.config.cut
 
     # ---- 2. noise -------------------------------------------------------------------------
 
@@ -99,7 +110,7 @@ class TemporalState:
         k = np.maximum(k, 0.5).astype(np.float32)  # grey levels
         if out.device.type == "cpu" and numba is not None:
             return self._filter_numba(out, k)
-        return torch.stack([self._filter_torch(out[i], float(k[i])) for i in range(len(k))])
+        return torch.stack([self._filter_torch(out[i], float(k[i]), i) for i in range(len(k))])
 
     def output_noise(self, frames: torch.Tensor, r_low: torch.Tensor) -> np.ndarray:
         """(N,) the output's noise std before denoising, in [0, 1] units: the input's
@@ -126,6 +137,8 @@ class TemporalState:
         n, H, WC = img.shape
         result = np.empty_like(img)
         for i in range(n):
+            if i in self.cut_at:
+                self.acc = None
             frame = torch.from_numpy(img[i]).view(H, WC // 3, 3)
             if self._start(frame):
                 result[i] = img[i]
@@ -136,7 +149,9 @@ class TemporalState:
                            result[i], k[i], cfg.radius, np.float32(cfg.min_weight), self.work)
         return torch.from_numpy(result).view(n, H, WC // 3, 3).permute(0, 3, 1, 2)
 
-    def _filter_torch(self, image: torch.Tensor, k: float) -> torch.Tensor:
+    def _filter_torch(self, image: torch.Tensor, k: float, i: int) -> torch.Tensor:
+        if i in self.cut_at:
+            self.acc = None
         frame = image.permute(1, 2, 0)
         if self._start(frame):
             return image
