@@ -71,6 +71,8 @@ def pipeline(src, dst, process, *, encoder: EncoderOptions | None = None, batch:
         raise VideoError(f"{dst.name}: the output must end in one of {', '.join(CONTAINERS)}")
     if fmt == "webm" and encoder.codec not in ("vp9", "av1"):
         raise VideoError(f"{dst.name}: WebM holds vp9 or av1, not {encoder.codec}")
+    if not dst.parent.is_dir():
+        raise VideoError(f"{dst.parent}: no such folder for the output")
     start = time.perf_counter()
     stages = _Stages(cancel)
     source = open_input(src)
@@ -92,6 +94,8 @@ def pipeline(src, dst, process, *, encoder: EncoderOptions | None = None, batch:
                 frames = writer.run(stages, expected_frames(info), progress)
             except _Stop:
                 frames = 0
+            except av.FFmpegError as e:
+                stages.fail(VideoError(f"cannot write {dst.name}: {_reason(e)}"))
             except BaseException as e:  # the other stages see it and stop
                 stages.fail(e)
             finally:
@@ -255,8 +259,15 @@ class _Writer:
             self.stream.set_display_rotation(info.rotation)
         kept = copyable(source, sink.format.name.split(",")[0])
         self.copies = {s.index: sink.add_stream_from_template(s) for s in kept}
+        self.skipped = 0
         self.dropped = [f"{s.type} #{s.index} ({s.codec_context.name})"
                         for s in copyable(source) if s.index not in self.copies]
+
+    def _copy(self, packet) -> None:
+        try:
+            self.sink.mux(packet)
+        except av.FFmpegError:  # a damaged packet (timestamps out of order): skipped, the
+            self.skipped += 1   # video's own damage is what decides the error
 
     def run(self, stages: _Stages, total: int | None, progress) -> int:
         done = 0
@@ -269,7 +280,7 @@ class _Writer:
                 for packet in item:
                     if packet.stream.index in self.copies:
                         packet.stream = self.copies[packet.stream.index]
-                        self.sink.mux(packet)
+                        self._copy(packet)
             else:
                 pts, arr = item
                 for p, rgb in zip(pts, arr):
