@@ -222,3 +222,25 @@ def test_cli_enhances_videos_beside_images_and_reports_bad_ones(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "model.cli", "enhance", str(folder), "-o",
                           str(out), "--crf", "99"], capture_output=True, text=True)
     assert bad.returncode == 2 and "crf for h264 must be" in bad.stderr
+
+
+def test_moving_things_do_not_ghost(enhancer):
+    """A bright square crossing a noisy dark background: where it was two frames ago, the
+    temporal output is back to the background (no trail), as frame by frame is."""
+    rng = np.random.default_rng(1)
+    H, W = 120, 200
+    clip = []
+    for t in range(12):
+        img = np.full((H, W, 3), 14.0) + rng.normal(0, 2.5, (H, W, 3))
+        img[40:70, 10 + 12 * t:40 + 12 * t] = 60
+        clip.append(np.clip(img, 0, 255).astype(np.uint8))
+    temporal = np.stack(list(enhance_frames(enhancer, iter(clip))))
+    plain = np.stack(list(enhance_frames(enhancer, iter(clip), temporal=False)))
+    t = 11  # the square's left edge is at 142; at t - 2 it covered 118..148
+    left_behind = (slice(40, 70), slice(118, 136))
+    trail = temporal[t][left_behind].astype(float).mean() - plain[t][left_behind].mean()
+    square = plain[t][40:70, 145:170].mean() - plain[t][left_behind].mean()
+    assert square > 60 and abs(trail) < 0.05 * square
+    def grain(frame):  # the static background's noise: neighbour differences
+        return np.diff(frame[85:120].astype(float), axis=1).std()
+    assert grain(temporal[t]) < 0.8 * grain(plain[t])
