@@ -133,14 +133,15 @@ def test_video_bench_smoke(tmp_path):
     assert "x transcode" in r.stdout and "vs loop" in r.stdout
     res = json.loads(out.read_text())["video"]
     rows = {x["path"]: x for x in res["rows"]}
-    assert list(rows) == ["transcode", "temporal", "frames", "loop"]
+    assert list(rows) == ["transcode", "transcode-out", "temporal", "frames", "loop"]
     for name, x in rows.items():
         assert (x["width"], x["height"], x["frames"]) == (160, 96, 12), name
         assert len(x["rounds"]) == 2 and all(c["frames"] == 12 for c in x["rounds"]), name
         assert x["seconds"] > 0 and x["fps"] > 0 and x["encode_s"] > 0, name
         assert x["out_bytes"] > 0 and x["x_transcode"] > 0 and x["speedup_vs_loop"] > 0, name
-        assert (x["model_s"] > 0) == (name != "transcode"), name
+        assert (x["model_s"] > 0) == ("transcode" not in name), name
     assert rows["transcode"]["x_transcode"] == 1 and rows["loop"]["speedup_vs_loop"] == 1
+    assert rows["transcode-out"]["x_transcode_out"] == 1
 
 
 def test_video_bench_refuses_odd_sizes():
