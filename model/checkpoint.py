@@ -8,6 +8,7 @@ import hashlib
 import json
 import pickle
 import re
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -107,7 +108,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 def _torch_load(path: Path):
     """torch.load with weights_only, its many failure modes turned into one clear message."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # a plain pickle's protocol warning (several lines) would precede our one line
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         if refused:  # weights_only met a Python object it will not construct
