@@ -28,7 +28,7 @@ log = logging.getLogger("sgz.service")
 DESCRIPTION = """Brightens dark photos with SGZ (EFE + RIE), with dynamic micro-batching.
 
 Send an image to `POST /enhance` (multipart field `image`, or the raw body with its
-Content-Type); fetch its factor map later from `GET /factor/{X-Request-ID}`. Videos go to
+Content-Type); fetch its factor map later from `GET /factor/{X-Factor-ID}`. Videos go to
 `POST /jobs` and are enhanced in the background (`GET /jobs/{id}`, `/jobs/{id}/result`).
 Errors are JSON `{"error", "detail"}`. When `SGZ_API_KEY` is set, every endpoint but
 `/healthz` and `/readyz` needs `X-API-Key: KEY` or `Authorization: Bearer KEY`."""

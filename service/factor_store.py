@@ -1,12 +1,19 @@
-"""Recent factor maps, for `GET /factor/{request_id}`.
+"""Recent factor maps, for `GET /factor/{factor_id}`.
 
-Maps are kept at EFE's resolution, as `Enhancer.enhance(return_factor=True)` returns them, and
-upsampled only when asked for: with the published scale factor 12 that is 144x less memory
-than the full-size map. Bounded by count and by bytes; the oldest go first. Used from the
-event loop only, so it needs no lock.
+Each map is kept under an id the server makes (192 random bits, returned in `X-Factor-ID`),
+never under a name the client chose: knowing or sending someone's `X-Request-ID` gives no
+access to their map. Maps are kept at EFE's resolution, as
+`Enhancer.enhance(return_factor=True)` returns them, and upsampled only when asked for: with
+the published scale factor 12 that is 144x less memory than the full-size map. Bounded by
+count and by bytes; the oldest go first. Used from the event loop only, so it needs no lock.
+
+A full-size float map is large (4K: 99.5 MB), so it is never built whole: `npy_strips` yields
+it in strips of about STRIP_BYTES, each computed when the client has taken the previous one.
 """
 import io
+import secrets
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +21,9 @@ import torch
 
 from model import upsample_factor
 from model.imageio import encode_image, factor_to_picture
+
+ID_BYTES = 24  # 192 bits: 32 URL-safe characters
+STRIP_BYTES = 1 << 20  # what a reader that stops reading pins, besides the socket buffer
 
 
 @dataclass(frozen=True)
@@ -44,34 +54,81 @@ class FactorStore:
     def nbytes(self) -> int:
         return self._bytes
 
-    def put(self, request_id: str, lowres: torch.Tensor, size: tuple[int, int]) -> bool:
-        """Keep a map (replacing one with the same id); False when it can never fit."""
+    def put(self, lowres: torch.Tensor, size: tuple[int, int]) -> str | None:
+        """Keep a map under a new unguessable id and return it; None when it can never fit."""
         entry = StoredFactor(lowres, tuple(size))
-        self._drop(request_id)
         if self.max_items == 0 or entry.nbytes > self.max_bytes:
-            return False
+            return None
         while self._items and (len(self._items) >= self.max_items
                                or self._bytes + entry.nbytes > self.max_bytes):
             self._drop(next(iter(self._items)))
-        self._items[request_id] = entry
+        factor_id = secrets.token_urlsafe(ID_BYTES)
+        self._items[factor_id] = entry
         self._bytes += entry.nbytes
-        return True
+        return factor_id
 
-    def get(self, request_id: str) -> StoredFactor | None:
-        return self._items.get(request_id)
+    def get(self, factor_id: str) -> StoredFactor | None:
+        return self._items.get(factor_id)
 
-    def _drop(self, request_id: str) -> None:
-        entry = self._items.pop(request_id, None)
+    def _drop(self, factor_id: str) -> None:
+        entry = self._items.pop(factor_id, None)
         if entry is not None:
             self._bytes -= entry.nbytes
 
 
-def render_factor(entry: StoredFactor, fmt: str) -> bytes:
-    """`png`: the picture of paper Fig. 3 (darker = lower factor). `npy`: the float32 map as
-    (H, W, 3), laid out like the image so that map[y, x] belongs to pixel (x, y)."""
-    x_r = entry.full()
+def render_factor(entry: StoredFactor, fmt: str, full: bool) -> bytes:
+    """`png`: the picture of paper Fig. 3 (darker = lower factor), at the image's size when
+    `full`, else at EFE's. `npy` (EFE's size only; full size streams, see `npy_strips`): the
+    float32 map as (h, w, 3), laid out like the image so that map[y, x] belongs to pixel (x, y)."""
     if fmt == "npy":
+        assert not full, "a full-size npy is streamed: npy_strips"
         buf = io.BytesIO()
-        np.save(buf, x_r.permute(1, 2, 0).contiguous().numpy())
+        np.save(buf, entry.lowres.permute(1, 2, 0).contiguous().numpy())
         return buf.getvalue()
-    return encode_image(factor_to_picture(x_r), None, False, "PNG")
+    return encode_image(factor_to_picture(entry.full() if full else entry.lowres),
+                        None, False, "PNG")
+
+
+def npy_header(shape: tuple[int, ...]) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False,
+                                               "shape": tuple(shape)})
+    return buf.getvalue()
+
+
+def full_npy_length(entry: StoredFactor) -> int:
+    height, width = entry.size
+    return len(npy_header((height, width, 3))) + height * width * 3 * 4
+
+
+def npy_strips(entry: StoredFactor) -> Iterator[tuple[int, int]]:
+    """Row ranges [y0, y1) of the full-size map, each about STRIP_BYTES as float32."""
+    height, width = entry.size
+    rows = max(1, STRIP_BYTES // (width * 3 * 4))
+    return ((y0, min(y0 + rows, height)) for y0 in range(0, height, rows))
+
+
+def _source(size_in: int, size_out: int, start: int, stop: int):
+    """Bilinear, align_corners=True: for output positions [start, stop), the two input
+    positions each mixes and the weight of the second, in float32 as PyTorch computes them."""
+    scale = np.float32((size_in - 1) / (size_out - 1) if size_out > 1 else 0.0)
+    src = np.arange(start, stop, dtype=np.float32) * scale
+    first = np.minimum(src.astype(np.int64), size_in - 1)
+    return first, np.minimum(first + 1, size_in - 1), src - first
+
+
+def full_npy_strip(entry: StoredFactor, y0: int, y1: int) -> bytes:
+    """Rows [y0, y1) of `npy` at full size (the header first when y0 == 0): the upsampling of
+    `StoredFactor.full` (to float rounding), from only the EFE rows they need. In NumPy, single
+    threaded: torch's thread pool made these small steps ~50x slower on a busy 2-core host."""
+    height, width = entry.size
+    low = entry.lowres.permute(1, 2, 0).numpy()  # (h, w, 3)
+    top, below, ty = _source(low.shape[0], height, y0, y1)
+    left, right, tx = _source(low.shape[1], width, 0, width)
+    r0, r1 = int(top[0]), int(below[-1]) + 1
+    rows = low[r0:r1]
+    wide = rows[:, left] * (1 - tx)[:, None] + rows[:, right] * tx[:, None]  # x first, as torch
+    ty = ty[:, None, None]
+    strip = wide[top - r0] * (1 - ty) + wide[below - r0] * ty
+    body = np.ascontiguousarray(strip, dtype="<f4").tobytes()
+    return (npy_header((height, width, 3)) + body) if y0 == 0 else body

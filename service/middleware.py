@@ -69,7 +69,7 @@ class ServiceMiddleware:
         return key is not None and hmac.compare_digest(key.encode(), self.api_key)
 
     def _endpoint(self, scope: Scope) -> str:
-        """The route's template ("/factor/{request_id}"), so labels stay few."""
+        """The route's template ("/factor/{factor_id}"), so labels stay few."""
         for route in self.routes:
             if route.matches(scope)[0] == Match.FULL:
                 return getattr(route, "path", "other")

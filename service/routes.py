@@ -2,13 +2,14 @@
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from model.enhancer import DENOISE, MAX_DENOISE, parse_exposure
 from model.imageio import MEDIA_TYPES, encode_image, output_format, tensor_to_rgb
 
 from .errors import ApiError
-from .factor_store import StoredFactor, render_factor
+from .factor_store import (StoredFactor, full_npy_length, full_npy_strip, npy_strips,
+                           render_factor)
 from .inference import ENHANCE, FACTOR, Work
 from .runtime import Runtime, Timing
 from .uploads import IMAGE_BODY
@@ -16,6 +17,9 @@ from .uploads import IMAGE_BODY
 router = APIRouter()
 
 FactorFormat = Literal["png", "npy"]
+FactorSize = Annotated[Literal["efe", "full"] | None, Query(
+    description="efe: EFE's resolution (the image's size / the scale factor, 12); full: the "
+    "image's size (4K as npy: 99.5 MB, streamed); default: efe for npy, full for png")]
 FACTOR_MEDIA = {"png": "image/png", "npy": "application/octet-stream"}
 ERRORS = {code: {"description": text} for code, text in {
     400: "empty, corrupt or truncated image, malformed upload",
@@ -63,61 +67,78 @@ async def enhance(
         exposure: Exposure = "auto",
 ) -> Response:
     """Brighten a dark photo. The image comes as multipart field `image` or as the raw body.
-    Its factor map stays available for a while at `GET /factor/{X-Request-ID}`."""
+    Its factor map stays available for a while at `GET /factor/{X-Factor-ID}`."""
     rt, timing = runtime(request), Timing()
     level = exposure_level(exposure)
     rt.check_ready()
     decoded, tensor = await rt.receive_image(request, timing)
     out = await rt.infer(request, Work(tensor, strength, ENHANCE, denoise, level), timing)
-    rt.factors.put(request.state.request_id, out.factor_lowres, tuple(tensor.shape[-2:]))
+    factor_id = rt.factors.put(out.factor_lowres, tuple(tensor.shape[-2:]))
     fmt = output_format(format, decoded.format)
     body = await rt.encode(_encode, out.image, decoded, fmt, quality, timing=timing)
     return Response(body, media_type=MEDIA_TYPES[fmt],
-                    headers={"Server-Timing": timing.header()})
+                    headers={"Server-Timing": timing.header(), **_factor_header(factor_id)})
 
 
 def _encode(image, decoded, fmt: str, quality: int) -> bytes:
     return encode_image(tensor_to_rgb(image), decoded.alpha, decoded.gray, fmt, quality)
 
 
-@router.get("/factor/{request_id}", response_class=Response,
+def _factor_header(factor_id: str | None) -> dict[str, str]:
+    return {"X-Factor-ID": factor_id} if factor_id else {}
+
+
+@router.get("/factor/{factor_id}", response_class=Response,
             responses={200: {"content": {m: {} for m in FACTOR_MEDIA.values()},
-                             "description": "PNG picture or float32 .npy (H, W, 3)"},
-                       404: {"description": "unknown or evicted request id"}})
+                             "description": "PNG picture or float32 .npy (h, w, 3)"},
+                       404: {"description": "unknown or evicted factor id"}})
 async def get_factor(request: Request,
-                     request_id: Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$",
-                                                     max_length=128)],
-                     format: FactorFormat = "png") -> Response:
-    """The factor map x_r of a recent `/enhance` or `/factor` request: a picture where darker
-    means a lower factor (paper Fig. 3), or with `?format=npy` the float map in [-1, 1]."""
+                     factor_id: Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]+$",
+                                                    max_length=128)],
+                     format: FactorFormat = "png", size: FactorSize = None) -> Response:
+    """The factor map x_r of a recent `/enhance` or `/factor` request, by the `X-Factor-ID`
+    that answer carried: a picture where darker means a lower factor (paper Fig. 3), or with
+    `?format=npy` the float32 map in [-1, 1]."""
     rt = runtime(request)
-    entry = rt.factors.get(request_id)
+    entry = rt.factors.get(factor_id)
     if entry is None:
-        raise ApiError(404, "unknown_request_id",
-                       f"no factor map for request {request_id!r}: unknown, or evicted from "
-                       "the store of recent maps (SGZ_FACTOR_STORE_ITEMS / _BYTES)")
-    return await _factor_response(rt, entry, format, request_id)
+        raise ApiError(404, "unknown_factor_id",
+                       "no factor map with this id: unknown, or evicted from the store of "
+                       "recent maps (SGZ_FACTOR_STORE_ITEMS / _BYTES); the id is the "
+                       "X-Factor-ID header of the /enhance or /factor answer")
+    return await _factor_response(rt, entry, format, size, factor_id)
 
 
 @router.post("/factor", response_class=Response, openapi_extra=IMAGE_BODY,
              responses={200: {"content": {m: {} for m in FACTOR_MEDIA.values()}}, **ERRORS})
-async def post_factor(request: Request, format: FactorFormat = "png") -> Response:
-    """Compute the factor map of an uploaded image (EFE only, no enhancement)."""
+async def post_factor(request: Request, format: FactorFormat = "png",
+                      size: FactorSize = None) -> Response:
+    """Compute the factor map of an uploaded image (EFE only, no enhancement); it is also
+    kept under the answer's `X-Factor-ID`."""
     rt, timing = runtime(request), Timing()
     rt.check_ready()
     _, tensor = await rt.receive_image(request, timing)
     out = await rt.infer(request, Work(tensor, 1.0, FACTOR), timing)
     entry = StoredFactor(out.factor_lowres, tuple(tensor.shape[-2:]))
-    rt.factors.put(request.state.request_id, entry.lowres, entry.size)
-    response = await _factor_response(rt, entry, format, request.state.request_id, timing)
+    factor_id = rt.factors.put(entry.lowres, entry.size)
+    response = await _factor_response(rt, entry, format, size, factor_id, timing)
     response.headers["Server-Timing"] = timing.header()
+    response.headers.update(_factor_header(factor_id))
     return response
 
 
-async def _factor_response(rt: Runtime, entry: StoredFactor, fmt: str, request_id: str,
-                           timing: Timing | None = None) -> Response:
-    body = await rt.encode(render_factor, entry, fmt, timing=timing or Timing())
-    headers = {"Content-Disposition": f'inline; filename="factor-{request_id}.{fmt}"'}
+async def _factor_response(rt: Runtime, entry: StoredFactor, fmt: str, size: str | None,
+                           factor_id: str | None, timing: Timing | None = None) -> Response:
+    full = (size or ("efe" if fmt == "npy" else "full")) == "full"
+    headers = {"Content-Disposition": f'inline; filename="factor-{factor_id or "map"}.{fmt}"'}
+    if fmt == "npy" and full:  # ~100 MB at 4K: made strip by strip, as the client reads
+        headers["Content-Length"] = str(full_npy_length(entry))
+
+        async def strips():
+            for y0, y1 in npy_strips(entry):
+                yield await rt.run_in(rt.encode_pool, full_npy_strip, entry, y0, y1)
+        return StreamingResponse(strips(), media_type=FACTOR_MEDIA[fmt], headers=headers)
+    body = await rt.encode(render_factor, entry, fmt, full, timing=timing or Timing())
     return Response(body, media_type=FACTOR_MEDIA[fmt], headers=headers)
 
 

@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     max_pixels: int = Field(16 * MiB, ge=1, description="decoded image size, checked before "
                             "decompressing (413 beyond)")
 
-    # Recent factor maps for GET /factor/{request_id} (stored at EFE's low resolution).
+    # Recent factor maps for GET /factor/{factor_id} (stored at EFE's low resolution).
     factor_store_items: int = Field(1024, ge=0)
     factor_store_bytes: int = Field(64 * MiB, ge=0)
 

@@ -66,7 +66,7 @@ def test_health_readiness_and_offline_docs(client, published_enhancer):
     for asset in assets:
         assert client.get(asset).status_code == 200, asset
     paths = client.get("/openapi.json").json()["paths"]
-    assert {"/enhance", "/factor", "/factor/{request_id}", "/healthz", "/readyz",
+    assert {"/enhance", "/factor", "/factor/{factor_id}", "/healthz", "/readyz",
             "/metrics"} <= set(paths)
     assert "multipart/form-data" in paths["/enhance"]["post"]["requestBody"]["content"]
 
@@ -121,41 +121,42 @@ def test_client_request_id_is_kept_when_valid(client):
     assert re.fullmatch(r"[0-9a-f]{32}", r.headers["x-request-id"])
 
 
-def test_factor_by_request_id_as_picture_and_npy(client, published_enhancer):
+def test_factor_by_factor_id_as_picture_and_npy(client, published_enhancer):
     source = photo((1920, 1080)).read_bytes()
     image = as_tensor(source)
     r = client.post("/enhance", params={"strength": 0.8}, content=source,
                     headers={"content-type": "image/png"})
     assert r.status_code == 200
-    request_id = r.headers["x-request-id"]
+    factor_id = r.headers["x-factor-id"]
     _, r_low = published_enhancer.enhance(image, 0.8, return_factor=True)
     from model import upsample_factor
     expected = upsample_factor(r_low, (1080, 1920))[0]
 
-    npy = client.get(f"/factor/{request_id}", params={"format": "npy"})
+    npy = client.get(f"/factor/{factor_id}", params={"format": "npy", "size": "full"})
     assert npy.status_code == 200
     x_r = np.load(io.BytesIO(npy.content))
     assert x_r.shape == (1080, 1920, 3) and x_r.dtype == np.float32
     np.testing.assert_allclose(x_r, expected.permute(1, 2, 0).numpy(), atol=FACTOR_ATOL)
 
-    png = client.get(f"/factor/{request_id}")
+    png = client.get(f"/factor/{factor_id}")
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
     picture = np.asarray(Image.open(io.BytesIO(png.content)).convert("RGB"))
     diff = np.abs(picture.astype(int) - factor_to_picture(expected).astype(int)).max()
     assert diff <= 1
 
-    assert_error(client.get("/factor/never-seen"), 404, "unknown_request_id")
+    assert_error(client.get("/factor/never-seen"), 404, "unknown_factor_id")
 
 
 def test_post_factor_computes_the_map_and_keeps_it(client, published_enhancer):
     source = photo((512, 512)).read_bytes()
-    r = client.post("/factor", params={"format": "npy"},
+    r = client.post("/factor", params={"format": "npy", "size": "full"},
                     files={"image": ("dark.png", source, "image/png")})
     assert r.status_code == 200, r.text
     x_r = np.load(io.BytesIO(r.content))
     expected = published_enhancer.factor(as_tensor(source))[0].permute(1, 2, 0).numpy()
     np.testing.assert_allclose(x_r, expected, atol=FACTOR_ATOL)
-    again = client.get(f"/factor/{r.headers['x-request-id']}", params={"format": "npy"})
+    again = client.get(f"/factor/{r.headers['x-factor-id']}",
+                       params={"format": "npy", "size": "full"})
     assert again.content == r.content
 
 

@@ -45,7 +45,7 @@ def test_api_key_guards_everything_but_health(server):
     assert httpx.get(f"{server.url}/metrics", headers=AUTH).status_code == 200
     assert httpx.get(f"{server.url}/metrics",
                      headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
-    assert_error(httpx.get(f"{server.url}/factor/abc", headers=AUTH), 404, "unknown_request_id")
+    assert_error(httpx.get(f"{server.url}/factor/abc", headers=AUTH), 404, "unknown_factor_id")
 
 
 def test_deadline_passed_while_queued_is_504_and_never_computed(server):

@@ -13,7 +13,8 @@ from starlette.requests import Request
 
 from model import upsample_factor
 from model.imageio import decode_image
-from service.factor_store import FactorStore, render_factor
+from service.factor_store import (STRIP_BYTES, FactorStore, full_npy_strip, npy_strips,
+                                  render_factor)
 from service.settings import Settings
 from service.uploads import client_gone
 from sgz_server import SGZ, Server, photo
@@ -25,39 +26,41 @@ def lowres(h=9, w=16, value=0.0):
 
 def test_factor_store_is_bounded_by_count_oldest_first():
     store = FactorStore(max_items=2, max_bytes=1 << 20)
-    for name in "abc":
-        assert store.put(name, lowres(), (108, 192))
-    assert store.get("a") is None and store.get("b") and store.get("c")
+    a, b, c = (store.put(lowres(), (108, 192)) for _ in range(3))
+    assert len({a, b, c}) == 3  # a fresh id each time
+    assert store.get(a) is None and store.get(b) and store.get(c)
     assert len(store) == 2 and store.nbytes == 2 * lowres().numel() * 4
 
 
-def test_factor_store_is_bounded_by_bytes_and_replaces_same_id():
+def test_factor_store_is_bounded_by_bytes():
     one = lowres().numel() * 4
     store = FactorStore(max_items=100, max_bytes=2 * one + 1)
-    store.put("a", lowres(), (1, 1))
-    store.put("b", lowres(), (1, 1))
-    store.put("a", lowres(value=0.5), (1, 1))  # same id: replaced, not duplicated
+    a, b = store.put(lowres(), (1, 1)), store.put(lowres(value=0.5), (1, 1))
     assert len(store) == 2 and store.nbytes == 2 * one
-    assert store.get("a").lowres[0, 0, 0] == 0.5
-    store.put("c", lowres(), (1, 1))  # over the byte limit: the oldest ("b") goes
-    assert store.get("b") is None and store.nbytes == 2 * one
-    assert not store.put("huge", lowres(100, 100), (1, 1))  # can never fit: not stored
-    assert store.get("huge") is None and len(store) == 2
-    assert not FactorStore(0, 1 << 20).put("x", lowres(), (1, 1))
+    assert store.get(b).lowres[0, 0, 0] == 0.5
+    store.put(lowres(), (1, 1))  # over the byte limit: the oldest (a) goes
+    assert store.get(a) is None and store.nbytes == 2 * one
+    assert store.put(lowres(100, 100), (1, 1)) is None  # can never fit: not stored
+    assert len(store) == 2
+    assert FactorStore(0, 1 << 20).put(lowres(), (1, 1)) is None
 
 
 def test_stored_map_is_low_res_and_rendered_at_full_size(published_enhancer):
     image = decode_image(photo((512, 512)).read_bytes()).to_tensor()
     _, r_low = published_enhancer.enhance(image, return_factor=True)
     store = FactorStore(10, 1 << 20)
-    store.put("id", r_low[0], (512, 512))
-    entry = store.get("id")
+    entry = store.get(store.put(r_low[0], (512, 512)))
     assert entry.nbytes * 100 < 3 * 512 * 512 * 4  # ~144x smaller than the full map
-    full = np.load(io.BytesIO(render_factor(entry, "npy")))
+    strips = [full_npy_strip(entry, y0, y1) for y0, y1 in npy_strips(entry)]
+    assert len(strips) > 1 and max(map(len, strips)) <= STRIP_BYTES + 128  # + the header
+    full = np.load(io.BytesIO(b"".join(strips)))
     expected = upsample_factor(r_low, (512, 512))[0].permute(1, 2, 0).numpy()
     np.testing.assert_allclose(full, expected, atol=1e-6)
-    picture = decode_image(render_factor(entry, "png"))
+    low = np.load(io.BytesIO(render_factor(entry, "npy", full=False)))
+    np.testing.assert_array_equal(low, r_low[0].permute(1, 2, 0).numpy())
+    picture = decode_image(render_factor(entry, "png", full=True))
     assert picture.size == (512, 512) and picture.format == "PNG"
+    assert decode_image(render_factor(entry, "png", full=False)).size == low.shape[1::-1]
 
 
 def test_settings_flags_beat_environment_beat_defaults(monkeypatch):
