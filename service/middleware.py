@@ -36,6 +36,7 @@ class ServiceMiddleware:
             request_id = uuid.uuid4().hex
         state = scope.setdefault("state", {})
         state["request_id"], state["arrival"] = request_id, time.monotonic()
+        state["authorized"] = self.api_key is None or self._authorized(headers)
         status = 500  # what the client sees if the app raises before responding
 
         async def send_with_id(message: Message) -> None:
@@ -47,7 +48,7 @@ class ServiceMiddleware:
 
         self.metrics.in_flight.inc()
         try:
-            if self.api_key and scope["path"] not in OPEN_PATHS and not self._authorized(headers):
+            if not state["authorized"] and scope["path"] not in OPEN_PATHS:
                 response = error_response(
                     401, "unauthorized", "this service needs an API key: send it as "
                     "'X-API-Key: KEY' or 'Authorization: Bearer KEY'",

@@ -1,7 +1,7 @@
 """The HTTP endpoints. Thin: read, decode, queue, encode; the work lives in Runtime."""
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from model.enhancer import DENOISE, MAX_DENOISE, parse_exposure
@@ -44,6 +44,14 @@ Exposure = Annotated[str, Query(max_length=16, description="auto: lift images da
 
 def runtime(request: Request) -> Runtime:
     return request.app.state.runtime
+
+
+def authorized(request: Request) -> bool:
+    """Whether the request carries the API key (always true when none is set)."""
+    return getattr(request.state, "authorized", False)  # set by ServiceMiddleware
+
+
+Authorized = Annotated[bool, Depends(authorized)]
 
 
 def exposure_level(exposure: str) -> float | str | None:
@@ -149,14 +157,15 @@ async def healthz() -> dict:
 
 
 @router.get("/readyz", responses={503: {"description": "loading, warming up or shutting down"}})
-async def readyz(request: Request):
-    """Readiness: the model is loaded and warmed up. Never needs the API key."""
+async def readyz(request: Request, with_key: Authorized):
+    """Readiness: the model is loaded and warmed up. Never needs the API key; with a key set,
+    the checkpoint's hash is shown only to requests that carry it."""
     rt: Runtime | None = getattr(request.app.state, "runtime", None)
     if rt is None or not rt.ready:
         return JSONResponse({"error": "not_ready", "detail": "loading, warming up or shutting "
                              "down"}, status_code=503)
-    return {"status": "ready", "device": str(rt.enhancer.device),
-            "checkpoint_sha256": rt.enhancer.sha256}
+    ready = {"status": "ready", "device": str(rt.enhancer.device)}
+    return {**ready, "checkpoint_sha256": rt.enhancer.sha256} if with_key else ready
 
 
 @router.get("/metrics", response_class=Response)

@@ -3,13 +3,15 @@
 `sgz serve --port 9000` beats `SGZ_PORT=9000`, which beats the defaults below.
 """
 import os
+import re
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
+ORIGIN = re.compile(r"\*|[a-z][a-z0-9+.-]*://[^/\s,]+")
 
 
 class Settings(BaseSettings):
@@ -54,6 +56,24 @@ class Settings(BaseSettings):
     # Recent factor maps for GET /factor/{factor_id} (stored at EFE's low resolution).
     factor_store_items: int = Field(1024, ge=0)
     factor_store_bytes: int = Field(64 * MiB, ge=0)
+
+    # Browsers (service/security.py).
+    cors_origins: str | None = Field(None, description="comma-separated origins allowed to "
+                                     "call from a browser (CORS), e.g. https://app.example.com; "
+                                     "* = any; unset = no CORS headers")
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: str | None) -> str | None:
+        for origin in (value or "").split(","):
+            if origin.strip() and not ORIGIN.fullmatch(origin.strip()):
+                raise ValueError(f"{origin.strip()!r} is not an origin: scheme://host[:port], "
+                                 "no path, no trailing slash (or *)")
+        return value
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in (self.cors_origins or "").split(",") if o.strip()]
 
     # Video jobs (service/jobs.py). They live in memory and in jobs_dir: none survives a
     # restart.
