@@ -27,7 +27,7 @@ def serve(args: argparse.Namespace) -> int:
     from model import CheckpointError, load_model
 
     from .app import create_app
-    from .settings import Settings
+    from .settings import Settings, unknown_variables
 
     overrides = {k: getattr(args, k) for k in FLAGS if getattr(args, k) is not None}
     try:
@@ -40,6 +40,9 @@ def serve(args: argparse.Namespace) -> int:
     level = "DEBUG" if settings.log_level == "trace" else settings.log_level.upper()
     logging.basicConfig(level=level,
                         format="%(levelname)s:     %(name)s: %(message)s")
+    if unknown := unknown_variables():  # a typo in a name would otherwise go unnoticed
+        logging.getLogger("sgz.service").warning(
+            "ignoring unknown environment variables: %s", ", ".join(unknown))
     # Loaded here, before the server starts, so that a missing or broken checkpoint ends the
     # command with one clear line instead of a lifespan traceback.
     try:

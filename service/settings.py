@@ -2,6 +2,7 @@
 
 `sgz serve --port 9000` beats `SGZ_PORT=9000`, which beats the defaults below.
 """
+import difflib
 import os
 import re
 from pathlib import Path
@@ -12,6 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 ORIGIN = re.compile(r"\*|[a-z][a-z0-9+.-]*://[^/\s,]+")
+NOT_SETTINGS = {"SGZ_SHARED", "SGZ_TEST_DEVICE"}  # read by the tests, not by the service
 
 
 class Settings(BaseSettings):
@@ -109,3 +111,15 @@ class Settings(BaseSettings):
                                     "requests may take to finish")
     log_level: str = Field("info", pattern="^(critical|error|warning|info|debug|trace)$")
 
+
+def unknown_variables(environ=os.environ) -> list[str]:
+    """The SGZ_* variables that are no setting (a typo is otherwise ignored without a word),
+    each with the closest setting's name when one is close."""
+    known = {f"SGZ_{name.upper()}" for name in Settings.model_fields}
+    found = []
+    for name in sorted(environ):
+        upper = name.upper()  # pydantic-settings reads them case-insensitively
+        if upper.startswith("SGZ_") and upper not in known | NOT_SETTINGS:
+            close = difflib.get_close_matches(upper, sorted(known), n=1, cutoff=0.8)
+            found.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return found
