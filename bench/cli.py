@@ -248,7 +248,7 @@ def video_table(res: dict) -> str:
              "x transcode: wall over the plain transcode's in the same round; vs loop: the serial"
              " image loop's wall over this path's (medians of the rounds' ratios)",
              "transcode-out: the same transcode of the temporal path's output (the clean picture"
-             " it encodes; the dark input's noise costs x264 about twice as much)",
+             " it encodes; the dark input's noise costs x264 several times as much)",
              f"encoder: {enc['codec']} crf {enc['crf']} preset {enc['preset']}; clips: "
              f"{res['clip']['frames']} frames at {res['clip']['fps']} fps, a dark pan over "
              f"sice-real/{res['clip']['photo']} (bench/video_clips.py)"]

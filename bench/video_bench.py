@@ -3,7 +3,7 @@
   transcode  `model.video.transcode`: the pipeline's decode -> encode with no model, the floor
   transcode-out  the same, of the temporal path's own output (made once, untimed, before the
              rounds): x264's work depends on the picture, and the dark clip's noise costs it
-             about twice what the denoised output does, so this is the floor for encoding what
+             several times what the denoised output does, so this is the floor for encoding what
              the temporal path encodes; temporal / transcode-out is the model's own cost
   temporal   `enhance_video(..., temporal=True)`: the product's default path
   frames     `enhance_video(..., temporal=False)`: each frame on its own, through the pipeline
