@@ -122,3 +122,23 @@ def _planes(px, f, lum, u, v):
         u[x] = f[3 * x] - lum[x]
     for x in range(lum.shape[0]):
         v[x] = f[3 * x + 2] - lum[x]
+
+
+@serial
+def weighted_rows(img, rows, wr, wc):
+    """sum over r, x of img[n, rows[r], x] * wr[r] * wc[x] per n: img (N, H, L) uint8 -> (N,)"""
+    out = np.zeros(img.shape[0], np.float64)
+    f = np.empty(img.shape[2], np.float32)
+    for n in range(img.shape[0]):
+        for r in range(rows.shape[0]):
+            _to_float(img[n, rows[r]], f)
+            out[n] += wr[r] * _dot(f, wc)
+    return out * 255
+
+
+@_compile(parallel=False, fastmath={"contract", "reassoc"})
+def _dot(a, b):
+    total = np.float32(0)
+    for x in range(a.shape[0]):
+        total += a[x] * b[x]
+    return total
