@@ -10,26 +10,44 @@ from .kernels_rows import _add, _luma, _sum, _to_float, fused, kernel, serial
 THIRD = np.float32(1 / 3)
 
 
+BAND = 16  # rows per job: a band's differences (and its halo's) stay in cache for the update
+
+
 @kernel
-def recursive_filter(frame, acc, out, k, radius, min_weight, work):
-    """frame, out (H, 3W) uint8; acc (H, 3W) float32 running average, updated in place;
-    work (2, H, W) float32 scratch."""
+def recursive_filter(frame, acc, new, out, k, radius, min_weight):
+    """frame, out (H, 3W) uint8; acc (H, 3W) float32 running average, read; new: the next
+    one, written (two buffers: a band reads its neighbours' rows of the old average while
+    they are being updated). One pass of bands: each computes the differences of its rows and
+    a halo of `radius` rows, then updates its rows."""
     H, WC = frame.shape
     W = WC // 3
-    diff, rows = work[0], work[1]
-    for y in prange(H):
-        _difference(frame[y], acc[y], diff[y])
-        _box_row(diff[y], rows[y], radius)
     inv = np.empty(W, np.float32)  # 1 / (k * the window's width at x)
     for x in range(W):
         inv[x] = np.float32(1) / (k * np.float32(min(x + radius + 1, W) - max(x - radius, 0)))
-    for y in prange(H):
-        lo, hi = max(0, y - radius), min(H, y + radius + 1)
-        w = np.zeros(W, np.float32)
-        for j in range(lo, hi):
-            _add(w, rows[j])
-        _weight(w, inv, np.float32(1 / (hi - lo)), min_weight)
-        _update(frame[y], acc[y], out[y], w)
+    for band in prange((H + BAND - 1) // BAND):
+        _band(frame, acc, new, out, radius, min_weight, inv, band * BAND,
+              min(H, (band + 1) * BAND))
+
+
+@serial
+def _band(frame, acc, new, out, radius, min_weight, inv, y0, y1):
+    H, WC = frame.shape
+    W = WC // 3
+    lo, hi = max(0, y0 - radius), min(H, y1 + radius)
+    rows = np.empty((hi - lo, W), np.float32)
+    d = np.empty(W, np.float32)
+    for y in range(lo, hi):
+        _difference(frame[y], acc[y], d)
+        _box_row(d, rows[y - lo], radius)
+    w = np.empty(W, np.float32)
+    w3 = np.empty(WC, np.float32)
+    for y in range(y0, y1):
+        a, b = max(0, y - radius), min(H, y + radius + 1)
+        w[:] = 0
+        for j in range(a, b):
+            _add(w, rows[j - lo])
+        _weight(w, inv, np.float32(1 / (b - a)), min_weight, w3)
+        _update(frame[y], acc[y], new[y], out[y], w3)
 
 
 @fused
@@ -56,20 +74,21 @@ def _box_row(d, dst, radius):
 
 
 @fused
-def _weight(w, inv, row_scale, min_weight):
-    """The new frame's share: clamp(|mean difference| / k, min_weight, 1)."""
+def _weight(w, inv, row_scale, min_weight, w3):
+    """The new frame's share, clamp(|mean difference| / k, min_weight, 1), for each value."""
     for x in range(w.shape[0]):
-        w[x] = min(max(abs(w[x]) * row_scale * inv[x], min_weight), np.float32(1))
+        v = min(max(abs(w[x]) * row_scale * inv[x], min_weight), np.float32(1))
+        w3[3 * x] = v
+        w3[3 * x + 1] = v
+        w3[3 * x + 2] = v
 
 
 @fused
-def _update(f, a, o, w):
-    for x in range(w.shape[0]):
-        for c in range(3):
-            i = 3 * x + c
-            v = a[i] + w[x] * (np.float32(f[i]) - a[i])
-            a[i] = v
-            o[i] = np.uint8(min(max(v + np.float32(0.5), np.float32(0)), np.float32(255)))
+def _update(f, a, new, o, w):
+    for i in range(w.shape[0]):
+        v = a[i] + w[i] * (np.float32(f[i]) - a[i])
+        new[i] = v
+        o[i] = np.uint8(min(max(v + np.float32(0.5), np.float32(0)), np.float32(255)))
 
 
 def noise_sigma(img: np.ndarray, cell: int, quantile: float) -> np.ndarray:

@@ -47,7 +47,7 @@ class TemporalState:
     def __init__(self, enhancer, config: TemporalConfig):
         self.enhancer, self.config = enhancer, config
         self.cuts = 0
-        self.work = None  # the recursive filter's scratch, kept for the next frame
+        self.spare = None  # the recursive filter writes the next average here, then swaps
         self.reset()
 
     def reset(self) -> None:
@@ -143,10 +143,12 @@ class TemporalState:
             if self._start(frame):
                 result[i] = img[i]
                 continue
-            if self.work is None or self.work.shape[1:] != (H, WC // 3):
-                self.work = np.empty((2, H, WC // 3), np.float32)
+            if self.spare is None or self.spare.shape != self.acc.shape:
+                self.spare = torch.empty_like(self.acc)
             NumbaFast._run(recursive_filter, img[i], self.acc.numpy().reshape(H, WC),
-                           result[i], k[i], cfg.radius, np.float32(cfg.min_weight), self.work)
+                           self.spare.numpy().reshape(H, WC), result[i], k[i], cfg.radius,
+                           np.float32(cfg.min_weight))
+            self.acc, self.spare = self.spare, self.acc
         return torch.from_numpy(result).view(n, H, WC // 3, 3).permute(0, 3, 1, 2)
 
     def _filter_torch(self, image: torch.Tensor, k: float, i: int) -> torch.Tensor:
