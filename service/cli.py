@@ -22,10 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from model import CheckpointError, load_model
 
+    from . import server
     from .app import create_app
     from .settings import Settings, unknown_variables
 
@@ -50,7 +49,4 @@ def serve(args: argparse.Namespace) -> int:
     except (CheckpointError, ValueError, RuntimeError, OSError) as e:
         print(f"sgz serve: cannot load the model: {e}", file=sys.stderr)
         return 2
-    app = create_app(settings, enhancer=enhancer)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=settings.shutdown_timeout_s)
-    return 0
+    return server.run(create_app(settings, enhancer=enhancer), settings)

@@ -97,6 +97,28 @@ class Settings(BaseSettings):
                                 "frames waits for queued image requests before taking its "
                                 "turn on the model")
 
+    # Connections (service/protocol.py, service/server.py): what a slow, idle or hostile
+    # client may hold. Past a deadline the client gets 408 or the connection is closed.
+    header_timeout_s: float = Field(10.0, gt=0, description="a request's headers must all "
+                                    "arrive within this, from the connection's opening or the "
+                                    "first byte after a kept-alive answer")
+    body_timeout_s: float = Field(30.0, gt=0, description="a request's body may take this "
+                                  "long, plus 1 s per min_transfer_rate bytes received")
+    write_timeout_s: float = Field(30.0, gt=0, description="a client that stops reading its "
+                                   "answer is cut off after this (plus 1 s per "
+                                   "min_transfer_rate bytes it did read), freeing the answer")
+    min_transfer_rate: float = Field(1024.0, gt=0, description="bytes/s: the slowest average "
+                                     "rate a client may send a body or read an answer at, "
+                                     "once its timeout has passed")
+    keepalive_timeout_s: float = Field(5.0, gt=0, description="an idle connection is closed "
+                                       "this long after its last answer")
+    max_connections: int = Field(1000, ge=1, description="open connections; beyond, new ones "
+                                 "get 503 and are closed (lowered to fit the open-files limit)")
+    shutdown_grace_s: float = Field(3.0, ge=0, description="on SIGTERM, how long the service "
+                                    "keeps answering new requests with 503 shutting_down "
+                                    "before it stops listening (longer while requests are "
+                                    "still in flight)")
+
     # Process.
     io_threads: int = Field(
         default_factory=lambda: min(16, max(4, os.cpu_count() or 1)), ge=1,

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from model.imageio import decode_image
-from sgz_server import Server, metric, photo
+from sgz_server import Server, assert_error, metric, photo
 
 
 @pytest.fixture(scope="module")
@@ -87,18 +87,17 @@ def test_sigterm_finishes_queued_requests_then_exits(server, published_enhancer)
                       for _ in range(3)]
             await asyncio.to_thread(wait_for_queue, server, 3)
             server.proc.send_signal(signal.SIGTERM)
-            refused = False
-            for _ in range(50):  # new connections are refused while the queue drains
-                try:
-                    async with httpx.AsyncClient(timeout=1) as fresh:
-                        await fresh.get(f"{server.url}/healthz")
-                except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
-                    refused = True  # refused, or accepted just before and closed unanswered
+            # once the signal is seen, new requests get 503 while the queued ones finish
+            for _ in range(100):
+                async with httpx.AsyncClient(timeout=10) as fresh:
+                    fresh_answer = await fresh.get(f"{server.url}/healthz")
+                if fresh_answer.status_code != 200:
                     break
                 await asyncio.sleep(0.05)
-            return await asyncio.gather(*queued), refused
-    responses, refused = asyncio.run(scenario())
-    assert refused
+            return await asyncio.gather(*queued), fresh_answer
+    responses, fresh_answer = asyncio.run(scenario())
+    assert_error(fresh_answer, 503, "shutting_down")
+    assert fresh_answer.headers["connection"] == "close"
     for r in responses:
         assert r.status_code == 200, r.text
         got = decode_image(r.content).to_tensor()
