@@ -105,6 +105,8 @@ class Batcher:
                                           initializer=worker_initializer)
         self._task: asyncio.Task | None = None
         self._closing = False
+        self.batches = 0                   # batches run so far
+        self.last_done = time.monotonic()  # when the last one finished (memory.Trimmer)
 
     @property
     def depth(self) -> int:
@@ -270,6 +272,8 @@ class Batcher:
             log.exception("batch of %d failed", len(jobs))
             self._fail(jobs, e)
             return
+        self.batches += 1
+        self.last_done = time.monotonic()
         for job, value in zip(jobs, values):
             if not job.future.done():
                 job.future.set_result(Result(value, start - job.queued, seconds, len(jobs)))

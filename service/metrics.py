@@ -54,6 +54,8 @@ class Metrics:
                                       "to finish, by final state", ["state"],
                                       buckets=JOB_BUCKETS, registry=r)
         self.jobs = Gauge("sgz_jobs", "Video jobs known, by state", ["state"], registry=r)
+        self.trimmed = Counter("sgz_memory_trimmed_bytes", "Memory given back to the kernel "
+                               "when idle (service/memory.py)", registry=r)
         self.model = Info("sgz_model", "The served model: checkpoint, device, versions",
                           registry=r)
 

@@ -24,6 +24,7 @@ from .errors import ApiError
 from .factor_store import FactorStore
 from .inference import Output, Work, run_batch, warmup_images
 from .jobs import JobManager
+from .memory import Trimmer
 from .metrics import Metrics
 from .settings import Settings
 from .uploads import client_gone, read_image_bytes
@@ -68,12 +69,16 @@ class Runtime:
             coming=(lambda: self.coming) if settings.early_dispatch else None)
         metrics.queue_depth.set_function(lambda: self.batcher.depth)
         self.jobs = JobManager(settings, enhancer, self.batcher, metrics, lower)
+        self.trimmer = Trimmer(self.batcher, settings.trim_idle_s, metrics.trimmed.inc)
+        self._trimming: asyncio.Task | None = None
         metrics.describe_model(enhancer.sha256, enhancer.checkpoint.source,
                                str(enhancer.device), _versions())
 
     def start(self) -> None:
         self.batcher.start()
         self.jobs.start()
+        self._trimming = asyncio.get_running_loop().create_task(self.trimmer.run(),
+                                                                 name="sgz-trim")
 
     async def warm_up(self) -> None:
         """Run the model once, then report ready (a failure leaves /readyz at 503)."""
@@ -95,6 +100,8 @@ class Runtime:
     async def close(self) -> None:
         """Cancel the video jobs, finish every queued request, then stop the threads."""
         self.ready = False
+        if self._trimming is not None:
+            self._trimming.cancel()
         await self.jobs.close()  # first: their model steps need the batcher's thread
         await self.batcher.close()
         self.decode_pool.shutdown(wait=True)

@@ -131,6 +131,8 @@ class Settings(BaseSettings):
     warmup: bool = Field(True, description="run the model once before reporting ready")
     shutdown_timeout_s: int = Field(30, ge=1, description="on SIGTERM, how long in-flight "
                                     "requests may take to finish")
+    trim_idle_s: float = Field(2.0, ge=0, description="after this long with no batch, give "
+                               "freed memory back to the kernel (glibc malloc_trim); 0 = never")
     log_level: str = Field("info", pattern="^(critical|error|warning|info|debug|trace)$")
 
 

@@ -1,0 +1,40 @@
+"""Memory comes back when the service goes idle (service/memory.py): a real server's RSS after
+a burst of 4K images, measured from /proc, falls once no batch has run for SGZ_TRIM_IDLE_S."""
+import io
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import psutil
+import pytest
+from PIL import Image
+
+from sgz_server import Server, metric, photo
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server({"SGZ_TRIM_IDLE_S": "1"}).wait_ready()
+    yield s
+    s.close()
+
+
+def jpeg(size) -> bytes:
+    buf = io.BytesIO()
+    Image.open(photo(size)).convert("RGB").save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_a_burst_of_large_images_is_given_back_when_idle(server):
+    proc = psutil.Process(server.proc.pid)
+    data = jpeg((3840, 2160))
+    with httpx.Client(base_url=server.url, timeout=120) as c, ThreadPoolExecutor(4) as pool:
+        codes = list(pool.map(lambda _: c.post("/enhance", files={"image": ("a.jpg", data)})
+                              .status_code, range(12)))
+        assert codes == [200] * 12
+        after_burst = proc.memory_info().rss
+        before = metric(c.get("/metrics").text, "sgz_memory_trimmed_bytes_total")
+        time.sleep(4)  # idle 1 s, checked every 0.5 s: one trim, after the burst
+        trimmed = metric(c.get("/metrics").text, "sgz_memory_trimmed_bytes_total") - before
+    assert trimmed > 16 * 2**20  # the 4K buffers freed after the burst went back
+    assert proc.memory_info().rss < after_burst - 16 * 2**20
