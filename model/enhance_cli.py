@@ -142,9 +142,10 @@ def _walk(root: Path, base: Path, skip: set[str],
 
 def _file_names(paths: list[Path]) -> list[str]:
     """Output names (without suffix) for files written side by side: the stem, or the full
-    name when two images share a stem."""
-    stems = Counter(p.stem for p in paths if p.suffix.lower() in IMAGE_SUFFIXES)
-    return _dedupe([p.name if stems[p.stem] > 1 and p.suffix.lower() in IMAGE_SUFFIXES
+    name when two images or videos share a stem."""
+    media = IMAGE_SUFFIXES | video_cli.VIDEO_SUFFIXES
+    stems = Counter(p.stem for p in paths if p.suffix.lower() in media)
+    return _dedupe([p.name if stems[p.stem] > 1 and p.suffix.lower() in media
                     else p.stem for p in paths])
 
 

@@ -208,6 +208,7 @@ def test_cli_enhances_videos_beside_images_and_reports_bad_ones(tmp_path):
     folder, out = tmp_path / "in", tmp_path / "out"
     folder.mkdir()
     make_video(folder / "clip.mov", frames=8, audio=True)
+    make_video(folder / "clip.mkv", frames=3)  # same stem: both keep their suffix
     make_video(tmp_path / "v.mp4", frames=5)
     (tmp_path / "v.mp4").rename(folder / "named-wrong.jpg")  # recognised by content
     (folder / "broken.mp4").write_bytes(b"\x00" * 4000)
@@ -217,8 +218,10 @@ def test_cli_enhances_videos_beside_images_and_reports_bad_ones(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 1, run.stderr
     assert "broken.mp4: broken.mp4: not a video" in run.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["clip.mp4", "named-wrong.mp4", "photo.png"]
-    assert read_video(out / "clip.mp4").frames.shape[0] == 8
+    assert sorted(p.name for p in out.iterdir()) == ["clip.mkv.mkv", "clip.mov.mp4",
+                                                     "named-wrong.mp4", "photo.png"]
+    assert read_video(out / "clip.mov.mp4").frames.shape[0] == 8
+    assert read_video(out / "clip.mov.mp4").audio_packets > 0
     bad = subprocess.run([sys.executable, "-m", "model.cli", "enhance", str(folder), "-o",
                           str(out), "--crf", "99"], capture_output=True, text=True)
     assert bad.returncode == 2 and "crf for h264 must be" in bad.stderr
