@@ -114,11 +114,14 @@ def is_video(path) -> bool:
     image (an image format's single picture is not a video)."""
     try:
         with open_input(path) as c:
-            return c.format.name not in STILL_FORMATS and _depth(c.streams.video[0]) > 0
+            _info(c, Path(path).name)
+            return True
     except VideoError:
         return False
 
 
+# FFmpeg renders text files as video (the tty demuxer takes any .txt): not videos to enhance
+TEXT_CODECS = {"ansi", "bintext", "xbin", "idf"}
 STILL_FORMATS = {"image2", "png_pipe", "jpeg_pipe", "webp_pipe", "bmp_pipe", "tiff_pipe",
                  "gif", "gif_pipe", "pgm_pipe", "ppm_pipe", "pam_pipe", "qoi_pipe"}
 
@@ -139,6 +142,8 @@ def _info(c, name: str) -> VideoInfo:
     cc = s.codec_context
     if c.format.name in STILL_FORMATS:
         raise VideoError(f"{name}: a still image ({c.format.name}), not a video")
+    if cc.name in TEXT_CODECS:
+        raise VideoError(f"{name}: text ({c.format.name}), not a video")
     if cc.width <= 0 or cc.height <= 0:
         raise VideoError(f"{name}: the video stream has no frame size (unsupported codec "
                          f"{cc.name!r}?)")

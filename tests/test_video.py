@@ -70,9 +70,10 @@ def bad_inputs(tmp_path):
     corrupt[len(data) // 3:len(data) // 3 + 3000:7] = bytes(429)
     (tmp_path / "corrupt.mkv").write_bytes(bytes(corrupt))
     (tmp_path / "still.mp4").write_bytes((DATA / "sice-real" / "435_0_.png").read_bytes())
+    (tmp_path / "notes.txt").write_text("lux readings\n" * 40)  # FFmpeg's tty demuxer takes it
     return {"junk.mp4": "not a video", "cut.mkv": "truncated or corrupt",
             "corrupt.mkv": "truncated or corrupt", "still.mp4": "still image",
-            "missing.mp4": "no such file"}
+            "missing.mp4": "no such file", "notes.txt": "text"}
 
 
 def test_bad_inputs_get_a_clear_error_and_leave_no_file(enhancer, tmp_path):
