@@ -6,8 +6,9 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sgz", description="SGZ low-light enhancement")
     sub = parser.add_subparsers(dest="command", required=True)
-    from . import enhance_cli
+    from . import enhance_cli, export
     enhance_cli.register(sub)
+    export.register(sub)
     for module in ("service.cli", "training.cli", "bench.cli"):
         try:
             mod = __import__(module, fromlist=["register"])

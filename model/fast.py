@@ -290,6 +290,9 @@ def build(efe: EFE, device: torch.device, scale_factor: float, steps: int,
           backend: str | None = None):
     """The fastest path for the device: numba kernels on CPU, a Triton kernel on CUDA, plain
     torch ops where neither is installed. `backend` forces one (benchmarks, tests)."""
+    if backend == "onnxruntime":  # optional (the onnx extra): imported only when asked for
+        from .onnx_backend import OnnxRuntimeFast
+        return OnnxRuntimeFast.on(device, efe, scale_factor, steps)
     if backend is not None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}: one of {sorted(BACKENDS)} or 'eager'")

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
-EXTRAS=${EXTRAS:-train,eval,test,bench}
+EXTRAS=${EXTRAS:-train,eval,test,bench,onnx}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi

@@ -1,0 +1,156 @@
+"""`sgz export`: the enhancer as one ONNX graph, for ONNX Runtime, Triton, TensorRT and others.
+
+The graph (model/onnx_graph.py) is the paper's step with our level gain: downscale, EFE, level
+gain, factor upsampling, the eight RIE steps and rounding, i.e. `enhance(images, denoise=0,
+exposure=None)`. The exposure ("auto" or a target) and the denoising stage are not in it: they
+run as numba kernels around the network (`load_model(..., backend="onnxruntime")` adds them
+back on the host). Needs the `onnx` extra: pip install 'sgz-serve[onnx]'.
+"""
+import argparse
+import io
+import sys
+import warnings
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError
+from .enhancer import Enhancer, load_model
+from .onnx_graph import ApplyFactor, EnhanceGraph, FactorLowres
+
+DEFAULT_OPSET = 17  # ONNX Runtime >= 1.12, TensorRT >= 8.6, Triton's onnxruntime backend
+EXTRA_HINT = "pip install 'sgz-serve[onnx]' (onnx and onnxruntime)"
+CONTENTS = ("uint8 (N,3,H,W) -> downscale 1/{s} (bilinear) -> EFE{level} -> bilinear upsample "
+            "(align_corners) -> {steps} RIE steps (Eq. 1) -> round -> uint8 (N,3,H,W); "
+            "= enhance(denoise=0, exposure=None): no exposure, no denoising")
+DYNAMIC = {0: "batch", 2: "height", 3: "width"}
+
+
+def require_onnx():
+    try:
+        import onnx
+    except ImportError:
+        raise ImportError(f"ONNX export needs the onnx package: {EXTRA_HINT}") from None
+    return onnx
+
+
+def version() -> str:
+    try:
+        return metadata.version("sgz-serve")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def to_onnx(module: torch.nn.Module, inputs: tuple, input_names: list[str],
+            output_names: list[str], opset: int = DEFAULT_OPSET) -> bytes:
+    """Trace `module` on `inputs` (the TorchScript exporter: no onnxscript needed) with every
+    input's and output's batch, height and width dynamic."""
+    dynamic = {name: DYNAMIC for name in input_names + output_names}
+    buf = io.BytesIO()
+    with warnings.catch_warnings():  # TracerWarnings and the exporter's deprecation notice
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), inputs, buf, dynamo=False, opset_version=opset,
+                          input_names=input_names, output_names=output_names,
+                          dynamic_axes=dynamic)
+    return buf.getvalue()
+
+
+def example(float_io: bool) -> torch.Tensor:
+    """A trace input of odd size: no size is special-cased in the trace."""
+    return (torch.rand(1, 3, 37, 53) if float_io
+            else torch.randint(0, 256, (1, 3, 37, 53), dtype=torch.uint8))
+
+
+def export_parts(efe, scale_factor: float, steps: int,
+                 opset: int = DEFAULT_OPSET) -> tuple[bytes, bytes]:
+    """The two halves `Enhancer` calls, uint8: images -> r_low, and (images, r_low) -> out."""
+    images = example(False)
+    lowres = FactorLowres(efe, scale_factor)
+    with torch.no_grad():
+        r_low = lowres(images)
+    return (to_onnx(lowres, (images,), ["images"], ["factor_lowres"], opset),
+            to_onnx(ApplyFactor(steps), (images, r_low), ["images", "factor_lowres"],
+                    ["enhanced"], opset))
+
+
+def export(enhancer: Enhancer, out: str | Path | None = None, opset: int = DEFAULT_OPSET,
+           factor_only: bool = False, float_io: bool = False) -> bytes:
+    """The ONNX model (bytes; also written to `out` when given): input "images", output
+    "enhanced" (or "factor" with `factor_only`), metadata naming the checkpoint and contents."""
+    onnx = require_onnx()
+    graph = EnhanceGraph(enhancer.efe, enhancer.scale_factor, enhancer.steps, factor_only,
+                         float_io)
+    output = "factor" if factor_only else "enhanced"
+    model = onnx.load_from_string(to_onnx(graph, (example(float_io),), ["images"], [output],
+                                          opset))
+    contents = CONTENTS.format(s=enhancer.scale_factor, steps=enhancer.steps,
+                               level=" + level gain" if enhancer.checkpoint.level else "")
+    if factor_only:
+        contents = contents.split(" -> bilinear upsample")[0] + (
+            " -> bilinear upsample (align_corners) -> factor x_r float32 (N,3,H,W) in [-1, 1]"
+            " = Enhancer.factor()")
+    if float_io:
+        contents = "float32 in [0, 1] instead of uint8, unrounded output; " + contents
+    meta = {"sgz.checkpoint_sha256": enhancer.sha256, "sgz.version": version(),
+            "sgz.checkpoint_source": enhancer.checkpoint.source,
+            "sgz.scale_factor": str(enhancer.scale_factor), "sgz.steps": str(enhancer.steps),
+            "sgz.contents": contents, "sgz.io": "float32" if float_io else "uint8"}
+    for key, value in meta.items():
+        prop = model.metadata_props.add()
+        prop.key, prop.value = key, value
+    model.producer_name, model.producer_version = "sgz-serve", version()
+    model.doc_string = contents
+    data = model.SerializeToString()
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(out)  # never a half-written model at OUT
+    return data
+
+
+HELP = """\
+The graph is the paper's step with our level gain, equal to `sgz enhance --denoise 0 --exposure
+model`: downscale, EFE, level gain, bilinear factor upsampling, the RIE steps, rounding. The
+exposure ("auto") and the denoising stage are NOT in it. Inputs of any batch, height and width.
+Input "images" uint8 (N, 3, H, W) RGB; output "enhanced" uint8 (N, 3, H, W), or with
+--factor-only "factor" float32 (N, 3, H, W); --float: float32 in [0, 1] in and out.
+Metadata (sgz.checkpoint_sha256, sgz.version, sgz.contents) says what is inside.
+
+exit status: 0 written, 2 bad usage, checkpoint or missing onnx package.
+"""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export", help="export the enhancer as an ONNX graph",
+        description="Export SGZ (EFE + RIE) as one ONNX graph, for ONNX Runtime or Triton.",
+        epilog=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("output", type=Path, metavar="OUT.onnx", help="the ONNX file to write")
+    p.add_argument("--checkpoint", type=Path, default=None, metavar="PATH",
+                   help="an sgz-serve checkpoint or a published raw state dict "
+                        "(default: the project's own checkpoint)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, metavar="N",
+                   help=f"ONNX opset (default {DEFAULT_OPSET})")
+    p.add_argument("--factor-only", action="store_true",
+                   help="export the factor map x_r at full size instead of the enhanced image")
+    p.add_argument("--float", action="store_true", dest="float_io",
+                   help="float32 in [0, 1] in and out instead of uint8")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    try:
+        require_onnx()
+        enhancer = load_model(args.checkpoint, "cpu", fast=False)
+        export(enhancer, args.output, args.opset, args.factor_only, args.float_io)
+    except (CheckpointError, ImportError) as e:
+        print(f"sgz export: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, RuntimeError) as e:  # e.g. an opset the exporter does not support
+        print(f"sgz export: error: {(str(e).strip().splitlines() or [''])[0]}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.output} (checkpoint {enhancer.sha256[:12]}, opset {args.opset})")
+    return 0
