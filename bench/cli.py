@@ -19,10 +19,11 @@ import torch
 SIZES = "600x400,1200x900,1920x1080,3840x2160"
 VIDEO_SIZES = "1280x720,1920x1080"
 PARTS = ("model", "http", "video")
-PATHS = ("fast", "denoise", "torch", "eager", "published")
+PATHS = ("fast", "denoise", "torch", "eager", "published", "onnxruntime")
 # fast, torch, eager: EFE + RIE alone (denoise=0, exposure=None), the paper's step, so that the
 # baselines do the same work; denoise: the fast path as `enhance` runs by default (denoising,
-# exposure "auto"); torch: the fused path's formulation in plain torch ops
+# exposure "auto"); torch: the fused path's formulation in plain torch ops; onnxruntime: the
+# exported ONNX graph under ONNX Runtime (informational, the onnx extra)
 DEFAULT_PATHS = "fast,denoise,eager,published"
 
 

@@ -6,6 +6,8 @@ each in a process of its own (see run_model_bench):
   denoise    the same path as `enhance` runs by default: + exposure "auto" and denoising
   torch      `load_model(..., backend="torch")`: the same formulation in plain torch ops
   eager      `load_model(..., fast=False)`: our eager reference
+  onnxruntime  `load_model(..., backend="onnxruntime")`: the exported ONNX graph (model/export.py)
+             under ONNX Runtime on the CPU, EFE + RIE alone (informational; the onnx extra)
   published  the published SGZ / Zero-DCE++ test script's formulation, re-stated below
 
 Every timed call is one batch; each cell reports the median. On CUDA the pixels are on the GPU
@@ -119,7 +121,8 @@ def paths_for(checkpoint: str, names: list[str], device: str = "cpu") -> dict:
     # planar batch, as before; all but denoise run the network alone
     for name, backend, options, layout in (
             ("fast", None, NET, _channels_last), ("denoise", None, {}, _channels_last),
-            ("torch", "torch", NET, None), ("eager", "eager", NET, None)):
+            ("torch", "torch", NET, None), ("eager", "eager", NET, None),
+            ("onnxruntime", "onnxruntime", NET, None)):
         if name in names:
             enhancer = load_model(checkpoint, device, backend=backend)
             enhancer.warmup()

@@ -146,3 +146,37 @@ def test_bad_checkpoint_same_clear_error(tmp_path, capsys, content):
     assert not (tmp_path / "x.onnx").exists()
     with pytest.raises(CheckpointError, match=re.escape(str(expected.value))):
         load_model(bad, "cpu", backend="onnxruntime")
+
+
+ONNX_TYPES = {onnx.TensorProto.UINT8: "TYPE_UINT8", onnx.TensorProto.FLOAT: "TYPE_FP32"}
+
+
+def pbtxt_tensors(text: str, kind: str) -> list[dict]:
+    """The `input [...]` or `output [...]` entries of a Triton config.pbtxt: name, type, dims."""
+    block = re.search(rf"^{kind}\s*\[(.*?)^\]", text, re.S | re.M).group(1)
+    return [{"name": re.search(r'name:\s*"([^"]+)"', e).group(1),
+             "data_type": re.search(r"data_type:\s*(\w+)", e).group(1),
+             "dims": [int(d) for d in re.search(r"dims:\s*\[([^\]]*)\]", e).group(1).split(",")]}
+            for e in re.findall(r"\{(.*?)\}", block, re.S)]
+
+
+def test_triton_config_matches_exported_graph(ours):
+    """deploy/triton/sgz/config.pbtxt names, types and shapes the default export's tensors
+    (Triton prepends the batch dimension when max_batch_size > 0)."""
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1] / "deploy" / "triton"
+    text = (repo / "sgz" / "config.pbtxt").read_text()
+    assert re.search(r'^name:\s*"sgz"', text, re.M)
+    assert re.search(r'^backend:\s*"onnxruntime"', text, re.M)
+    assert int(re.search(r"^max_batch_size:\s*(\d+)", text, re.M).group(1)) > 0
+    assert re.search(r"^dynamic_batching\s*\{", text, re.M)
+    graph = onnx.load(str(ours[2])).graph
+    for kind, values in (("input", graph.input), ("output", graph.output)):
+        want = []
+        for v in values:
+            t = v.type.tensor_type
+            dims = [d.dim_value if d.dim_value else -1 for d in t.shape.dim]
+            assert dims[0] == -1  # the batch: Triton's
+            want.append({"name": v.name, "data_type": ONNX_TYPES[t.elem_type], "dims": dims[1:]})
+        assert pbtxt_tensors(text, kind) == want
+    assert (repo / "README.md").is_file()
