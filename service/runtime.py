@@ -123,6 +123,8 @@ class Runtime:
         self.coming += 1
         try:
             data = await read_image_bytes(request, self.settings.max_upload_bytes)
+            # the deadline runs from here: a slow upload is the body timeout's business
+            request.state.received = time.monotonic()
             return await self.decode(data, timing)
         finally:
             self.coming -= 1
@@ -152,9 +154,10 @@ class Runtime:
 
     async def infer(self, request, work: Work, timing: Timing) -> Output:
         arrival = request.state.arrival
+        received = getattr(request.state, "received", arrival)
         result = await self.batcher.submit(
             work, key=work.key, pixels=work.pixels, arrival=arrival,
-            deadline=arrival + self.settings.request_timeout_s,
+            deadline=received + self.settings.request_timeout_s,
             is_disconnected=partial(client_gone, request))
         timing.queue, timing.inference = result.queue_s, result.inference_s
         self.metrics.queue_wait.observe(result.queue_s)

@@ -45,8 +45,9 @@ class Settings(BaseSettings):
                                  "false: always wait up to max_wait_ms")
     max_queue_size: int = Field(256, ge=1, description="images waiting for a forward pass; "
                                 "beyond this requests get 503 at once")
-    request_timeout_s: float = Field(30.0, gt=0, description="deadline from arrival; a request "
-                                     "still queued then gets 504 and is never computed")
+    request_timeout_s: float = Field(30.0, gt=0, description="deadline from the end of the "
+                                     "upload; a request still queued then gets 504 and is "
+                                     "never computed")
     retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 503")
 
     # Input limits.

@@ -81,3 +81,23 @@ def test_full_queue_is_503_at_once_with_retry_after(server):
     metrics = httpx.get(f"{server.url}/metrics", headers=AUTH).text
     assert metric(metrics, "sgz_requests_total", endpoint="/enhance", status="503") == 4
     assert metric(metrics, "sgz_queue_depth") == 0
+
+
+def test_a_slow_upload_is_not_held_to_the_compute_deadline():
+    """The deadline runs from the end of the upload: a client on a slow link that takes longer
+    than SGZ_REQUEST_TIMEOUT_S to send its image still gets it back (the soak's 1080p PNGs at
+    64 KB/s were answered 504 when it ran from arrival)."""
+    data = photo((512, 512)).read_bytes()
+
+    def trickle():
+        for i in range(0, len(data), len(data) // 8 + 1):
+            yield data[i:i + len(data) // 8 + 1]
+            time.sleep(0.4)  # ~3.2 s in all, against a 1 s deadline
+
+    s = Server({"SGZ_REQUEST_TIMEOUT_S": "1"}).wait_ready()
+    try:
+        r = httpx.post(f"{s.url}/enhance", content=trickle(), timeout=60,
+                       headers={"content-type": "image/png"})
+    finally:
+        s.close()
+    assert r.status_code == 200, r.text
