@@ -206,7 +206,8 @@ def load_model(checkpoint: str | Path | None = None, device: str | torch.device 
     project's own default checkpoint. device: None picks cuda when available, else cpu.
     fast: the fused path of model/fast.py (benchmarked faster on CPU and CUDA: `sgz bench`);
     False runs the eager reference. backend: force "numba", "triton", "torch" or "eager"
-    (None: the fastest one installed for the device).
+    (None: the fastest one installed for the device), or "onnxruntime": the exported ONNX graph
+    under ONNX Runtime on the CPU (docs/export.md; the onnx extra).
     """
     if checkpoint is None:
         if not DEFAULT_CHECKPOINT.is_file():
