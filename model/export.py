@@ -20,6 +20,7 @@ from .enhancer import Enhancer, load_model
 from .onnx_graph import ApplyFactor, EnhanceGraph, FactorLowres
 
 DEFAULT_OPSET = 17  # ONNX Runtime >= 1.12, TensorRT >= 8.6, Triton's onnxruntime backend
+OPSETS = range(11, 21)  # Round and Range need 11; 20 is the TorchScript exporter's last
 EXTRA_HINT = "pip install 'sgz-serve[onnx]' (onnx and onnxruntime)"
 CONTENTS = ("uint8 (N,3,H,W) -> downscale 1/{s} (bilinear) -> EFE{level} -> bilinear upsample "
             "(align_corners) -> {steps} RIE steps (Eq. 1) -> round -> uint8 (N,3,H,W); "
@@ -132,13 +133,24 @@ def register(subparsers) -> None:
     p.add_argument("--checkpoint", type=Path, default=None, metavar="PATH",
                    help="an sgz-serve checkpoint or a published raw state dict "
                         "(default: the project's own checkpoint)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, metavar="N",
-                   help=f"ONNX opset (default {DEFAULT_OPSET})")
+    p.add_argument("--opset", type=_opset, default=DEFAULT_OPSET, metavar="N",
+                   help=f"ONNX opset, {OPSETS[0]}-{OPSETS[-1]} (default {DEFAULT_OPSET})")
     p.add_argument("--factor-only", action="store_true",
                    help="export the factor map x_r at full size instead of the enhanced image")
     p.add_argument("--float", action="store_true", dest="float_io",
                    help="float32 in [0, 1] in and out instead of uint8")
     p.set_defaults(func=run)
+
+
+def _opset(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value not in OPSETS:  # checked here: the exporter's own refusal dumps its whole IR
+        raise argparse.ArgumentTypeError(f"must be an integer in {OPSETS[0]}-{OPSETS[-1]}, "
+                                         f"got {text!r}")
+    return value
 
 
 def run(args) -> int:

@@ -180,3 +180,10 @@ def test_triton_config_matches_exported_graph(ours):
             want.append({"name": v.name, "data_type": ONNX_TYPES[t.elem_type], "dims": dims[1:]})
         assert pbtxt_tensors(text, kind) == want
     assert (repo / "README.md").is_file()
+
+
+def test_opset_out_of_range_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", str(tmp_path / "x.onnx"), "--opset", "99"])
+    assert exit_.value.code == 2 and "11-20" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()
