@@ -248,3 +248,32 @@ def test_moving_things_do_not_ghost(enhancer):
     def grain(frame):  # the static background's noise: neighbour differences
         return np.diff(frame[85:120].astype(float), axis=1).std()
     assert grain(temporal[t]) < 0.8 * grain(plain[t])
+
+
+def test_subtitles_are_copied_or_named_as_dropped(enhancer, tmp_path):
+    """An SRT stream in Matroska survives into Matroska as it was; MP4 cannot hold SRT, so
+    it is reported in `dropped_streams` instead of failing the video."""
+    import av
+    (tmp_path / "s.srt").write_text("1\n00:00:00,000 --> 00:00:00,400\nline one\n\n"
+                                    "2\n00:00:00,500 --> 00:00:00,900\nline two\n")
+    src = tmp_path / "in.mkv"
+    with av.open(str(tmp_path / "s.srt")) as srt, av.open(str(src), "w") as c:
+        v = c.add_stream("libx264", rate=25)
+        v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
+        t = c.add_stream_from_template(srt.streams.subtitles[0])
+        for p in srt.demux():
+            if p.dts is not None:
+                p.stream = t
+                c.mux(p)
+        for i in range(25):
+            c.mux(v.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), 20, np.uint8),
+                                                      format="rgb24")))
+        c.mux(v.encode(None))
+
+    def subtitles(path):
+        with av.open(str(path)) as c:
+            return [bytes(p) for p in c.demux(subtitles=0) if p.size]
+    assert enhance_video(enhancer, src, tmp_path / "out.mkv").dropped_streams == []
+    assert subtitles(tmp_path / "out.mkv") == subtitles(src) == [b"line one", b"line two"]
+    assert enhance_video(enhancer, src, tmp_path / "out.mp4").dropped_streams == [
+        "subtitle #1 (srt)"]
