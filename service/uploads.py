@@ -5,6 +5,7 @@ The size limit is enforced while the body streams in (and from Content-Length be
 it is read), so an oversized upload is answered with 413 after at most `max_bytes` bytes.
 """
 import asyncio
+import contextlib
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -111,19 +112,26 @@ async def _stream_to(request: Request, path: Path, check: Callable[[int], None])
 
 async def _video_from_multipart(request: Request, path: Path,
                                 check: Callable[[int], None]) -> int:
-    try:  # Starlette spools the part to a temporary file beyond 1 MB: never all in memory
-        form = await request.form(max_files=1, max_fields=16)
-    except HTTPException as e:
-        raise ApiError(400, "bad_multipart", f"malformed multipart body: {e.detail}") from None
-    try:
-        upload = form.get(VIDEO_FIELD)
-        if upload is None or isinstance(upload, str):
-            raise ApiError(400, "missing_video",
-                           f"multipart field {VIDEO_FIELD!r} with a file is required "
-                           f"(fields sent: {sorted(form.keys()) or 'none'})")
+    # Starlette spools the part to a temporary file beyond 1 MB: never all in memory
+    async with _multipart_file(request, VIDEO_FIELD, "missing_video") as upload:
         check(upload.size or 0)
         await asyncio.to_thread(_copy, upload.file, path)
         return path.stat().st_size
+
+
+@contextlib.asynccontextmanager
+async def _multipart_file(request: Request, field: str, missing: str):
+    """The multipart body's file `field` (400 `missing` without it), the form closed after."""
+    try:
+        form = await request.form(max_files=1, max_fields=16)
+    except HTTPException as e:  # malformed multipart: Starlette turns it into a 400
+        raise ApiError(400, "bad_multipart", f"malformed multipart body: {e.detail}") from None
+    try:
+        upload = form.get(field)
+        if upload is None or isinstance(upload, str):
+            raise ApiError(400, missing, f"multipart field {field!r} with a file is required "
+                           f"(fields sent: {sorted(form.keys()) or 'none'})")
+        yield upload
     finally:
         await form.close()
 
@@ -189,16 +197,5 @@ def _counting(receive: Receive, max_bytes: int, setting: str) -> Receive:
 
 
 async def _from_multipart(request: Request) -> bytes:
-    try:
-        form = await request.form(max_files=1, max_fields=16)
-    except HTTPException as e:  # malformed multipart: Starlette turns it into a 400
-        raise ApiError(400, "bad_multipart", f"malformed multipart body: {e.detail}") from None
-    try:
-        upload = form.get(IMAGE_FIELD)
-        if upload is None or isinstance(upload, str):
-            raise ApiError(400, "missing_image",
-                           f"multipart field {IMAGE_FIELD!r} with a file is required "
-                           f"(fields sent: {sorted(form.keys()) or 'none'})")
+    async with _multipart_file(request, IMAGE_FIELD, "missing_image") as upload:
         return await upload.read()
-    finally:
-        await form.close()
