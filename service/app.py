@@ -17,7 +17,7 @@ from fastapi_offline import FastAPIOffline
 
 from model import Enhancer, __version__, load_model
 
-from . import errors, job_routes, routes, security
+from . import errors, job_routes, page, routes, security
 from .metrics import Metrics
 from .middleware import ServiceMiddleware
 from .runtime import Runtime
@@ -69,5 +69,6 @@ def create_app(settings: Settings | None = None, *, enhancer: Enhancer | None = 
     named = [r for r in app.router.routes if isinstance(getattr(r, "path", None), str)]
     ours = [*routes.router.routes, *job_routes.router.routes]
     app.add_middleware(ServiceMiddleware, metrics=metrics, routes=named + ours, api_key=api_key)
+    page.install(app)  # / and /static/: public, outside the key check, inside security
     security.install(app, settings)  # outside ServiceMiddleware: headers on its 401s too
     return app

@@ -26,9 +26,10 @@ HEADERS = {
 }
 API_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
 # Swagger UI: scripts, styles, the spec and "Try it out" calls from here; inline styles (its
-# React components set some); data: images (its icons, in swagger-ui.css)
+# React components set some); data: images (its icons, in swagger-ui.css); blob: media (the
+# page at / plays a video result it fetched with the API key, which <video src> cannot send)
 PAGE_CSP = ("default-src 'self'; script-src {scripts}; style-src 'self' 'unsafe-inline'; "
-            "img-src 'self' data:; object-src 'none'; frame-ancestors 'none'; base-uri 'none'; "
+            "img-src 'self' data:; media-src 'self' blob:; object-src 'none'; frame-ancestors 'none'; base-uri 'none'; "
             "form-action 'self'")
 INLINE_SCRIPT = re.compile(rb"<script(?![^>]*\bsrc\s*=)[^>]*>(.*?)</script\s*>",
                            re.IGNORECASE | re.DOTALL)
