@@ -68,11 +68,12 @@ class FactorLowres(nn.Module):
 
 class ApplyFactor(nn.Module):
     """(images, x_r low-res) -> the RIE output at the images' size, as `Enhancer.apply_factor`
-    with denoise=0: uint8, or float in [0, 1] unrounded with `float_io`."""
+    with denoise=0: uint8, or float in [0, 1] unrounded with `float_io`; with `denoise` (an
+    onnx_stages.Denoise) the denoising stage after it, on the rounded uint8 values."""
 
-    def __init__(self, steps: int, float_io: bool = False):
+    def __init__(self, steps: int, float_io: bool = False, denoise: nn.Module | None = None):
         super().__init__()
-        self.steps, self.float_io = steps, float_io
+        self.steps, self.float_io, self.denoise = steps, float_io, denoise
 
     def forward(self, images: torch.Tensor, r_low: torch.Tensor) -> torch.Tensor:
         x = images.float() if self.float_io else images.float() / 255
@@ -80,22 +81,32 @@ class ApplyFactor(nn.Module):
         for _ in range(self.steps):  # Eq. 1, the same roundings as rie.rie
             x = x + r * (x * x - x)
         x = x.clamp(0, 1)
+        if self.denoise is not None:  # on 0..255 values: the reference's uint8 arithmetic
+            y = x * 255 if self.float_io else torch.round(x * 255)
+            x = self.denoise(images.float() * 255 if self.float_io else images.float(), y,
+                             r_low)
         return x if self.float_io else torch.round(x * 255).to(torch.uint8)
 
 
 class EnhanceGraph(nn.Module):
-    """The whole step: `enhance(images, denoise=0, exposure=None)`, or with `factor_only`
-    `factor(images)` (x_r at full size, float32 in [-1, 1])."""
+    """The whole step: `enhance(images, denoise=0, exposure=None)`; with `expose` (an
+    onnx_stages.ExposureShift) and `denoise` (an onnx_stages.Denoise) those stages too, i.e.
+    `enhance(images, denoise=..., exposure=...)`; or with `factor_only` `factor(images)` (x_r
+    at full size, float32 in [-1, 1])."""
 
     def __init__(self, efe: EFE, scale_factor: float, steps: int, factor_only: bool = False,
-                 float_io: bool = False):
+                 float_io: bool = False, expose: nn.Module | None = None,
+                 denoise: nn.Module | None = None):
         super().__init__()
         self.lowres = FactorLowres(efe, scale_factor, float_io)
-        self.rie = ApplyFactor(steps, float_io)
+        self.rie = ApplyFactor(steps, float_io, denoise)
+        self.expose = expose
         self.factor_only = factor_only
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         r_low = self.lowres(images)
         if self.factor_only:
             return resize(r_low, _hw(images), True)
+        if self.expose is not None:
+            r_low = self.expose(images, r_low)
         return self.rie(images, r_low)
