@@ -96,7 +96,8 @@ def test_the_page_shows_enhance_s_own_pixels_and_re_enhances_on_a_slider(server,
         page.wait_for_selector("#viewer[data-factor=shown]", state="attached")
         page.fill("#factor-opacity", "0.45")
         page.dispatch_event("#factor-opacity", "input")
-        page.set_viewport_size({"width": 900, "height": 1200})
+        page.set_viewport_size({"width": 760, "height": 1275})
+        page.eval_on_selector("#split", "s => { s.value = 40; s.dispatchEvent(new Event('input')); }")
         page.screenshot(path=os.environ["SGZ_PAGE_SCREENSHOT"], full_page=False)
         page.uncheck("#show-factor")
 

@@ -222,7 +222,8 @@ function setZoom() {
   $("stage").classList.toggle("zoomed", zoom);
   const c = $("after");
   // 100%: one image pixel to one screen pixel
-  $("frame").style.width = zoom && c.width ? `${c.width / devicePixelRatio}px` : "";
+  // fit: never larger than that, smaller when the screen is (max-width in page.css)
+  $("frame").style.width = c.width ? `${c.width / devicePixelRatio}px` : "";
 }
 
 // ---------- the factor map ----------
