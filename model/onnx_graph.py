@@ -82,7 +82,7 @@ class ApplyFactor(nn.Module):
             x = x + r * (x * x - x)
         x = x.clamp(0, 1)
         if self.denoise is not None:  # on 0..255 values: the reference's uint8 arithmetic
-            y = x * 255 if self.float_io else torch.round(x * 255)
+            y = torch.round(x * 255)  # enhance denoises the rounded output, --float too
             x = self.denoise(images.float() * 255 if self.float_io else images.float(), y,
                              r_low)
         return x if self.float_io else torch.round(x * 255).to(torch.uint8)

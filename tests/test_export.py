@@ -1,6 +1,8 @@
 """`sgz export` (model/export.py): the ONNX graph under ONNX Runtime against the eager reference
-on real photos, for our checkpoint and the published one; the factor-only and float graphs; the
-onnxruntime backend; bad checkpoints; the Triton example's config against the exported graph."""
+on real photos, for our checkpoint and the published one: the default graph (exposure "auto"
+and denoising, as `enhance`'s defaults), `--denoise 0 --exposure model` (the network alone) and
+a fixed exposure target; the factor-only and float graphs; the onnxruntime backend; bad
+checkpoints; the Triton example's config against the exported graph."""
 import re
 
 import numpy as np
@@ -17,10 +19,12 @@ from model.export import export
 onnx = pytest.importorskip("onnx", reason="the onnx extra: pip install 'sgz-serve[onnx]'")
 ort = pytest.importorskip("onnxruntime", reason="the onnx extra")
 
-NET = {"denoise": 0, "exposure": None}  # what the graph contains: EFE + level gain + RIE
+DEFAULT = {}  # the default export: enhance's defaults (denoise 1, exposure "auto")
+NET = {"denoise": 0, "exposure": None}  # --denoise 0 --exposure model: EFE + level gain + RIE
 # crops of a real photo: 1x1, tiny, not multiples of 12, both sides under 18 (1-pixel EFE input)
 SIZES = [(1, 1), (13, 7), (2, 300), (25, 37), (301, 457)]
 PHOTO, PHOTO_4K = "101_0_.png", "512_0_.png"  # 3840 x 2160
+DARK = ["126_0_.png", "450_0_.png"]  # mean input 0.005 and 0.014: auto exposure lifts them
 
 
 def photo(name: str) -> torch.Tensor:
@@ -52,45 +56,110 @@ def assert_close(got: np.ndarray, want: torch.Tensor, share: float = 0.01) -> No
 
 
 @pytest.fixture(scope="module")
-def ours(tmp_path_factory):
-    """Our checkpoint, exported through the CLI: (eager reference, session, the file)."""
+def eager_ours():
+    return load_model(None, "cpu", fast=False)
+
+
+def cli_export(tmp_path_factory, *flags):
     out = tmp_path_factory.mktemp("export") / "sgz.onnx"
-    assert main(["export", str(out)]) == 0
-    return load_model(None, "cpu", fast=False), session(str(out)), out
+    assert main(["export", str(out), *flags]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def ours(tmp_path_factory, eager_ours):
+    """Our checkpoint, exported through the CLI with its defaults: (eager reference, session,
+    the file, the options the graph equals)."""
+    out = cli_export(tmp_path_factory)
+    return eager_ours, session(str(out)), out, DEFAULT
+
+
+@pytest.fixture(scope="module")
+def ours_net(tmp_path_factory, eager_ours):
+    """`--denoise 0 --exposure model`: the graph before exposure and denoising were in it."""
+    out = cli_export(tmp_path_factory, "--denoise", "0", "--exposure", "model")
+    return eager_ours, session(str(out)), out, NET
+
+
+@pytest.fixture(scope="module")
+def ours_target(tmp_path_factory, eager_ours):
+    out = cli_export(tmp_path_factory, "--exposure", "0.5")
+    return eager_ours, session(str(out)), out, {"exposure": 0.5}
 
 
 @pytest.fixture(scope="module")
 def published():
     eager = load_model(SGZ_PUBLISHED, "cpu", fast=False)
-    return eager, session(export(eager))
+    return eager, session(export(eager, denoise=0, exposure=None)), None, NET
 
 
-@pytest.mark.parametrize("which", ["ours", "published"])
+@pytest.fixture(scope="module")
+def published_default():
+    eager = load_model(SGZ_PUBLISHED, "cpu", fast=False)
+    return eager, session(export(eager)), None, DEFAULT
+
+
+@pytest.mark.parametrize("which", ["ours", "ours_net", "ours_target", "published",
+                                   "published_default"])
 def test_graph_matches_eager_on_real_photos(request, which):
-    eager, sess = request.getfixturevalue(which)[:2]
+    eager, sess, _, options = request.getfixturevalue(which)
     image = photo(PHOTO)
     for crop in [image, *crops(image)]:
-        assert_close(run(sess, crop), eager.enhance(crop, **NET))
+        assert_close(run(sess, crop), eager.enhance(crop, **options))
     batch = torch.cat([image[:, :, :200, :300], image[:, :, 300:500, 100:400]])
-    assert_close(run(sess, batch), eager.enhance(batch, **NET))  # a batch: per-image level
+    assert_close(run(sess, batch), eager.enhance(batch, **options))  # a batch: per-image level
+
+
+@pytest.mark.parametrize("which", ["ours", "ours_net", "ours_target"])
+def test_graph_matches_eager_on_very_dark_photos(request, which):
+    """SICE-real's darkest: "auto" lifts them (by at most AUTO_MAX_LIFT), the denoiser smooths
+    what the curve amplified; both in the graph, as in `enhance`."""
+    eager, sess, _, options = request.getfixturevalue(which)
+    denoised = []
+    for name in DARK:
+        image = photo(name)[:, :, :600, :800].contiguous()
+        out = run(sess, image)
+        assert_close(out, eager.enhance(image, **options))
+        for crop in crops(image):
+            assert_close(run(sess, crop), eager.enhance(crop, **options))
+        if which == "ours":  # the stages did something here
+            net = eager.enhance(image, **NET).numpy()
+            assert out.astype(np.float64).mean() > net.astype(np.float64).mean() + 2  # lifted
+            denoised.append(not np.array_equal(out, eager.enhance(image, denoise=0).numpy()))
+    assert which != "ours" or any(denoised)  # (126 reads no noise: its input is mostly 0)
 
 
 @pytest.mark.parametrize("which", ["ours", "published"])
 def test_graph_matches_eager_at_4k(request, which):
-    eager, sess = request.getfixturevalue(which)[:2]
+    eager, sess, _, options = request.getfixturevalue(which)
     image = photo(PHOTO_4K)
     assert image.shape[-2:] == (2160, 3840)
     out = run(sess, image)
-    assert_close(out, eager.enhance(image, **NET))
+    assert_close(out, eager.enhance(image, **options))
     assert not np.array_equal(out, image.numpy())  # it did brighten
 
 
-def test_metadata_names_checkpoint_and_contents(ours):
-    eager, _, path = ours
-    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+def metadata(path) -> dict:
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+
+
+def test_metadata_names_checkpoint_and_contents(ours, ours_net, ours_target):
+    eager, _, path, _ = ours
+    meta = metadata(path)
     assert meta["sgz.checkpoint_sha256"] == eager.sha256 == load_checkpoint(DEFAULT_CHECKPOINT).sha256
     assert re.fullmatch(r"\d+\.\d+\.\d+.*", meta["sgz.version"])
-    assert "level gain" in meta["sgz.contents"] and "no denoising" in meta["sgz.contents"]
+    assert (meta["sgz.denoise"], meta["sgz.exposure"]) == ("1", "auto")
+    contents = meta["sgz.contents"]
+    assert "level gain" in contents and "exposure auto" in contents
+    assert "denoise 1" in contents and "enhance(denoise=1, exposure='auto')" in contents
+    assert "no denoising" not in contents and "no exposure" not in contents
+    assert onnx.load(str(path)).doc_string == contents
+    net = metadata(ours_net[2])
+    assert (net["sgz.denoise"], net["sgz.exposure"]) == ("0", "model")
+    assert "no exposure, no denoising" in net["sgz.contents"]
+    target = metadata(ours_target[2])
+    assert (target["sgz.denoise"], target["sgz.exposure"]) == ("1", "0.5")
+    assert "exposure 0.5" in target["sgz.contents"]
     graph = onnx.load(str(path)).graph
     (inp,), (outp,) = graph.input, graph.output
     assert (inp.name, outp.name) == ("images", "enhanced")
@@ -110,13 +179,23 @@ def test_factor_only_matches_factor(tmp_path, ours):
         np.testing.assert_allclose(run(sess, crop), eager.factor(crop).numpy(), atol=1e-4, rtol=0)
 
 
+def test_factor_only_refuses_stage_options(tmp_path, capsys):
+    out = tmp_path / "factor.onnx"
+    assert main(["export", str(out), "--factor-only", "--exposure", "0.5"]) == 2
+    assert "--factor-only" in capsys.readouterr().err and not out.exists()
+
+
 def test_float_graph(published):
     eager = published[0]
-    sess = session(export(eager, float_io=True))
+    sess = session(export(eager, float_io=True, denoise=0, exposure=None))
     image = photo(PHOTO)[:, :, :301, :457].contiguous()
     got = sess.run(None, {"images": image.float().div(255).numpy()})[0]
     assert got.dtype == np.float32 and got.min() >= 0 and got.max() <= 1
     assert_close(np.round(got * 255).astype(np.uint8), eager.enhance(image, **NET))
+    # the default stages too: the denoiser then reads the unrounded RIE output
+    sess = session(export(eager, float_io=True))
+    got = sess.run(None, {"images": image.float().div(255).numpy()})[0]
+    assert_close(np.round(got * 255).astype(np.uint8), eager.enhance(image))
 
 
 def test_onnxruntime_backend_matches_eager_with_every_option(published):
