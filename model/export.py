@@ -18,7 +18,7 @@ import torch
 from .checkpoint import CheckpointError
 from .enhancer import (AUTO_EXPOSURE, AUTO_MAX_LIFT, DENOISE, Enhancer, check_options,
                        load_model)
-from .exposure import ITERATIONS
+from .exposure import ITERATIONS, MAX_SAMPLES
 from .onnx_graph import ApplyFactor, EnhanceGraph, FactorLowres
 from .onnx_stages import Denoise, ExposureShift
 
@@ -97,12 +97,13 @@ def describe(enhancer: Enhancer, denoise: float, exposure: float | str | None) -
     """sgz.contents: the pipeline in one line, including what is not in it."""
     if exposure == "auto":
         exp = (f" -> exposure auto (x_r + offset per image, bisection {ITERATIONS} iterations "
-               f"on <= 1024 samples: mean {AUTO_EXPOSURE} where darker, lift <= {AUTO_MAX_LIFT})")
+               f"on <= {MAX_SAMPLES} samples: mean {AUTO_EXPOSURE} where darker, "
+               f"lift <= {AUTO_MAX_LIFT})")
     elif exposure is None:
         exp = ""
     else:
         exp = (f" -> exposure {float(exposure):g} (x_r + offset per image, bisection "
-               f"{ITERATIONS} iterations on <= 1024 samples)")
+               f"{ITERATIONS} iterations on <= {MAX_SAMPLES} samples)")
     dn = (f" -> denoise {denoise:g} (noise estimate, guided filter on L, R-L, B-L)"
           if denoise > 0 else "")
     missing = [m for m, off in (("no exposure", exposure is None), ("no denoising", denoise == 0))

@@ -1,5 +1,6 @@
-"""The enhancer as one exportable graph: downscale, EFE (+ level gain), factor upsampling, the
-RIE steps and rounding, in torch ops whose ONNX export keeps the batch, height and width dynamic.
+"""The enhancer as one exportable graph: downscale, EFE (+ level gain), exposure and denoising
+when asked (their pieces in model/onnx_stages.py), factor upsampling, the RIE steps and
+rounding, in torch ops whose ONNX export keeps the batch, height and width dynamic.
 
 The two resizes are written as gathers of explicit bilinear taps, not `F.interpolate`: exported,
 that becomes ONNX Resize, whose `pytorch_half_pixel` mode reads pixel 0 for a 1-pixel output

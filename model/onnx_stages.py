@@ -20,7 +20,7 @@ from torch import nn
 
 from . import exposure as exposure_ref
 from .denoise import IMMERKAER, NOISE_BLOCK, TINY_VAR, DenoiseConfig
-from .onnx_graph import _hw, resize
+from .onnx_graph import _hw
 
 BIG = 3.0e38  # sorts after every block estimate: a block left out of the quantile
 
@@ -212,6 +212,3 @@ class Denoise(nn.Module):
         q = A_B[:, 0::2] * planes + A_B[:, 1::2]
         L, u, v = q[:, :1], q[:, 1:2], q[:, 2:]
         return torch.cat([L + u, L - u - v, L + v], 1).clamp(0, 1)
-
-
-__all__ = ["ExposureShift", "Denoise", "noise_sigma", "resize"]
