@@ -7,8 +7,8 @@ One connection, one request at a time:
            first byte after a kept-alive answer): else 408, or a silent close if nothing came;
   body     may take body_timeout_s, plus one second per min_transfer_rate bytes received:
            else 408 (the app sees a disconnect);
-  answer   the client must keep taking it: once bytes wait in our buffer, it has write_timeout_s,
-           plus one second per min_transfer_rate bytes it took, to empty it; else the
+  answer   the client must keep taking it: while bytes wait in our buffer, it must take at
+           least min_transfer_rate bytes a second over each write_timeout_s; else the
            connection is aborted and the buffered answer freed;
   idle     between requests, uvicorn's keep-alive timeout.
 Connections beyond the cap get 503 at once and are closed. Protocol errors (h11's, both
@@ -271,13 +271,18 @@ class GuardedH11Protocol(H11Protocol):
             self.write_timer = None
 
     def write_late(self) -> None:
+        """Checked every write_timeout_s while bytes wait: the client must have taken at least
+        min_transfer_rate bytes a second over the interval. Interval by interval, not since the
+        pause: the kernel's send buffer swallows up to megabytes at first (autotuning), which a
+        client that never reads would otherwise bank as minutes of credit."""
         self.write_timer = None
-        taken = max(0, self.write_backlog - self.transport.get_write_buffer_size())
-        deadline = (self.write_since + self.limits.write_timeout_s
-                    + taken / self.limits.min_transfer_rate)
+        backlog = self.transport.get_write_buffer_size()
         now = self.loop.time()
-        if now < deadline:
-            self.write_timer = self.loop.call_later(deadline - now, self.write_late)
+        taken = max(0, self.write_backlog - backlog)
+        if taken >= self.limits.min_transfer_rate * (now - self.write_since):
+            self.write_since, self.write_backlog = now, backlog
+            self.write_timer = self.loop.call_later(self.limits.write_timeout_s,
+                                                    self.write_late)
             return
         log.debug("%s stopped reading its answer: connection aborted after %.0f s",
                  "%s:%d" % self.client if self.client else "a client", now - self.write_since)

@@ -105,9 +105,9 @@ class Settings(BaseSettings):
                                     "first byte after a kept-alive answer")
     body_timeout_s: float = Field(30.0, gt=0, description="a request's body may take this "
                                   "long, plus 1 s per min_transfer_rate bytes received")
-    write_timeout_s: float = Field(30.0, gt=0, description="a client that stops reading its "
-                                   "answer is cut off after this (plus 1 s per "
-                                   "min_transfer_rate bytes it did read), freeing the answer")
+    write_timeout_s: float = Field(30.0, gt=0, description="a client that reads its answer "
+                                   "slower than min_transfer_rate over this long is cut off, "
+                                   "freeing the answer")
     min_transfer_rate: float = Field(1024.0, gt=0, description="bytes/s: the slowest average "
                                      "rate a client may send a body or read an answer at, "
                                      "once its timeout has passed")
