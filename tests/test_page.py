@@ -167,3 +167,32 @@ def test_with_an_api_key_the_page_asks_for_it_then_works(page):
         assert page.evaluate("localStorage.length") == 0
     finally:
         guarded.close()
+
+
+def test_a_video_goes_through_a_job_and_comes_back_to_play(server, page, tmp_path):
+    """Upload a small real video: the progress bar fills from the job's status, then the
+    result plays from a blob, and its download is an enhanced video of the same frames."""
+    from video_files import make_video
+    src = tmp_path / "night.mp4"
+    make_video(src, width=96, height=64, frames=12)
+    page.goto(server.url)
+    page.wait_for_selector("body[data-ready]", state="attached")
+    page.set_input_files("#video-file", str(src))
+    with page.expect_request(lambda r: r.method == "POST" and "/jobs" in r.url):
+        page.click("#video-form button[type=submit]")
+    page.wait_for_selector("#video-result:not([hidden])", timeout=120_000)
+    assert page.eval_on_selector("#video-progress", "p => p.value") == 1
+    assert "done" in page.inner_text("#video-status")
+    with page.expect_download() as download:
+        page.click("#video-download")
+    saved = download.value.path()
+    assert download.value.suggested_filename == "night-sgz.mp4"
+    import av
+    with av.open(str(saved)) as c:
+        frames = list(c.decode(video=0))
+        assert len(frames) == 12 and (frames[0].width, frames[0].height) == (96, 64)
+        out = np.mean([f.to_ndarray(format="rgb24").mean() for f in frames])
+    with av.open(str(src)) as c:
+        before = np.mean([f.to_ndarray(format="rgb24").mean() for f in c.decode(video=0)])
+    assert out > before + 20  # enhanced
+    assert page.eval_on_selector("#video", "v => v.src.startsWith('blob:')")
