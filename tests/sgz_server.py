@@ -1,6 +1,7 @@
 """Start the real `sgz serve` as a subprocess on a free port, for end-to-end tests: the
 benchmark's ServerProcess, with the published checkpoint and info logging by default."""
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -32,6 +33,21 @@ class Server(ServerProcess):
     def close(self) -> None:
         self.stop()
         self._dir.cleanup()
+
+    def __enter__(self) -> "Server":  # `with Server(env) as s:` waits for ready, then closes
+        try:
+            return self.wait_ready()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# Debian's chromium for the browser tests (never `playwright install`: scripts/setup.sh)
+BROWSER = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))),
+               None)
 
 
 def metric(text: str, name: str, **labels) -> float:

@@ -9,18 +9,15 @@ SGZ_PAGE_SCREENSHOT=docs/page.png makes the first test save the screenshot the d
 import base64
 import io
 import os
-import shutil
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
-from sgz_server import Server, photo
+from sgz_server import BROWSER, Server, photo
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (test extra)")
-BROWSER = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))),
-               None)
 pytestmark = pytest.mark.skipif(BROWSER is None, reason="no chromium: apt-get install chromium")
 KEY = "k3y-for-the-page"
 PNG = {"content-type": "image/png"}
@@ -32,11 +29,8 @@ OPTIONS = {"strength": "1", "denoise": "1", "exposure": "auto"}  # the page's de
 
 @pytest.fixture(scope="module")
 def server():
-    s = Server()
-    try:
-        yield s.wait_ready()
-    finally:
-        s.close()
+    with Server() as s:
+        yield s
 
 
 @pytest.fixture(scope="module")

@@ -33,13 +33,10 @@ SWAGGER_JS = "/static-offline-docs/swagger-ui-bundle.js"  # the largest answer a
 
 @pytest.fixture(scope="module")
 def quick():
-    s = Server({"SGZ_HEADER_TIMEOUT_S": str(TIMEOUT_S), "SGZ_BODY_TIMEOUT_S": str(TIMEOUT_S),
-                "SGZ_WRITE_TIMEOUT_S": str(TIMEOUT_S),
-                "SGZ_KEEPALIVE_TIMEOUT_S": str(KEEPALIVE_S)})
-    try:
-        yield s.wait_ready()
-    finally:
-        s.close()
+    with Server({"SGZ_HEADER_TIMEOUT_S": str(TIMEOUT_S), "SGZ_BODY_TIMEOUT_S": str(TIMEOUT_S),
+                 "SGZ_WRITE_TIMEOUT_S": str(TIMEOUT_S),
+                 "SGZ_KEEPALIVE_TIMEOUT_S": str(KEEPALIVE_S)}) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,8 @@ from sgz_server import Server, metric, photo
 
 @pytest.fixture(scope="module")
 def server():
-    s = Server({"SGZ_TRIM_IDLE_S": "1"}).wait_ready()
-    yield s
-    s.close()
+    with Server({"SGZ_TRIM_IDLE_S": "1"}) as s:
+        yield s
 
 
 def jpeg(size) -> bytes:

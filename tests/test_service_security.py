@@ -12,7 +12,6 @@ import io
 import os
 import pickle
 import re
-import shutil
 import socket
 import subprocess
 import time
@@ -24,33 +23,25 @@ import pytest
 from bench.http_bench import free_port
 from model import upsample_factor
 from model.imageio import decode_image
-from sgz_server import FACTOR_ATOL, SGZ, Server, assert_error, photo
+from sgz_server import BROWSER, FACTOR_ATOL, SGZ, Server, assert_error, photo
 
 KEY = "k3y-for-the-guarded-server"
 AUTH = {"X-API-Key": KEY}
 ORIGIN = "https://app.example.com"
 PNG = {"content-type": "image/png"}
-BROWSER = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))),
-               None)
 
 
 @pytest.fixture(scope="module")
 def server():
-    s = Server()
-    try:
-        yield s.wait_ready()
-    finally:
-        s.close()
+    with Server() as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
 def guarded():
-    s = Server({"SGZ_API_KEY": KEY, "SGZ_CORS_ORIGINS": f"{ORIGIN}, http://localhost:3000",
-                "SGZ_MAX_BACH_SIZE": "4"})
-    try:
-        yield s.wait_ready()
-    finally:
-        s.close()
+    with Server({"SGZ_API_KEY": KEY, "SGZ_CORS_ORIGINS": f"{ORIGIN}, http://localhost:3000",
+                 "SGZ_MAX_BACH_SIZE": "4"}) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
