@@ -172,11 +172,10 @@ class _Reader:
         if self.pending:
             stages.put(stages.decoded, ("packets", self.pending))
         pts, frames = [], []
-        items = iter([first])
+        pending = [first]
         while True:
             start = time.perf_counter()
-            item = next(items, None) or next(self.items, None)
-            items = iter(())
+            item = pending.pop() if pending else next(self.items, None)
             if item is None:
                 break
             if not isinstance(item, av.VideoFrame):
