@@ -7,7 +7,6 @@ bounded whatever the length and the three overlap; frames go through the model i
 the temporal state (model/temporal.py) from one call to the next.
 """
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 

@@ -11,7 +11,6 @@ input) and written as 8-bit; HDR video (PQ or HLG transfer) is refused with a me
 the model was trained on 8-bit sRGB and would need a tone-mapping step we do not guess.
 """
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 
 try:
