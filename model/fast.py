@@ -13,6 +13,9 @@ formulation in torch ops, for CUDA and for CPUs without numba. Both match the ea
 (`fast=False`) within 1 grey level (tests/test_fast.py): only float summation order differs.
 """
 import importlib.util
+import logging
+import os
+import shutil
 import threading
 from contextlib import nullcontext
 from functools import lru_cache
@@ -27,6 +30,8 @@ from .kernels import (HALO, MIN_BAND_ROWS, TINY, efe_items, efe_one, lowres_size
 from .kernels_dn import denoise_numba
 from .kernels_rows import weighted_rows
 from .rie import upsample_factor
+
+log = logging.getLogger("sgz.model")
 
 NO_DENOISE = DenoiseConfig()
 
@@ -301,9 +306,25 @@ def build(efe: EFE, device: torch.device, scale_factor: float, steps: int,
         if backend == "numba" and device.type != "cpu":
             raise ValueError("the numba backend runs on the CPU only")
         return BACKENDS[backend](efe, scale_factor, steps)
+    return choose(device)(efe, scale_factor, steps)
+
+
+def choose(device: torch.device) -> type:
+    """The default path's class for the device. Triton builds a small C launcher at its first
+    kernel launch on a GPU: without a C compiler that launch fails, so the torch path runs
+    instead, with a warning, rather than a service that never becomes ready."""
     if device.type == "cpu" and NumbaFast.available():
-        return NumbaFast(efe, scale_factor, steps)
+        return NumbaFast
     if device.type == "cuda" and TritonFast.available():
-        return TritonFast(efe, scale_factor, steps)
-    return TorchFast(efe, scale_factor, steps)
+        if c_compiler() is not None:
+            return TritonFast
+        log.warning("no C compiler (gcc, clang or $CC) for Triton's launcher: the CUDA path "
+                    "runs in torch ops instead (slower); install gcc to use the Triton kernel")
+    return TorchFast
+
+
+def c_compiler() -> str | None:
+    """The compiler Triton would use: $CC, else cc, gcc or clang on the PATH."""
+    return os.environ.get("CC") or next(filter(None, map(shutil.which, ("cc", "gcc", "clang"))),
+                                        None)
 

@@ -210,6 +210,23 @@ def test_backend_can_be_forced_and_is_checked(eager):
         fastpath.build(eager.efe, torch.device("cuda"), 12, 8, backend="numba")
 
 
+def test_cuda_without_a_c_compiler_falls_back_to_torch_with_a_warning(monkeypatch, tmp_path,
+                                                                     caplog):
+    """Triton compiles a C launcher at its first launch on a GPU: with no compiler the default
+    CUDA path is the torch one (and says so), never a Triton path that fails at warm-up."""
+    if not fastpath.TritonFast.available():
+        pytest.skip("triton not installed")
+    cuda = torch.device("cuda")  # only chosen for, never run on
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty PATH: no cc, gcc or clang
+    with caplog.at_level("WARNING", logger="sgz.model"):
+        assert fastpath.choose(cuda) is fastpath.TorchFast
+    assert "no C compiler" in caplog.text
+    monkeypatch.setenv("CC", "/usr/bin/gcc")
+    assert fastpath.choose(cuda) is fastpath.TritonFast
+    assert fastpath.choose(torch.device("cpu")) is fastpath.NumbaFast
+
+
 def test_warmup_reports_seconds(fast):
     seconds = fast.warmup()
     assert 0 < seconds < 30
