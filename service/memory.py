@@ -57,7 +57,10 @@ class Trimmer:
             idle = time.monotonic() - b.last_done >= self.idle_s and b.depth == 0
             if idle and b.batches != self.trimmed_at:
                 self.trimmed_at = b.batches
-                await self.trim()
+                try:
+                    await self.trim()
+                except Exception:  # never let one failure end trimming for good
+                    log.exception("malloc_trim failed")
 
     async def trim(self) -> None:
         before = rss_bytes()
@@ -65,5 +68,5 @@ class Trimmer:
         after = rss_bytes()
         log.debug("idle: malloc_trim gave back %.0f MB (RSS %.0f MB)",
                   (before - after) / 2**20, after / 2**20)
-        if self.on_trim is not None:
-            self.on_trim(before - after)
+        if self.on_trim is not None:  # RSS can grow meanwhile (other threads): a counter
+            self.on_trim(max(0, before - after))  # only goes up

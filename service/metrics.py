@@ -56,6 +56,8 @@ class Metrics:
         self.jobs = Gauge("sgz_jobs", "Video jobs known, by state", ["state"], registry=r)
         self.trimmed = Counter("sgz_memory_trimmed_bytes", "Memory given back to the kernel "
                                "when idle (service/memory.py)", registry=r)
+        self.trims = Counter("sgz_memory_trims", "Idle spells in which freed memory was "
+                             "handed back (malloc_trim)", registry=r)
         self.model = Info("sgz_model", "The served model: checkpoint, device, versions",
                           registry=r)
 
@@ -64,6 +66,10 @@ class Metrics:
         self.inference.observe(seconds)
         self.images.inc(size)
         self.megapixels.inc(pixels / 1e6)
+
+    def observe_trim(self, given_back: int) -> None:
+        self.trims.inc()
+        self.trimmed.inc(given_back)
 
     def describe_model(self, sha256: str, source: str, device: str, versions: dict) -> None:
         self.model.info({"checkpoint_sha256": sha256, "checkpoint_source": source,

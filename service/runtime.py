@@ -69,7 +69,7 @@ class Runtime:
             coming=(lambda: self.coming) if settings.early_dispatch else None)
         metrics.queue_depth.set_function(lambda: self.batcher.depth)
         self.jobs = JobManager(settings, enhancer, self.batcher, metrics, lower)
-        self.trimmer = Trimmer(self.batcher, settings.trim_idle_s, metrics.trimmed.inc)
+        self.trimmer = Trimmer(self.batcher, settings.trim_idle_s, metrics.observe_trim)
         self._trimming: asyncio.Task | None = None
         metrics.describe_model(enhancer.sha256, enhancer.checkpoint.source,
                                str(enhancer.device), _versions())
