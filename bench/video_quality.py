@@ -8,7 +8,8 @@ Warping error, the standard measure of flicker: optical flow computed on consecu
 truth frames (OpenCV's DIS), the previous output frame warped onto the current one, the mean
 absolute difference over pixels whose flow passes a forward-backward check, divided by the
 output frame's mean level (so brightness does not decide it); frame pairs with under half the
-pixels passing (a cut, a fast pan) are skipped. The ground truth's own figure is the floor.
+pixels passing (a cut, a fast pan) are skipped. PSNR and GT-mean PSNR as `sgz eval` computes
+them (training/evaluate.py).
 """
 import argparse
 import sys
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import av
 import numpy as np
+
+from training.evaluate import gt_mean_psnr, psnr
 
 from .video_clips import default_shared, make_clip
 
@@ -63,19 +66,12 @@ class Flow:
         gt = self.gt
         if frames.shape != gt.shape:
             raise ValueError(f"output {frames.shape} against ground truth {gt.shape}")
-        gain = gt.mean((1, 2, 3)) / np.maximum(frames.mean((1, 2, 3)), 1e-3)
-        matched = np.clip(frames * gain[:, None, None, None], 0, 255)
         return {"psnr": float(np.mean([psnr(o, g) for o, g in zip(frames, gt)])),
                 "ssim": float(np.mean([structural_similarity(frames[t], gt[t], channel_axis=2,
                                                              data_range=255)
                                        for t in range(0, len(gt), 5)])),
-                "gt_mean_psnr": float(np.mean([psnr(o, g) for o, g in zip(matched, gt)])),
+                "gt_mean_psnr": float(np.mean([gt_mean_psnr(o, g) for o, g in zip(frames, gt)])),
                 "warp": self.warp_error(frames)}
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-10)))
 
 
 CLIPS = {  # name: (make_clip keyword arguments) or None for the shared dev clip
@@ -111,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in a.clips.split(","):
             src, gt = clip(name, a.shared, work)
             flow = Flow(gt)
-            rows = [("ground truth", gt), ("input", read_frames(src))]
+            rows = [("ground truth", gt), ("input", read_frames(src))]  # its warp: the floor
             for mode, temporal in (("frame by frame", False), ("temporal", True)):
                 enhance_video(enhancer, src, work / "out.mp4", temporal=temporal)
                 rows.append((mode, read_frames(work / "out.mp4")))
