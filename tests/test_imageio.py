@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from conftest import SICE
-from model import imageio
+from model import imageio, png
 from model.imageio import (ImageDecodeError, ImageTooLarge, decode_image, encode_image,
                            factor_to_picture, output_format, tensor_to_rgb)
 
@@ -232,3 +232,83 @@ def test_jpeg_encodes_like_pillow(photo):
     assert reopen(ours).size == photo.size and reopen(ours).mode == "RGB"
     assert abs(err[0] - err[1]) < 0.1 * err[1]
     assert abs(len(ours) - len(pillow)) < 0.05 * len(pillow)
+
+
+# --- the fast PNG reader and writer (model/png.py) --------------------------------------------
+
+def pillow_pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+@pytest.mark.parametrize("shape", [(900, 1200, 3), (7, 5, 4), (1, 1, 3), (33, 17), (20, 9, 2)])
+def test_png_writer_is_lossless_and_standard(shape):
+    rng = np.random.default_rng(sum(shape))
+    pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+    data = png.encode_png(pixels)
+    back = pillow_pixels(data)  # Pillow checks every chunk's CRC while reading
+    assert np.array_equal(back.reshape(pixels.shape), pixels)
+    channels = 1 if len(shape) == 2 else shape[2]
+    assert Image.open(io.BytesIO(data)).mode == {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[channels]
+
+
+def test_png_writer_splits_large_data_into_idat_chunks():
+    pixels = np.random.default_rng(1).integers(0, 256, (1200, 1600, 3), dtype=np.uint8)
+    data = png.encode_png(pixels)  # noise does not compress: ~5.8 MB, two IDAT chunks
+    assert data.count(b"IDAT") >= 2
+    assert np.array_equal(pillow_pixels(data), pixels)
+
+
+def test_png_writer_refuses_what_png_cannot_hold():
+    with pytest.raises(ValueError, match="uint8"):
+        png.encode_png(np.zeros((4, 4, 3), np.uint16))
+    with pytest.raises(ValueError, match="1-4"):
+        png.encode_png(np.zeros((4, 4, 5), np.uint8))
+
+
+def test_png_writer_compresses_photos_like_pillow(photo):
+    rgb = np.asarray(photo.convert("RGB"))
+    ours, pillows = len(png.encode_png(rgb)), len(as_bytes(photo.convert("RGB"), compress_level=1))
+    assert ours < 1.15 * pillows
+
+
+@pytest.mark.skipif(png.imagecodecs is None, reason="imagecodecs not installed")
+def test_png_reader_gives_pillows_pixels_for_every_shared_photo():
+    files = sorted(SICE.glob("*.png"))
+    assert files
+    for f in files:
+        data = f.read_bytes()
+        fast = png.decode_png(data)
+        with Image.open(f) as im:
+            if im.mode not in ("RGB", "RGBA"):
+                continue
+            assert fast is not None, f.name
+            assert np.array_equal(fast, np.asarray(im)), f.name
+
+
+@pytest.mark.skipif(png.imagecodecs is None, reason="imagecodecs not installed")
+def test_png_reader_leaves_the_unusual_to_pillow(photo):
+    rgb = photo.convert("RGB")
+    assert png.decode_png(as_bytes(rgb.convert("P"))) is None  # palette
+    assert png.decode_png(as_bytes(rgb, transparency=(0, 0, 0))) is None  # colour key
+    exif = Image.Exif()
+    exif[imageio.ORIENTATION] = 6
+    assert png.decode_png(as_bytes(rgb, exif=exif)) is None
+    truncated = as_bytes(rgb)[:5000]
+    assert png.decode_png(truncated) is None
+    with pytest.raises(ImageDecodeError):
+        decode_image(truncated)
+
+
+def test_png_in_png_out_round_trip_through_decode_and_encode(photo):
+    rgba = photo.convert("RGBA")
+    rgba.putalpha(Image.fromarray(np.arange(rgba.width * rgba.height, dtype=np.uint8)
+                                  .reshape(rgba.height, rgba.width)))
+    decoded = decode_image(as_bytes(rgba))
+    assert decoded.rgb.flags.c_contiguous
+    out = Image.open(io.BytesIO(encode_image(decoded.rgb, decoded.alpha, False, "PNG")))
+    assert out.mode == "RGBA" and np.array_equal(np.asarray(out), np.asarray(rgba))
+
+
+def test_webp_answer_is_a_webp(photo):
+    data = encode_image(np.asarray(photo.convert("RGB")), None, False, "WEBP")
+    assert Image.open(io.BytesIO(data)).format == "WEBP"
