@@ -16,9 +16,12 @@ from pathlib import Path
 
 import torch
 
+from .http_cases import parse_cases
+
 SIZES = "600x400,1200x900,1920x1080,3840x2160"
 VIDEO_SIZES = "1280x720,1920x1080"
 PARTS = ("model", "http", "video")
+HTTP_CASES = "jpeg:1200x900,png:1200x900,jpeg:1920x1080,png:1920x1080"
 PATHS = ("fast", "denoise", "torch", "eager", "published", "onnxruntime")
 # fast, torch, eager: EFE + RIE alone (denoise=0, exposure=None), the paper's step, so that the
 # baselines do the same work; denoise: the fast path as `enhance` runs by default (denoising,
@@ -51,13 +54,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("HTTP")
     g.add_argument("--servers", default="sgz,naive,litserve")
     g.add_argument("--concurrency", default="1,8,32,64")
-    g.add_argument("--duration", type=float, default=10.0,
+    g.add_argument("--duration", type=float, default=6.0,
                    help="seconds of load per server, level and round")
     g.add_argument("--rounds", type=int, default=3,
                    help="interleaved rounds; figures are medians over them (default 3)")
-    g.add_argument("--images", default="mixed", choices=["small", "mixed", "all"],
-                   help="photos sent: small = the 512x512 ones, mixed = up to 1920x1080 "
-                        "(default), all = with the 3840x2160 ones")
+    g.add_argument("--cases", default=HTTP_CASES,
+                   help="FORMAT:PHOTOS list: jpeg or png (sent and answered), photos at WxH or "
+                        "the shared ones as they are: small (512x512), mixed (up to "
+                        f"1920x1080), all (default {HTTP_CASES})")
     g = p.add_argument_group("video")
     g.add_argument("--video-sizes", default=VIDEO_SIZES, help=f"WxH list (default {VIDEO_SIZES})")
     g.add_argument("--video-frames", type=int, default=96, help="frames per clip (default 96)")
@@ -92,6 +96,7 @@ def bench(args: argparse.Namespace) -> int:
         sizes, batches = _list(args.sizes, _size), _list(args.batches, int)
         paths, levels = _list(args.paths), _list(args.concurrency, int)
         video_sizes = _list(args.video_sizes, _size)
+        cases = parse_cases(args.cases)
     except ValueError as e:
         print(f"sgz bench: bad list: {e}", file=sys.stderr)
         return 2
@@ -127,7 +132,7 @@ def bench(args: argparse.Namespace) -> int:
         print(f"HTTP: {args.servers}, {args.rounds} interleaved rounds of {args.duration:g} s "
               "per server and level", flush=True)
         results["http"] = run_http_bench(checkpoint, shared, _list(args.servers), levels,
-                                         args.duration, args.images, rounds=max(1, args.rounds),
+                                         args.duration, cases, rounds=max(1, args.rounds),
                                          log=lambda s: print(s, flush=True), device=args.device)
         print(http_table(results["http"]))
     if "video" in parts:
@@ -200,33 +205,45 @@ def _ms(ms: float) -> str:
 
 
 def http_table(res: dict) -> str:
-    header = ["server", "concurrency", "req/s", "p50 ms", "p95 ms", "p99 ms", "failed",
-              "RSS idle MB", "RSS peak MB"]
-    rows = []
-    for s in res["servers"]:
-        if "error" in s:
-            rows.append([s["server"], "-", "error", "-", "-", "-", "-", "-", "-"])
-            continue
-        for lv in s["levels"]:
-            rows.append([s["server"], lv["concurrency"], f"{lv['throughput_rps']:.1f}",
-                         f"{lv['p50_ms']:.0f}", f"{lv['p95_ms']:.0f}", f"{lv['p99_ms']:.0f}",
-                         lv["failed"], f"{s['rss_idle_mb']:.0f}", f"{s['rss_peak_mb']:.0f}"])
-    out = table(header, rows)
-    ours = next((s for s in res["servers"] if s["server"] == "sgz" and "error" not in s), None)
-    ratios = []
-    for s in res["servers"]:
-        if ours is None or s is ours or "error" in s:
+    """One table per case: each server's levels beside the case's coding floor."""
+    header = ["case", "server", "concurrency", "req/s", "p50 ms", "p99 ms", "failed",
+              "ceiling img/s", "of ceiling"]
+    rows, ratios = [], []
+    for ce in res["cases"]:
+        ceiling = ce["floor"]["ceiling_rps"]
+        for s in ce["servers"]:
+            for lv in s["levels"]:
+                rows.append([ce["case"], s["server"], lv["concurrency"],
+                             f"{lv['throughput_rps']:.1f}", f"{lv['p50_ms']:.0f}",
+                             f"{lv['p99_ms']:.0f}", lv["failed"], f"{ceiling:.0f}",
+                             f"{lv['throughput_rps'] / ceiling:.0%}"])
+        ratios += _case_ratios(ce)
+    f = "; ".join(f"{ce['case']} {ce['floor']['decode_ms']:.1f} + {ce['floor']['encode_ms']:.1f}"
+                  f" ms coding, {ce['floor']['model_ms']:.1f} ms model" for ce in res["cases"])
+    memory = ", ".join(f"{s['server']} {s['rss_idle_mb']:.0f} / {s['rss_peak_mb']:.0f}"
+                       for s in res["servers"] if "error" not in s)
+    errors = [f"{s['server']}: error: {s['error'][:300]}" for s in res["servers"] if "error" in s]
+    return "\n".join([table(header, rows), *ratios, *errors,
+                      f"figures: medians over {res.get('rounds', 1)} interleaved rounds; "
+                      "ratios: median (each round's)",
+                      f"ceiling: images/s with nothing but decode + encode (per core) and the "
+                      f"model step (all cores): {f}",
+                      f"RSS idle / peak MB: {memory}"])
+
+
+def _case_ratios(ce: dict) -> list[str]:
+    ours = next((s for s in ce["servers"] if s["server"] == "sgz"), None)
+    out = []
+    for s in ce["servers"]:
+        if ours is None or s is ours:
             continue
         for mine, theirs in zip(ours["levels"], s["levels"]):
             tput = round_ratios(mine, theirs, "throughput_rps")
             p99 = round_ratios(mine, theirs, "p99_ms")
-            ratios.append(f"c={mine['concurrency']}: sgz/{s['server']} throughput "
-                          f"{statistics.median(tput):.2f}x ({' '.join(f'{x:.2f}' for x in tput)}), "
-                          f"p99 {statistics.median(p99):.2f}x ({' '.join(f'{x:.2f}' for x in p99)})")
-    rounds = res.get("rounds", 1)
-    return out + ("\n" + "\n".join(ratios) if ratios else "") + \
-        f"\nfigures: medians over {rounds} interleaved rounds; ratios: median (each round's)" \
-        f"\nimages: {len(res['images'])} JPEGs (q90) from sice-real, set '{res['image_set']}'"
+            out.append(f"{ce['case']} c={mine['concurrency']}: sgz/{s['server']} throughput "
+                       f"{statistics.median(tput):.2f}x ({' '.join(f'{x:.2f}' for x in tput)}), "
+                       f"p99 {statistics.median(p99):.2f}x ({' '.join(f'{x:.2f}' for x in p99)})")
+    return out
 
 
 def round_ratios(mine: dict, theirs: dict, key: str) -> list[float]:

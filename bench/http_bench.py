@@ -5,7 +5,8 @@
   litserve   bench/litserve_server.py: LitServe with its batching
 
 each its own process on this machine, loaded by the same client (bench/load_client.py,
-another process) with the same JPEGs. The servers run the same `load_model(checkpoint)`
+another process) with the same files: JPEG or PNG, answered in the same format, at fixed sizes or
+the shared photos as they are (bench/http_cases.py, which also measures each case's coding floor). The servers run the same `load_model(checkpoint)`
 enhancer and the same image I/O functions; only the serving around them differs.
 
 All servers are started first; while one is measured, the others are paused (SIGSTOP to their
@@ -32,30 +33,19 @@ from pathlib import Path
 
 import httpx
 import psutil
-from PIL import Image
+
+from .http_cases import Case, coding_floor, write_case
 
 SERVERS = {
     "sgz": (["-m", "model.cli", "serve"], "/readyz"),
     "naive": (["-m", "bench.naive_server"], "/readyz"),
     "litserve": (["-m", "bench.litserve_server"], "/health"),
 }
-IMAGE_SETS = {"small": 512 * 512, "mixed": 1920 * 1080, "all": None}  # most pixels per photo
-JPEG_QUALITY = 90
 
 
 def write_jpegs(shared: Path, image_set: str, folder: Path) -> list[str]:
     """The shared photos (PNG) as JPEG files: what a camera or a browser would upload."""
-    limit = IMAGE_SETS[image_set]
-    names = []
-    for f in sorted((shared / "data" / "sice-real").glob("*.png")):
-        with Image.open(f) as im:
-            if limit is not None and im.width * im.height > limit:
-                continue
-            im.convert("RGB").save(folder / f"{f.stem}.jpg", "JPEG", quality=JPEG_QUALITY)
-            names.append(f"{f.stem} {im.width}x{im.height}")
-    if not names:
-        raise FileNotFoundError(f"no photos of the set {image_set!r} in {shared}/data/sice-real")
-    return names
+    return write_case(shared, Case("jpeg", image_set), folder)
 
 
 def free_port() -> int:
@@ -191,56 +181,80 @@ def load(url: str, images: Path, concurrency: int, duration: float) -> dict:
 
 
 def run_http_bench(checkpoint: str, shared: Path, servers, concurrencies, duration: float,
-                   image_set: str, rounds: int = 3, ready_timeout: float = 180,
+                   cases: list[Case], rounds: int = 3, ready_timeout: float = 180,
                    log=print, device: str = "cpu") -> dict:
-    results = {"image_set": image_set, "rounds": rounds, "servers": [], "device": device}
+    """Every case (format x photos) at every concurrency against every server, in `rounds`
+    interleaved rounds; each case's coding floor measured here while the servers are paused."""
+    from model import load_model
+
+    results = {"rounds": rounds, "device": device, "servers": [], "cases": []}
     with tempfile.TemporaryDirectory(prefix="sgz-bench-") as tmp:
         tmp = Path(tmp)
-        (tmp / "jpeg").mkdir()
-        results["images"] = write_jpegs(shared, image_set, tmp / "jpeg")
-        running = {}
+        enhancer = load_model(checkpoint, device)
+        for i, case in enumerate(cases):
+            folder = tmp / f"case{i}"
+            entry = {"case": case.name, "images": write_case(shared, case, folder),
+                     "floor": coding_floor(folder, enhancer),
+                     "turns": {s: {c: [] for c in concurrencies} for s in servers}}
+            results["cases"].append(entry)
+            f = entry["floor"]
+            log(f"  {case.name}: {len(entry['images'])} photos; coding floor decode "
+                f"{f['decode_ms']:.1f} + encode {f['encode_ms']:.1f} ms on one core, model "
+                f"{f['model_ms']:.1f} ms/image: at most {f['ceiling_rps']:.0f} images/s")
+        del enhancer
+        running = _start(servers, checkpoint, tmp, device, ready_timeout, results, log)
         try:
-            for kind in servers:
-                entry = {"server": kind, "turns": {c: [] for c in concurrencies}, "rss_peak": 0}
-                results["servers"].append(entry)
-                server = ServerProcess(kind, checkpoint, tmp, device=device)
-                running[kind] = server
-                try:
-                    entry["startup_s"] = server.wait_ready(ready_timeout)
-                    time.sleep(1.0)  # let start-up garbage settle before the idle reading
-                    entry["rss_idle_mb"] = tree_rss(psutil.Process(server.proc.pid)) / 2 ** 20
-                except (RuntimeError, TimeoutError) as e:
-                    entry["error"] = str(e)
-                    log(f"  {kind}: {e}")
-                server.pause()
             for r in range(rounds):
-                for i, c in enumerate(concurrencies):
+                for i, (ce, c) in enumerate((ce, c) for ce in results["cases"] for c in concurrencies):
                     order = results["servers"] if (r + i) % 2 == 0 else results["servers"][::-1]
+                    folder = tmp / f"case{results['cases'].index(ce)}"
                     for entry in order:
                         if "error" not in entry:
-                            _turn(running[entry["server"]], entry, tmp / "jpeg", c, duration,
-                                  f"round {r + 1}/{rounds}", log)
+                            _turn(running[entry["server"]], entry, ce, folder, c, duration,
+                                  f"round {r + 1}/{rounds} {ce['case']}", log)
         finally:
             for server in running.values():
                 server.resume()
                 server.stop()
+    for ce in results["cases"]:
+        turns = ce.pop("turns")
+        ce["servers"] = [{"server": e["server"],
+                          "levels": [summarise(c, turns[e["server"]][c]) for c in concurrencies]}
+                         for e in results["servers"] if "error" not in e]
     for entry in results["servers"]:
-        turns, peak = entry.pop("turns"), entry.pop("rss_peak")
-        if "error" not in entry:
-            entry["levels"] = [summarise(c, turns[c]) for c in concurrencies]
-            entry["rss_peak_mb"] = peak / 2 ** 20
+        entry["rss_peak_mb"] = entry.pop("rss_peak") / 2 ** 20
     return results
 
 
-def _turn(server: ServerProcess, entry: dict, images: Path, c: int, duration: float,
-          label: str, log) -> None:
-    """One server's turn at one concurrency: resumed, loaded, paused again."""
+def _start(servers, checkpoint, tmp: Path, device: str, ready_timeout: float, results: dict,
+           log) -> dict:
+    """Every server started and ready, then paused; failures recorded in its entry."""
+    running = {}
+    for kind in servers:
+        entry = {"server": kind, "rss_peak": 0}
+        results["servers"].append(entry)
+        server = ServerProcess(kind, checkpoint, tmp, device=device)
+        running[kind] = server
+        try:
+            entry["startup_s"] = server.wait_ready(ready_timeout)
+            time.sleep(1.0)  # let start-up garbage settle before the idle reading
+            entry["rss_idle_mb"] = tree_rss(psutil.Process(server.proc.pid)) / 2 ** 20
+        except (RuntimeError, TimeoutError) as e:
+            entry["error"] = str(e)
+            log(f"  {kind}: {e}")
+        server.pause()
+    return running
+
+
+def _turn(server: ServerProcess, entry: dict, case: dict, images: Path, c: int,
+          duration: float, label: str, log) -> None:
+    """One server's turn at one case and concurrency: resumed, loaded, paused again."""
     server.resume()
     try:
         with RssSampler(server.proc.pid) as rss:
             level = load(server.url + "/enhance", images, c, duration)
         entry["rss_peak"] = max(entry["rss_peak"], rss.peak)
-        entry["turns"][c].append(level)
+        case["turns"][entry["server"]][c].append(level)
         log(f"  {label} {entry['server']:8s} c={c:<3d} {level['throughput_rps']:7.1f} req/s  "
             f"p50 {level['p50_ms']:7.0f}  p99 {level['p99_ms']:7.0f} ms  failed {level['failed']}")
     except RuntimeError as e:

@@ -1,17 +1,19 @@
 """Baseline (c): LitServe serving the same `enhancer`, with LitServe's own dynamic batching
 (the same batch size and wait as `sgz serve`'s defaults). LitServe batches whatever arrives;
-EFE needs one size per forward pass, so `predict` runs one `enhance` per distinct size.
+EFE needs one size per forward pass, so `predict` runs one `enhance` per distinct size, on a
+batch assembled the way sgz serve assembles its own (`service.inference.stack`: channels-last,
+no transposes), so that only the serving around the model differs.
 
     python -m bench.litserve_server --port 8002 --checkpoint PATH
 """
 import argparse
 
 import litserve as ls
-import torch
 from fastapi import Request, Response
 
 from model import load_model
-from model.imageio import decode_image, encode_image, tensor_to_rgb
+from model.imageio import MEDIA_TYPES, decode_image, encode_image, output_format, tensor_to_rgb
+from service.inference import stack
 
 MAX_BATCH_SIZE = 16    # sgz serve's default SGZ_MAX_BATCH_SIZE
 BATCH_TIMEOUT_S = 0.005  # sgz serve's default SGZ_MAX_WAIT_MS
@@ -39,7 +41,7 @@ class EnhanceAPI(ls.LitAPI):
         for i, d in enumerate(decoded_images):
             by_size.setdefault(d.rgb.shape, []).append(i)
         for idx in by_size.values():
-            batch = torch.cat([decoded_images[i].to_tensor() for i in idx])
+            batch = stack([decoded_images[i].to_tensor() for i in idx])  # as sgz serve does
             for i, image in zip(idx, self.enhancer.enhance(batch)):
                 outs[i] = (decoded_images[i], image)
         return outs
@@ -49,8 +51,9 @@ class EnhanceAPI(ls.LitAPI):
 
     def encode_response(self, output):
         decoded, image = output
-        body = encode_image(tensor_to_rgb(image), decoded.alpha, decoded.gray, "JPEG", 90)
-        return Response(body, media_type="image/jpeg")
+        fmt = output_format(None, decoded.format)  # answered in the format sent, as sgz serve
+        body = encode_image(tensor_to_rgb(image), decoded.alpha, decoded.gray, fmt, 90)
+        return Response(body, media_type=MEDIA_TYPES[fmt])
 
 
 def main() -> None:

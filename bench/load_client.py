@@ -1,6 +1,7 @@
 """The load client, run as its own process so that it never shares an interpreter (or a GIL)
 with the server it measures. `concurrency` workers each keep one request in flight: POST a JPEG
-as multipart field `image`, wait for the answer, send the next. Prints one JSON object.
+or PNG as multipart field `image`, wait for the answer (an image of the same format), send the
+next. Prints one JSON object.
 
     python -m bench.load_client --url http://127.0.0.1:8000/enhance --images DIR \
         --concurrency 8 --duration 10
@@ -26,7 +27,11 @@ def percentile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
 
 
-async def run(url: str, images: list[bytes], concurrency: int, duration: float,
+MAGIC = {".jpg": b"\xff\xd8", ".png": b"\x89PNG"}
+MEDIA = {".jpg": "image/jpeg", ".png": "image/png"}
+
+
+async def run(url: str, images: list[tuple[str, bytes]], concurrency: int, duration: float,
               warmup_requests: int) -> dict:
     counter = itertools.count()
     latencies, statuses, bad = [], {}, 0
@@ -34,13 +39,13 @@ async def run(url: str, images: list[bytes], concurrency: int, duration: float,
     async with httpx.AsyncClient(limits=limits, timeout=300) as client:
 
         async def one() -> tuple[float, int, bool]:
-            data = images[next(counter) % len(images)]
+            suffix, data = images[next(counter) % len(images)]
             t0 = time.perf_counter()
             try:
-                r = await client.post(url, files={"image": ("photo.jpg", data, "image/jpeg")})
+                r = await client.post(url, files={"image": ("photo" + suffix, data, MEDIA[suffix])})
             except httpx.HTTPError as e:
                 return time.perf_counter() - t0, f"{type(e).__name__}", False
-            ok = r.status_code == 200 and r.content[:2] == b"\xff\xd8"  # a JPEG came back
+            ok = r.status_code == 200 and r.content.startswith(MAGIC[suffix])  # same format back
             return time.perf_counter() - t0, r.status_code, ok
 
         # warm-up: connections opened, server-side first-call costs paid, not measured
@@ -72,15 +77,16 @@ async def run(url: str, images: list[bytes], concurrency: int, duration: float,
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--url", required=True)
-    p.add_argument("--images", required=True, help="folder of .jpg files to send, in turn")
+    p.add_argument("--images", required=True, help="folder of .jpg / .png files to send, in turn")
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--duration", type=float, default=10.0, help="seconds of measured load")
     p.add_argument("--warmup-requests", type=int, default=None,
                    help="unmeasured requests first (default: the concurrency)")
     args = p.parse_args()
-    images = [f.read_bytes() for f in sorted(Path(args.images).glob("*.jpg"))]
+    images = [(f.suffix, f.read_bytes()) for f in sorted(Path(args.images).iterdir())
+              if f.suffix in MAGIC]
     if not images:
-        sys.exit(f"load_client: no .jpg files in {args.images}")
+        sys.exit(f"load_client: no .jpg or .png files in {args.images}")
     warm = args.concurrency if args.warmup_requests is None else args.warmup_requests
     result = asyncio.run(run(args.url, images, args.concurrency, args.duration, warm))
     print(json.dumps(result))

@@ -10,7 +10,7 @@ import uvicorn
 from fastapi import FastAPI, File, Response, UploadFile
 
 from model import load_model
-from model.imageio import decode_image, encode_image, tensor_to_rgb
+from model.imageio import MEDIA_TYPES, decode_image, encode_image, output_format, tensor_to_rgb
 
 
 def create_app(checkpoint: str, device: str = "cpu") -> FastAPI:
@@ -26,8 +26,9 @@ def create_app(checkpoint: str, device: str = "cpu") -> FastAPI:
     def enhance(image: UploadFile = File(...)) -> Response:
         decoded = decode_image(image.file.read())
         out = app.state.enhancer.enhance(decoded.to_tensor())
-        body = encode_image(tensor_to_rgb(out), decoded.alpha, decoded.gray, "JPEG", 90)
-        return Response(body, media_type="image/jpeg")
+        fmt = output_format(None, decoded.format)  # answered in the format sent, as sgz serve
+        body = encode_image(tensor_to_rgb(out), decoded.alpha, decoded.gray, fmt, 90)
+        return Response(body, media_type=MEDIA_TYPES[fmt])
 
     @app.get("/readyz")
     def ready() -> dict:

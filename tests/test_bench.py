@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import SGZ_PUBLISHED, SHARED
+from bench.http_cases import parse_cases
 from bench.load_client import percentile
 from bench.model_bench import PublishedSGZ, photos, published_step, work
 from model import load_model
@@ -71,18 +72,33 @@ def test_http_bench_smoke(tmp_path):
         servers.insert(0, "sgz")
     out = tmp_path / "http.json"
     r = sgz_bench("--parts", "http", "--servers", ",".join(servers), "--concurrency", "1,3",
-                  "--duration", "1", "--rounds", "2", "--images", "small", "--out", str(out))
+                  "--duration", "1", "--rounds", "2", "--cases", "jpeg:small,png:160x120",
+                  "--out", str(out), timeout=480)
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())["http"]
     assert [s["server"] for s in res["servers"]] == servers
+    assert [c["case"] for c in res["cases"]] == ["jpeg:small", "png:160x120"]
     for s in res["servers"]:
         assert "error" not in s, s.get("error")
-        assert [lv["concurrency"] for lv in s["levels"]] == [1, 3]
-        for lv in s["levels"]:
-            assert lv["ok"] > 0 and lv["failed"] == 0, (s["server"], lv)
-            assert lv["p50_ms"] <= lv["p95_ms"] <= lv["p99_ms"]
-            assert len(lv["rounds"]) == 2 and lv["ok"] == sum(t["ok"] for t in lv["rounds"])
         assert 50 < s["rss_idle_mb"] <= s["rss_peak_mb"]
+    for case in res["cases"]:
+        floor = case["floor"]
+        assert floor["decode_ms"] > 0 and floor["encode_ms"] > 0 and floor["model_ms"] > 0
+        assert [s["server"] for s in case["servers"]] == servers
+        for s in case["servers"]:
+            assert [lv["concurrency"] for lv in s["levels"]] == [1, 3]
+            for lv in s["levels"]:  # the load client counts only answers in the format sent
+                assert lv["ok"] > 0 and lv["failed"] == 0, (case["case"], s["server"], lv)
+                assert lv["p50_ms"] <= lv["p95_ms"] <= lv["p99_ms"]
+                assert len(lv["rounds"]) == 2 and lv["ok"] == sum(t["ok"] for t in lv["rounds"])
+    assert "png:160x120 c=3: sgz/litserve throughput" in r.stdout or "sgz" not in servers
+
+
+def test_http_cases_parse_and_refuse():
+    assert [c.name for c in parse_cases("jpeg:1200x900, png")] == ["jpeg:1200x900", "png:mixed"]
+    for bad in ("gif:1200x900", "jpeg:big", "png:10x10", ""):
+        with pytest.raises(ValueError):
+            parse_cases(bad)
 
 
 def test_bad_arguments_exit_with_a_message():
