@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .http_cases import parse_cases
+from .http_cases import enhance_kwargs, parse_cases
 
 SIZES = "600x400,1200x900,1920x1080,3840x2160"
 VIDEO_SIZES = "1280x720,1920x1080"
@@ -58,6 +58,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="seconds of load per server, level and round")
     g.add_argument("--rounds", type=int, default=3,
                    help="interleaved rounds; figures are medians over them (default 3)")
+    g.add_argument("--query", default="",
+                   help="enhance options for every request, as /enhance's query string, e.g. "
+                        "'denoise=0&exposure=model' (the network alone); the baselines are "
+                        "started doing the same work (default: enhance's defaults)")
     g.add_argument("--cases", default=HTTP_CASES,
                    help="FORMAT:PHOTOS list: jpeg or png (sent and answered), photos at WxH or "
                         "the shared ones as they are: small (512x512), mixed (up to "
@@ -97,8 +101,9 @@ def bench(args: argparse.Namespace) -> int:
         paths, levels = _list(args.paths), _list(args.concurrency, int)
         video_sizes = _list(args.video_sizes, _size)
         cases = parse_cases(args.cases)
+        enhance_kwargs(args.query)
     except ValueError as e:
-        print(f"sgz bench: bad list: {e}", file=sys.stderr)
+        print(f"sgz bench: bad argument: {e}", file=sys.stderr)
         return 2
     unknown = (parts - set(PARTS)) | (set(paths) - set(PATHS))
     if unknown:
@@ -133,7 +138,8 @@ def bench(args: argparse.Namespace) -> int:
               "per server and level", flush=True)
         results["http"] = run_http_bench(checkpoint, shared, _list(args.servers), levels,
                                          args.duration, cases, rounds=max(1, args.rounds),
-                                         log=lambda s: print(s, flush=True), device=args.device)
+                                         log=lambda s: print(s, flush=True), device=args.device,
+                                         query=args.query)
         print(http_table(results["http"]))
     if "video" in parts:
         from .video_bench import run_video_bench

@@ -91,14 +91,15 @@ class ServerProcess:
     `log_dir/KIND.log`; `env` is added to this process's environment."""
 
     def __init__(self, kind: str, checkpoint: str, log_dir: Path,
-                 env: dict[str, str] | None = None, device: str = "cpu"):
+                 env: dict[str, str] | None = None, device: str = "cpu",
+                 extra_args: tuple[str, ...] = ()):
         args, self.ready_path = SERVERS[kind]
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_dir) / f"{kind}.log"
         self._log = open(self.log_path, "w")
         cmd = [sys.executable, *args, "--port", str(self.port), "--checkpoint", str(checkpoint),
-               "--device", device]
+               "--device", device, *extra_args]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
                                      cwd=Path(__file__).resolve().parents[1],
                                      env={**os.environ, **(env or {})})
@@ -171,6 +172,7 @@ class ServerProcess:
 
 
 def load(url: str, images: Path, concurrency: int, duration: float) -> dict:
+    """bench/load_client.py against `url` (with any query string) in its own process."""
     cmd = [sys.executable, "-m", "bench.load_client", "--url", url, "--images", str(images),
            "--concurrency", str(concurrency), "--duration", str(duration)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False,
@@ -182,19 +184,19 @@ def load(url: str, images: Path, concurrency: int, duration: float) -> dict:
 
 def run_http_bench(checkpoint: str, shared: Path, servers, concurrencies, duration: float,
                    cases: list[Case], rounds: int = 3, ready_timeout: float = 180,
-                   log=print, device: str = "cpu") -> dict:
+                   log=print, device: str = "cpu", query: str = "") -> dict:
     """Every case (format x photos) at every concurrency against every server, in `rounds`
     interleaved rounds; each case's coding floor measured here while the servers are paused."""
     from model import load_model
 
-    results = {"rounds": rounds, "device": device, "servers": [], "cases": []}
+    results = {"rounds": rounds, "device": device, "query": query, "servers": [], "cases": []}
     with tempfile.TemporaryDirectory(prefix="sgz-bench-") as tmp:
         tmp = Path(tmp)
         enhancer = load_model(checkpoint, device)
         for i, case in enumerate(cases):
             folder = tmp / f"case{i}"
             entry = {"case": case.name, "images": write_case(shared, case, folder),
-                     "floor": coding_floor(folder, enhancer),
+                     "floor": coding_floor(folder, enhancer, query),
                      "turns": {s: {c: [] for c in concurrencies} for s in servers}}
             results["cases"].append(entry)
             f = entry["floor"]
@@ -202,7 +204,7 @@ def run_http_bench(checkpoint: str, shared: Path, servers, concurrencies, durati
                 f"{f['decode_ms']:.1f} + encode {f['encode_ms']:.1f} ms on one core, model "
                 f"{f['model_ms']:.1f} ms/image: at most {f['ceiling_rps']:.0f} images/s")
         del enhancer
-        running = _start(servers, checkpoint, tmp, device, ready_timeout, results, log)
+        running = _start(servers, checkpoint, tmp, device, ready_timeout, results, log, query)
         try:
             for r in range(rounds):
                 for i, (ce, c) in enumerate((ce, c) for ce in results["cases"] for c in concurrencies):
@@ -227,13 +229,16 @@ def run_http_bench(checkpoint: str, shared: Path, servers, concurrencies, durati
 
 
 def _start(servers, checkpoint, tmp: Path, device: str, ready_timeout: float, results: dict,
-           log) -> dict:
+           log, query: str) -> dict:
     """Every server started and ready, then paused; failures recorded in its entry."""
     running = {}
     for kind in servers:
         entry = {"server": kind, "rss_peak": 0}
         results["servers"].append(entry)
-        server = ServerProcess(kind, checkpoint, tmp, device=device)
+        # sgz serve reads the query from each request; the baselines are told it at start-up
+        extra = ("--query", query) if kind != "sgz" and query else ()
+        server = ServerProcess(kind, checkpoint, tmp, device=device, extra_args=extra)
+        server.query = query
         running[kind] = server
         try:
             entry["startup_s"] = server.wait_ready(ready_timeout)
@@ -252,7 +257,8 @@ def _turn(server: ServerProcess, entry: dict, case: dict, images: Path, c: int,
     server.resume()
     try:
         with RssSampler(server.proc.pid) as rss:
-            level = load(server.url + "/enhance", images, c, duration)
+            query = f"?{server.query}" if server.query and entry["server"] == "sgz" else ""
+            level = load(server.url + "/enhance" + query, images, c, duration)
         entry["rss_peak"] = max(entry["rss_peak"], rss.peak)
         case["turns"][entry["server"]][c].append(level)
         log(f"  {label} {entry['server']:8s} c={c:<3d} {level['throughput_rps']:7.1f} req/s  "

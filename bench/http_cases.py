@@ -11,9 +11,11 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qsl
 
 from PIL import Image, ImageOps
 
+from model.enhancer import parse_exposure
 from model.imageio import decode_image, encode_image, output_format
 from service.inference import stack
 
@@ -62,6 +64,20 @@ def parse_cases(text: str) -> list[Case]:
     return cases
 
 
+def enhance_kwargs(query: str) -> dict:
+    """'denoise=0&exposure=model' -> enhance()'s keyword arguments, the same work sgz serve
+    does for that query: what the baselines are started with (ValueError when unknown)."""
+    kwargs = {}
+    for key, value in parse_qsl(query, strict_parsing=bool(query)):
+        if key in ("denoise", "strength"):
+            kwargs[key] = float(value)
+        elif key == "exposure":
+            kwargs[key] = parse_exposure(value)
+        else:
+            raise ValueError(f"query {key!r}: the bench sends only denoise, exposure, strength")
+    return kwargs
+
+
 def write_case(shared: Path, case: Case, folder: Path) -> list[str]:
     """The case's files in `folder`; returns their descriptions."""
     pil_format, suffix = FORMATS[case.fmt]
@@ -85,7 +101,8 @@ def write_case(shared: Path, case: Case, folder: Path) -> list[str]:
     return names
 
 
-def coding_floor(folder: Path, enhancer, batch: int = 8, passes: int = 3) -> dict:
+def coding_floor(folder: Path, enhancer, query: str = "", batch: int = 8,
+                 passes: int = 3) -> dict:
     """Per image: decode and encode on one core (median over files and passes) and the model
     step as the servers run it (enhance's defaults, all cores, batches of `batch` same-size
     images, else one by one); `ceiling_rps`: images/s if a server did nothing else."""
@@ -101,7 +118,7 @@ def coding_floor(folder: Path, enhancer, batch: int = 8, passes: int = 3) -> dic
             encode_ms.append(1000 * (time.perf_counter() - t1))
             if p == 0:
                 decoded.append(d)
-    model_ms = _model_ms(decoded, enhancer, batch)
+    model_ms = _model_ms(decoded, enhancer, batch, enhance_kwargs(query))
     cores = os.cpu_count() or 1
     dec, enc = statistics.median(decode_ms), statistics.median(encode_ms)
     per_image_s = (model_ms + (dec + enc) / cores) / 1000
@@ -109,17 +126,17 @@ def coding_floor(folder: Path, enhancer, batch: int = 8, passes: int = 3) -> dic
             "ceiling_rps": 1 / per_image_s, "cores": cores}
 
 
-def _model_ms(decoded: list, enhancer, batch: int) -> float:
+def _model_ms(decoded: list, enhancer, batch: int, kwargs: dict) -> float:
     same_size = len({d.rgb.shape for d in decoded}) == 1
     if same_size:
         x = stack([d.to_tensor() for d in (decoded * batch)[:batch]])
         calls, per_call = [x] * 3, batch
     else:
         calls, per_call = [d.to_tensor() for d in decoded], 1
-    enhancer.enhance(calls[0])  # first-call costs (numba, buffers) not counted
+    enhancer.enhance(calls[0], **kwargs)  # first-call costs (numba, buffers) not counted
     times = []
     for x in calls:
         t0 = time.perf_counter()
-        enhancer.enhance(x)
+        enhancer.enhance(x, **kwargs)
         times.append(1000 * (time.perf_counter() - t0) / per_call)
     return statistics.median(times)

@@ -11,6 +11,7 @@ import argparse
 import litserve as ls
 from fastapi import Request, Response
 
+from bench.http_cases import enhance_kwargs
 from model import load_model
 from model.imageio import MEDIA_TYPES, decode_image, encode_image, output_format, tensor_to_rgb
 from service.inference import stack
@@ -20,10 +21,11 @@ BATCH_TIMEOUT_S = 0.005  # sgz serve's default SGZ_MAX_WAIT_MS
 
 
 class EnhanceAPI(ls.LitAPI):
-    def __init__(self, checkpoint: str):
+    def __init__(self, checkpoint: str, query: str = ""):
         super().__init__(max_batch_size=MAX_BATCH_SIZE, batch_timeout=BATCH_TIMEOUT_S,
                          api_path="/enhance")
         self.checkpoint = checkpoint
+        self.kwargs = enhance_kwargs(query)  # the same work as sgz serve's /enhance?QUERY
 
     def setup(self, device):  # "cpu", or "cuda:0" when started with --device cuda
         self.enhancer = load_model(self.checkpoint, device)
@@ -42,7 +44,7 @@ class EnhanceAPI(ls.LitAPI):
             by_size.setdefault(d.rgb.shape, []).append(i)
         for idx in by_size.values():
             batch = stack([decoded_images[i].to_tensor() for i in idx])  # as sgz serve does
-            for i, image in zip(idx, self.enhancer.enhance(batch)):
+            for i, image in zip(idx, self.enhancer.enhance(batch, **self.kwargs)):
                 outs[i] = (decoded_images[i], image)
         return outs
 
@@ -61,8 +63,9 @@ def main() -> None:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--query", default="", help="enhance options as sgz serve's query string")
     args = p.parse_args()
-    server = ls.LitServer(EnhanceAPI(args.checkpoint), accelerator=args.device, devices=1,
+    server = ls.LitServer(EnhanceAPI(args.checkpoint, args.query), accelerator=args.device, devices=1,
                           workers_per_device=1, timeout=120)
     server.run(host="127.0.0.1", port=args.port, num_api_servers=1, log_level="warning",
                generate_client_file=False)

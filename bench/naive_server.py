@@ -9,11 +9,14 @@ import contextlib
 import uvicorn
 from fastapi import FastAPI, File, Response, UploadFile
 
+from bench.http_cases import enhance_kwargs
 from model import load_model
 from model.imageio import MEDIA_TYPES, decode_image, encode_image, output_format, tensor_to_rgb
 
 
-def create_app(checkpoint: str, device: str = "cpu") -> FastAPI:
+def create_app(checkpoint: str, device: str = "cpu", query: str = "") -> FastAPI:
+    kwargs = enhance_kwargs(query)  # the same work as sgz serve's /enhance?QUERY
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.enhancer = load_model(checkpoint, device)
@@ -25,7 +28,7 @@ def create_app(checkpoint: str, device: str = "cpu") -> FastAPI:
     @app.post("/enhance")
     def enhance(image: UploadFile = File(...)) -> Response:
         decoded = decode_image(image.file.read())
-        out = app.state.enhancer.enhance(decoded.to_tensor())
+        out = app.state.enhancer.enhance(decoded.to_tensor(), **kwargs)
         fmt = output_format(None, decoded.format)  # answered in the format sent, as sgz serve
         body = encode_image(tensor_to_rgb(out), decoded.alpha, decoded.gray, fmt, 90)
         return Response(body, media_type=MEDIA_TYPES[fmt])
@@ -42,8 +45,9 @@ def main() -> None:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--query", default="", help="enhance options as sgz serve's query string")
     args = p.parse_args()
-    uvicorn.run(create_app(args.checkpoint, args.device), host="127.0.0.1", port=args.port, log_level="warning")
+    uvicorn.run(create_app(args.checkpoint, args.device, args.query), host="127.0.0.1", port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

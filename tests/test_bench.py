@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import SGZ_PUBLISHED, SHARED
-from bench.http_cases import parse_cases
+from bench.http_cases import enhance_kwargs, parse_cases
 from bench.load_client import percentile
 from bench.model_bench import PublishedSGZ, photos, published_step, work
 from model import load_model
@@ -73,11 +73,12 @@ def test_http_bench_smoke(tmp_path):
     out = tmp_path / "http.json"
     r = sgz_bench("--parts", "http", "--servers", ",".join(servers), "--concurrency", "1,3",
                   "--duration", "1", "--rounds", "2", "--cases", "jpeg:small,png:160x120",
-                  "--out", str(out), timeout=480)
+                  "--query", "denoise=0&exposure=model", "--out", str(out), timeout=480)
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())["http"]
     assert [s["server"] for s in res["servers"]] == servers
     assert [c["case"] for c in res["cases"]] == ["jpeg:small", "png:160x120"]
+    assert res["query"] == "denoise=0&exposure=model"
     for s in res["servers"]:
         assert "error" not in s, s.get("error")
         assert 50 < s["rss_idle_mb"] <= s["rss_peak_mb"]
@@ -99,11 +100,16 @@ def test_http_cases_parse_and_refuse():
     for bad in ("gif:1200x900", "jpeg:big", "png:10x10", ""):
         with pytest.raises(ValueError):
             parse_cases(bad)
+    assert enhance_kwargs("denoise=0&exposure=model") == {"denoise": 0.0, "exposure": None}
+    assert enhance_kwargs("") == {}
+    for bad in ("denoise=0&colour=red", "exposure=bright", "denoise"):
+        with pytest.raises(ValueError):
+            enhance_kwargs(bad)
 
 
 def test_bad_arguments_exit_with_a_message():
     r = sgz_bench("--sizes", "big")
-    assert r.returncode == 2 and "bad list" in r.stderr
+    assert r.returncode == 2 and "bad argument" in r.stderr
     r = subprocess.run([sys.executable, "-m", "model.cli", "bench", "--checkpoint",
                         "/nonexistent.pth"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "not found" in r.stderr
