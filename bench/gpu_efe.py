@@ -1,5 +1,5 @@
 """EFE on CUDA in the layouts and cuDNN modes the fast path could use: time per batch and the
-largest difference of x_r from a float64 CPU reference. For choosing `TritonFast`'s EFE set-up
+largest difference of x_r from a float64 CPU reference. For choosing the triton backend's EFE set-up
 on a GPU machine (scripts/gpu-check.sh); prints a table.
 
     python -m bench.gpu_efe [--batch 256] [--size 75x100]

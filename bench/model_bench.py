@@ -1,11 +1,11 @@
 """Part 1: the model step, uint8 pixels in, uint8 pixels out, for up to four implementations,
 each in a process of its own (see run_model_bench):
 
-  fast       `load_model(...)`: the default path (model/fast.py: numba on CPU, Triton on CUDA),
+  fast       `load_model(...)`: the default backend, "auto" (model/backends/: numba on CPU, Triton on CUDA),
              EFE + RIE alone (`denoise=0, exposure=None`), the same work as the baselines
   denoise    the same path as `enhance` runs by default: + exposure "auto" and denoising
   torch      `load_model(..., backend="torch")`: the same formulation in plain torch ops
-  eager      `load_model(..., fast=False)`: our eager reference
+  eager      `load_model(..., backend="eager")`: our eager reference
   onnxruntime  `load_model(..., backend="onnxruntime")`: the exported ONNX graph (model/export.py)
              under ONNX Runtime on the CPU, EFE + RIE alone (informational; the onnx extra)
   published  the published SGZ / Zero-DCE++ test script's formulation, re-stated below
@@ -120,16 +120,16 @@ def paths_for(checkpoint: str, names: list[str], device: str = "cpu") -> dict:
     # fast and denoise read the photos channels-last, as decoded (a view); torch and eager the
     # planar batch, as before; all but denoise run the network alone
     for name, backend, options, layout in (
-            ("fast", None, NET, _channels_last), ("denoise", None, {}, _channels_last),
+            ("fast", "auto", NET, _channels_last), ("denoise", "auto", {}, _channels_last),
             ("torch", "torch", NET, None), ("eager", "eager", NET, None),
             ("onnxruntime", "onnxruntime", NET, None)):
         if name in names:
-            enhancer = load_model(checkpoint, device, backend=backend)
+            enhancer = load_model(checkpoint, backend=backend, device=device)
             enhancer.warmup()
             make[name] = lambda hwc, t, e=enhancer, o=options, f=layout: e.enhance(
                 f(hwc) if f else t, **o)
     if "published" in names:
-        ref = load_model(checkpoint, "cpu", fast=False)  # reads either checkpoint format
+        ref = load_model(checkpoint, backend="eager", device="cpu")  # reads either checkpoint format
         net = PublishedSGZ(ref.efe.state_dict()).eval().to(device)
         make["published"] = lambda hwc, t: published_step(net, hwc)
     return make
@@ -143,8 +143,7 @@ def run_model_bench(checkpoint: str, shared: Path, sizes, batches, names, repeat
     """Each path runs in its own process (`python -m bench.model_bench`), one path after the
     other, four times over. In one process the paths disturbed each other: PyTorch's OpenMP workers
     keep spinning after an eager call, and numba's and PyTorch's thread pools fought for the
-    two cores (at 1200x900, batch 1: fast 7.5 ms and eager 249 ms side by side, 3.8 ms and 72 ms
-    each alone). Up to `repeats` timed calls per path and cell; fewer (at least 3) once a cell
+    cores (docs/performance.md, "How it is measured"). Up to `repeats` timed calls per path and cell; fewer (at least 3) once a cell
     has taken `cell_budget_s`, so slow baselines at 4K do not stretch the run to an hour."""
     times: dict[tuple, list[float]] = {}
     for r in range(ROUNDS):

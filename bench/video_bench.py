@@ -165,7 +165,7 @@ def main() -> None:
     enhancer = None
     if not a.path.startswith("transcode"):
         from model import load_model
-        enhancer = load_model(a.checkpoint, a.device)
+        enhancer = load_model(a.checkpoint, device=a.device)
         enhancer.warmup()
     out = []
     with tempfile.TemporaryDirectory(prefix="sgz-video-bench-") as tmp:

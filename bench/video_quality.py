@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     from model import load_model
     from model.video import enhance_video
-    enhancer = load_model(a.checkpoint, "cpu")
+    enhancer = load_model(a.checkpoint, device="cpu")
     print("| clip | mode | PSNR | SSIM | GT-mean PSNR | warping error |")
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:

@@ -100,14 +100,14 @@ def test_init_from_a_checkpoint_and_bad_init(tmp_path):
                       max_steps=1, workers=0, lr=0.0, weight_decay=0.0, init=str(SGZ_PUBLISHED),
                       objective={"sem_size": 64})
     path = train(cfg, progress=False)
-    assert load_model(path, "cpu").sha256 == load_model(SGZ_PUBLISHED, "cpu").sha256
+    assert load_model(path, device="cpu").sha256 == load_model(SGZ_PUBLISHED, device="cpu").sha256
     # with our level gain on top, a published start keeps its weights and the gain is identity
     cfg.out, cfg.efe_level = str(tmp_path / "level"), True
-    leveled = load_model(train(cfg, progress=False), "cpu", fast=False)
+    leveled = load_model(train(cfg, progress=False), backend="eager", device="cpu")
     assert leveled.checkpoint.level and torch.equal(leveled.efe.level, torch.zeros(2))
     image = torch.from_numpy(np.asarray(Image.open(sorted((LOL / "low").glob("*.png"))[0])))
     image = image.permute(2, 0, 1)[None].contiguous()
-    assert torch.equal(leveled.enhance(image), load_model(SGZ_PUBLISHED, "cpu", fast=False).enhance(image))
+    assert torch.equal(leveled.enhance(image), load_model(SGZ_PUBLISHED, backend="eager", device="cpu").enhance(image))
     cfg.init, cfg.efe_level = str(tmp_path / "level" / "efe.pt"), False
     with pytest.raises(ValueError, match="--efe-level"):
         train(cfg, progress=False)

@@ -20,7 +20,7 @@ CHARBONNIER_EPS = 1e-6  # Eq. 5
 BRI_FORMS = ("l1", "l2", "l3", "log")  # L_bri's distances: paper, code, then ours
 LOG_OFFSET = 0.1       # ours: L_bri's "log" form measures log(m + 0.1), as log camera curves
                        # offset black: it keeps the loss and its push (~1/m without it) finite
-                       # on near-black crops (model card, finding 21)
+                       # on near-black crops (docs/experiments/training-runs.md, finding 21)
 FOCAL_BETA = 1.0       # Eq. 8
 FOCAL_GAMMA = 2.0      # Eq. 8
 
@@ -97,8 +97,9 @@ def total_variation(t: torch.Tensor) -> torch.Tensor:
 def factor_uniformity(x_r: torch.Tensor) -> torch.Tensor:
     """Not in the paper: the spatial variance of the factor map, per image and channel, averaged.
     A prior towards one curve per image. Unlike L_tv, which sees only neighbour differences
-    (tiny on EFE's smooth output), it also sees slow variation across the image: the published
-    checkpoint's maps vary ~17x less over space than those of our scale-12 runs (docs/model-card.md)."""
+    (tiny on EFE's smooth output), it also sees slow variation across the image, where the
+    published checkpoint's maps differ most from ours (docs/experiments/training-runs.md,
+    finding 9)."""
     return x_r.flatten(2).var(2, unbiased=False).mean()
 
 
@@ -109,8 +110,8 @@ def factor_spread(x_r: torch.Tensor, luma: torch.Tensor, eps: float = 1e-6) -> t
 
     Unlike factor_uniformity it leaves a map that follows the scene's illumination alone (less
     brightening where the scene is bright) and penalises only what varies with texture and
-    noise: the published checkpoint's maps on LOL follow luminance (correlation 0.79) with a
-    residual spread ~2.4x smaller than our scale-12 runs' (docs/model-card.md)."""
+    noise, which is what separates our maps from the published checkpoint's, whose follow
+    luminance (docs/experiments/training-runs.md, finding 10)."""
     x = x_r.flatten(2)
     l = luma.flatten(2).to(x.dtype)
     xc, lc = x - x.mean(2, keepdim=True), l - l.mean(2, keepdim=True)

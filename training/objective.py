@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from model.rie import rie
 
 from . import losses
+from .options import option
 
 # Eq. 3 weights. paper: lambda = 1 for every term but lambda_sem = 0.1 (Sec. 4.1);
 # code: the published training script's weights (1 / 5 / 10 / 1600 / 0.1).
@@ -22,33 +23,46 @@ DEFAULT_WEIGHTS = {
 }
 
 LEVEL_ON = ("image", "mean-map")  # what the "level" term measures (Objective.level_on)
+TV_ON = ("efe", "full", "image")  # what L_tv smooths (Objective.tv_on)
 
 
 @dataclass
 class Objective:
-    variant: str = "code"           # "paper" or "code": the form of L_rgb, L_bri and L_tv
-    weights: dict | None = None     # per-term weight; 0 switches a term off
-    exposure: float = losses.BRI_E
-    spa_patch: int = losses.SPA_PATCH
-    bri_patch: int = losses.BRI_PATCH  # L_bri's patch side; larger asks for exposure over a
-                                       # wider area and leaves local contrast to the image
-    sem_size: int | None = None     # USS sees the enhanced image resized to this (None: as is)
-    sem_batch: int | None = None    # USS sees only the first K images of a batch (None: all)
-    tv_on: str | None = None        # "efe": x_r as EFE outputs it, "full": x_r upsampled to the
-                                    # image, "image": Y. Default: "efe" (code), "image" (paper)
-    bri_form: str | None = None     # L_bri's distance, "l1", "l2", "l3" or "log" (ours).
-                                    # Default: "l1" (paper), "l2" (code)
-    level_exposure: float | None = None  # E of the "level" term (None: `exposure`)
-    level_on: str = "image"         # what the "level" term measures: "image", Y; "mean-map", the
-                                    # input enhanced by each channel's mean of x_r (moves the
-                                    # map's level only, leaving its structure to the other terms)
+    """The loss; `sgz train` has one option per field (training/options.py), `--w-TERM` for
+    each weight."""
+    variant: str = option("code", "the paper's loss forms and weights or the published code's "
+                          "(the form of L_rgb, L_bri and L_tv)", flag="loss",
+                          choices=tuple(DEFAULT_WEIGHTS))
+    weights: dict | None = option(None, "per-term weight over the variant's; 0 switches a term "
+                                  "off", cli=False)
+    exposure: float = option(losses.BRI_E, "E of L_bri (Table 3: 0.6)")
+    spa_patch: int = option(losses.SPA_PATCH, "pooling of L_spa (Table 3: 4)")
+    # larger asks for exposure over a wider area and leaves local contrast to the image
+    bri_patch: int = option(losses.BRI_PATCH, "patch side of L_bri (Eq. 6: 16; the crop size: "
+                            "one exposure per crop)")
+    # ours, for training speed (the paper feeds USS the image as is); every logged run used 128
+    sem_size: int | None = option(128, "USS sees the enhanced image resized to this longer side "
+                                  "(0: as is)")
+    sem_batch: int | None = option(None, "USS sees only the first K images per batch (default: "
+                                   "all)")
+    tv_on: str | None = option(None, "what L_tv smooths: x_r at EFE's resolution, x_r upsampled, "
+                               "or Y (default: efe for --loss code, image for --loss paper)",
+                               choices=TV_ON)
+    bri_form: str | None = option(None, "L_bri's distance to E; l3, log: ours, steeper in the "
+                                  "distance (default: l1 for --loss paper, l2 for --loss code)",
+                                  choices=losses.BRI_FORMS)
+    level_exposure: float | None = option(None, "E of L_level, each image's mean luminance "
+                                          "(default: --exposure)")
+    # "mean-map" moves the map's level only, leaving its structure to the other terms
+    level_on: str = option("image", "L_level on Y, or on the input enhanced by x_r's per-image "
+                           "channel means", choices=LEVEL_ON)
 
     def __post_init__(self):
         if self.variant not in DEFAULT_WEIGHTS:
             raise ValueError(f"loss variant must be 'paper' or 'code', got {self.variant!r}")
         self.weights = {**DEFAULT_WEIGHTS[self.variant], **(self.weights or {})}
         self.tv_on = self.tv_on or ("efe" if self.variant == "code" else "image")
-        if self.tv_on not in ("efe", "full", "image"):
+        if self.tv_on not in TV_ON:
             raise ValueError(f"tv_on must be 'efe', 'full' or 'image', got {self.tv_on!r}")
         self.bri_form = self.bri_form or ("l2" if self.variant == "code" else "l1")
         if self.level_on not in LEVEL_ON:
@@ -73,9 +87,8 @@ class Objective:
             terms["bri"] = losses.brightness(y, self.exposure, self.bri_patch, self.bri_form)
         if w["level"]:
             e = self.exposure if self.level_exposure is None else self.level_exposure
-            # on Y a strong level term pushes x_r hardest where Y is mid-grey (finding 20); on
-            # the mean map every pixel of x_r gets the same push, which alone did not keep the
-            # map's structure either (finding 22: EFE can only set a level through local cues)
+            # on Y a strong level term pushes x_r hardest where Y is mid-grey; on the mean map
+            # every pixel of x_r gets the same push (docs/experiments/training-runs.md, 20-22)
             y_level = y
             if self.level_on == "mean-map":
                 y_level = rie(x, x_r_efe.mean((2, 3), keepdim=True))
@@ -89,8 +102,8 @@ class Objective:
         if w["uni"]:
             terms["uni"] = losses.factor_uniformity(x_r_efe)
         if w["smooth"]:
-            # blurring x_r at EFE's resolution after training raised LOL SSIM (model card):
-            # its neighbour-scale structure is texture and noise, not illumination
+            # x_r's neighbour-scale structure is texture and noise, not illumination
+            # (docs/experiments/training-runs.md, finding 10)
             terms["smooth"] = losses.total_variation(x_r_efe)
         if w["spread"]:
             luma = F.adaptive_avg_pool2d(x.mean(1, keepdim=True), x_r_efe.shape[-2:])

@@ -1,9 +1,10 @@
 """`sgz train`: optimise EFE with the SGZ objective on a folder of unpaired images."""
 import json
 import math
+import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -12,39 +13,53 @@ from tqdm import tqdm
 from model import EFE, load_checkpoint, save_checkpoint
 from model.rie import STEPS, downscale, rie, upsample_factor
 
+from .cli import train_command
 from .data import CropDataset, make_loader
 from .objective import Objective
+from .options import option
 
 
 LR_SCHEDULES = ("constant", "cosine")
+USS_BACKBONES = ("efficientnet-lite0", "resnet50")
 
 
 @dataclass
 class TrainConfig:
-    data: str = "../shared/data/train"
-    out: str = "runs/sgz"
-    crop: int = 512                 # paper: 512x512 training images
-    batch_size: int = 6             # paper Sec. 4.1
-    lr: float = 1e-4                # paper Sec. 4.1 (Adam)
-    lr_schedule: str = "constant"   # or "cosine": lr * (1 + cos(pi * step / total)) / 2
-    weight_decay: float = 1e-4      # published code
-    grad_clip: float = 0.1          # paper Sec. 4.1: gradient-norm clip 0.1
-    init_std: float = 0.02          # paper Sec. 4.1: EFE init N(0, 0.02)
-    epochs: int = 100               # paper Sec. 4.1
-    max_steps: int | None = None
-    scale_factor: int = 12          # EFE downscale while training (published code: 1)
-    infer_scale_factor: int = 12    # written into the checkpoint for inference
-    seed: int = 0
-    workers: int = 2
-    device: str | None = None
-    amp: bool = False
-    checkpoint_every: int = 100
-    keep_snapshots: bool = False    # also keep OUT/snapshots/efe-STEP.pt at every checkpoint
-    init: str | None = None         # start EFE from this checkpoint instead of N(0, init_std)
-    efe_level: bool = False         # ours: EFE's per-image level gain (model/efe.py)
-    objective: dict = field(default_factory=dict)  # Objective(**objective)
-    uss_backbone: str = "efficientnet-lite0"
-    uss_weights: str | None = None
+    """Everything a run depends on; `sgz train` has one option per field (training/options.py)
+    and writes this, as given, into the checkpoint's recipe."""
+    data: str = option("../shared/data/train", "folder of training images")
+    out: str = option("runs/sgz", "run folder: efe.pt, state.pt, log.jsonl")
+    crop: int = option(512, "side of the random square training crops (paper: 512)")
+    batch_size: int = option(6, "crops per step (paper Sec. 4.1: 6)")
+    lr: float = option(1e-4, "Adam learning rate (paper Sec. 4.1: 1e-4)")
+    lr_schedule: str = option("constant", "cosine: lr * (1 + cos(pi * step / total)) / 2, "
+                              "decaying to 0 over the run (--max-steps or --epochs)",
+                              choices=LR_SCHEDULES)
+    weight_decay: float = option(1e-4, "Adam weight decay (published code: 1e-4)")
+    grad_clip: float = option(0.1, "gradient-norm clip (paper Sec. 4.1: 0.1)")
+    init_std: float = option(0.02, "std of EFE's normal init (paper Sec. 4.1: 0.02)")
+    epochs: int = option(100, "passes over the data (paper Sec. 4.1: 100)")
+    max_steps: int | None = option(None, "stop after this many steps (default: --epochs)")
+    scale_factor: int = option(12, "EFE downscale factor while training (published code: 1)")
+    infer_scale_factor: int = option(12, "EFE downscale factor written into the checkpoint "
+                                     "for inference")
+    seed: int = option(0, "seed of the init, the crops and their order")
+    workers: int = option(2, "data loader processes")
+    device: str | None = option(None, "cpu or cuda (default: cuda if available)")
+    amp: bool = option(False, "bf16 mixed precision (for cuda)")
+    checkpoint_every: int = option(100, "write efe.pt and state.pt every N steps")
+    keep_snapshots: bool = option(False, "also keep OUT/snapshots/efe-STEP.pt at every "
+                                  "checkpoint")
+    init: str | None = option(None, "start EFE from this checkpoint (fine-tuning) instead of "
+                              "N(0, --init-std)", metavar="CHECKPOINT")
+    efe_level: bool = option(False, "ours: give EFE a per-image level gain set by the image's "
+                             "mean brightness (2 parameters, model/efe.py)")
+    objective: dict = option(help="Objective(**objective); its own options",
+                             default_factory=dict, cli=False)
+    uss_backbone: str = option("efficientnet-lite0", "USS's ImageNet backbone",
+                               choices=USS_BACKBONES)
+    uss_weights: str | None = option(None, "ImageNet weights for resnet50 (torchvision "
+                                     "format file)")
 
 
 def forward(efe: EFE, x: torch.Tensor, scale_factor: int):
@@ -77,8 +92,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         if "level" in init and not cfg.efe_level:
             raise ValueError(f"--init {cfg.init} has the level gain: train it with --efe-level")
         efe.load_state_dict(init)
-    # channels-last: oneDNN's depthwise convolutions (forward and backward) ran ~3x faster on
-    # NHWC maps (a scale-1 step of 6 crops of 512 px: 15-20 s -> 6 s on 2 cores), cuDNN's too
+    # channels-last: oneDNN's and cuDNN's depthwise convolutions are faster on NHWC maps
+    # (docs/training.md, "Training speed")
     efe.to(device, memory_format=torch.channels_last)
     opt = torch.optim.Adam(efe.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     dataset = CropDataset(cfg.data, cfg.crop, cfg.seed)
@@ -145,16 +160,29 @@ def _truncate_log(path: Path, step: int) -> None:
         path.write_text("".join(ln + "\n" for ln in keep))
 
 
+def recipe_of(cfg: TrainConfig, step: int, elapsed: float, device) -> dict:
+    """What a checkpoint records of its run: the only writer of `Checkpoint.recipe`."""
+    return {"config": asdict(cfg), "command": train_command(cfg), "steps_done": step,
+            "wall_time_s": round(elapsed, 1), "device": str(device), "machine": _machine(device),
+            "torch": torch.__version__}
+
+
+def _machine(device) -> str:
+    """e.g. "x86_64, 2 CPUs" or "x86_64, 16 CPUs, NVIDIA H200": what the wall time was on."""
+    parts = [platform.machine(), f"{os.cpu_count()} CPUs"]
+    if torch.device(device).type == "cuda":
+        parts.append(torch.cuda.get_device_name(torch.device(device)))
+    return ", ".join(parts)
+
+
 def _save(out: Path, cfg: TrainConfig, efe, opt, step: int, elapsed: float, device) -> None:
     tmp = out / "state.pt.tmp"
     torch.save({"efe": efe.state_dict(), "optimizer": opt.state_dict(), "step": step,
                 "elapsed_s": elapsed}, tmp)
     tmp.replace(out / "state.pt")
-    recipe = {"config": asdict(cfg), "steps_done": step, "wall_time_s": round(elapsed, 1),
-              "device": str(device), "machine": f"{platform.machine()} {platform.processor()}",
-              "torch": torch.__version__}
+    recipe = recipe_of(cfg, step, elapsed, device)
     save_checkpoint(out / "efe.pt", efe, cfg.infer_scale_factor, STEPS, recipe)
-    if cfg.keep_snapshots:  # for choosing a step afterwards (the model card's ablations)
+    if cfg.keep_snapshots:  # for choosing a step afterwards (docs/experiments/training-runs.md)
         (out / "snapshots").mkdir(exist_ok=True)
         save_checkpoint(out / "snapshots" / f"efe-{step:06d}.pt", efe, cfg.infer_scale_factor,
                         STEPS, recipe)
