@@ -12,7 +12,8 @@ batches grow on their own.
 - One worker thread runs every batch: the event loop never blocks on the model, and one
   thread owns the device.
 - The queue is bounded: `submit` raises QueueFull at once when `max_queue_size` jobs wait.
-- A job whose deadline passes while queued is withdrawn and never computed (DeadlineExceeded).
+- At its deadline a job's caller gets DeadlineExceeded: a queued job is withdrawn and never
+  computed; one whose batch is running is computed with it and its result dropped.
 - A job whose client has gone (`is_disconnected()`) is dropped before its batch runs.
 - An exception while running a batch fails that batch's jobs only (BatchFailed); the loop goes
   on. Anything else going wrong in the loop fails the jobs at hand, never the loop.

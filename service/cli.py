@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def serve(args: argparse.Namespace) -> int:
     from model import CheckpointError, load_model
 
-    from . import server
+    from . import logs, server, tracing
     from .app import create_app
     from .settings import Settings, unknown_variables
 
@@ -37,16 +37,23 @@ def serve(args: argparse.Namespace) -> int:
         print(f"sgz serve: invalid setting: {problems}", file=sys.stderr)
         return 2
     level = "DEBUG" if settings.log_level == "trace" else settings.log_level.upper()
-    logging.basicConfig(level=level,
-                        format="%(levelname)s:     %(name)s: %(message)s")
+    logs.configure(settings.log_format, level)
     if unknown := unknown_variables():  # a typo in a name would otherwise go unnoticed
         logging.getLogger("sgz.service").warning(
             "ignoring unknown environment variables: %s", ", ".join(unknown))
+    try:
+        tracing.install(tracing.from_environment(), tracing.wanted())  # OTEL_* variables
+    except ValueError as e:
+        print(f"sgz serve: cannot trace: {e}", file=sys.stderr)
+        return 2
     # Loaded here, before the server starts, so that a missing or broken checkpoint ends the
     # command with one clear line instead of a lifespan traceback.
     try:
-        enhancer = load_model(settings.checkpoint, settings.device)
+        enhancer = load_model(settings.checkpoint, device=settings.device)
     except (CheckpointError, ValueError, RuntimeError, OSError) as e:
         print(f"sgz serve: cannot load the model: {e}", file=sys.stderr)
         return 2
-    return server.run(create_app(settings, enhancer=enhancer), settings)
+    try:
+        return server.run(create_app(settings, enhancer=enhancer), settings)
+    finally:
+        tracing.shutdown()  # export the spans still buffered

@@ -18,6 +18,7 @@ class Work:
     task: str = ENHANCE    # FACTOR: only the factor map, no RIE
     denoise: float = DENOISE
     exposure: float | str | None = "auto"  # as Enhancer.enhance takes it
+    trace: object = None  # the request's span context: the batch span links to it (tracing.py)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -45,7 +46,7 @@ def stack(images: list[torch.Tensor]) -> torch.Tensor:
     is (a copy would page-fault a fresh buffer). `torch.cat` would not do: it reads a
     (1, 3, H, W) channels-last tensor's degenerate batch stride as planar and answers planar,
     so each image was transposed on the way in and its answer again before the JPEG encode
-    (under load at 8 clients, 8% and 11% of the server's py-spy samples, docs/performance.md)."""
+    (docs/performance.md, "A batch stays channels-last")."""
     if len(images) == 1:
         return images[0]
     return torch.cat([i.permute(0, 2, 3, 1) for i in images]).permute(0, 3, 1, 2)

@@ -2,8 +2,8 @@
 
 A burst of large images leaves glibc's heaps full of freed blocks: buffers of a few MB each,
 under the mmap threshold (which glibc raises as large blocks come and go), that `free` keeps for
-the next burst. RSS then stays at the burst's peak for good (measured: 420 MB fresh, 770 MB
-after 4K bursts, for ever). Once no batch has run for `idle_s`, `Trimmer` calls glibc's
+the next burst. RSS then stays at the burst's peak for good (docs/service.md, "Memory, and a
+soak"). Once no batch has run for `idle_s`, `Trimmer` calls glibc's
 `malloc_trim(0)`, which returns every free page of every heap to the kernel; the next burst
 page-faults its buffers in again, a cost paid once per burst, not per request.
 """

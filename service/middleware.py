@@ -11,6 +11,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from . import logs
 from .errors import error_response
 from .metrics import Metrics
 
@@ -20,8 +21,9 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
 class ServiceMiddleware:
     def __init__(self, app: ASGIApp, metrics: Metrics, routes: list[BaseRoute],
-                 api_key: str | None = None):
+                 api_key: str | None = None, log_requests: bool = False):
         self.app = app
+        self.log_requests = log_requests  # one JSON line per request (service/logs.py)
         self.metrics = metrics
         self.routes = routes
         self.api_key = api_key.encode() if api_key else None
@@ -38,12 +40,18 @@ class ServiceMiddleware:
         state["request_id"], state["arrival"] = request_id, time.monotonic()
         state["authorized"] = self.api_key is None or self._authorized(headers)
         status = 500  # what the client sees if the app raises before responding
+        error = None
+        seen = logs.observe(scope, request_id, self.log_requests)  # None: no JSON log, no trace
+        if seen is not None:
+            receive = seen.receive(receive)
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
                 MutableHeaders(scope=message)["X-Request-ID"] = request_id
+            if seen is not None:
+                seen.sent(message)
             await send(message)
 
         self.metrics.in_flight.inc()
@@ -56,11 +64,16 @@ class ServiceMiddleware:
                 await response(scope, receive, send_with_id)
             else:
                 await self.app(scope, receive, send_with_id)
+        except BaseException as e:
+            error = e
+            raise
         finally:
             self.metrics.in_flight.dec()
             endpoint = self._endpoint(scope)
             self.metrics.requests.labels(endpoint, str(status)).inc()
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+            if seen is not None:
+                seen.finish(scope, endpoint, status, time.perf_counter() - start, error)
 
     def _authorized(self, headers: Headers) -> bool:
         key = headers.get("x-api-key")

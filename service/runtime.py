@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from model import Enhancer
 from model.imageio import DecodedImage, ImageDecodeError, ImageTooLarge, decode_image
 
+from . import tracing
 from .batching import Batcher, QueueFull
 from .errors import ApiError
 from .factor_store import FactorStore
@@ -61,7 +62,8 @@ class Runtime:
         self.encode_pool = ThreadPoolExecutor(settings.io_threads, thread_name_prefix="sgz-encode",
                                               initializer=lower)
         self.batcher = Batcher(
-            partial(run_batch, enhancer), max_batch_size=settings.max_batch_size,
+            tracing.traced_batches(partial(run_batch, enhancer), enhancer.backend,
+                                   str(enhancer.device)), max_batch_size=settings.max_batch_size,
             max_batch_pixels=settings.max_batch_pixels, max_wait_s=settings.max_wait_ms / 1000,
             max_queue_size=settings.max_queue_size, on_batch=metrics.observe_batch,
             on_drop=lambda reason: metrics.dropped.labels(reason).inc(),
@@ -95,7 +97,8 @@ class Runtime:
                 return
             log.info("warm-up took %.2f s", time.perf_counter() - start)
         self.ready = True
-        log.info("ready: checkpoint %s on %s", self.enhancer.sha256[:12], self.enhancer.device)
+        log.info("ready: checkpoint %s on %s", self.enhancer.sha256[:12], self.enhancer.device,
+                 extra={"event": "ready"})
 
     async def close(self) -> None:
         """Cancel the video jobs, finish every queued request, then stop the threads."""
@@ -136,8 +139,9 @@ class Runtime:
             raise QueueFull("the queue is full")
         start = time.perf_counter()
         try:
-            decoded, tensor = await self.run_in(self.decode_pool, _decode, data,
-                                                 self.settings.max_pixels)
+            with tracing.span("decode", **{"sgz.image.bytes": len(data)}):
+                decoded, tensor = await self.run_in(self.decode_pool, _decode, data,
+                                                     self.settings.max_pixels)
         except ImageTooLarge as e:
             raise ApiError(413, "image_too_large", f"{e} (SGZ_MAX_PIXELS)") from None
         except ImageDecodeError as e:
@@ -155,17 +159,25 @@ class Runtime:
     async def infer(self, request, work: Work, timing: Timing) -> Output:
         arrival = request.state.arrival
         received = getattr(request.state, "received", arrival)
+        submitted = tracing.now_ns() if tracing.enabled() else 0
+        if submitted:  # the batch span links to this request's span
+            work = replace(work, trace=tracing.current_context())
         result = await self.batcher.submit(
             work, key=work.key, pixels=work.pixels, arrival=arrival,
             deadline=received + self.settings.request_timeout_s,
             is_disconnected=partial(client_gone, request))
         timing.queue, timing.inference = result.queue_s, result.inference_s
+        if submitted:
+            tracing.record("queue", submitted, result.queue_s)
+            tracing.record("inference", submitted + int(result.queue_s * 1e9),
+                           result.inference_s, **{"sgz.batch.size": result.batch_size})
         self.metrics.queue_wait.observe(result.queue_s)
         return result.value
 
     async def encode(self, fn, *args, timing: Timing) -> bytes:
         start = time.perf_counter()
-        body = await self.run_in(self.encode_pool, fn, *args)
+        with tracing.span("encode"):
+            body = await self.run_in(self.encode_pool, fn, *args)
         timing.encode = time.perf_counter() - start
         self.metrics.encode.observe(timing.encode)
         return body
@@ -175,8 +187,8 @@ def lower_priority(nice: int) -> None:
     """Run the calling thread at a lower CPU priority (Linux: nice is per thread; threads it
     starts, such as numba's pool, inherit it). The CPU-heavy threads (decode, model, encode)
     get it so that the event loop, which accepts connections and reads requests, is never
-    starved by them: at 64 concurrent clients on 2 cores, p99 latency ~3.9 s -> 1.6-2.5 s,
-    because requests no longer wait seconds before uvicorn reads them (docs/performance.md).
+    starved by them: under heavy load requests otherwise wait seconds before uvicorn reads them
+    (docs/performance.md, "Worker threads below the event loop").
     Elsewhere, or if refused, the thread keeps its priority."""
     if nice <= 0 or not sys.platform.startswith("linux"):
         return

@@ -20,6 +20,7 @@ import uvicorn
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from . import logs
 from .errors import error_response
 from .protocol import MAX_LINGERING, ConnectionState, GuardedH11Protocol, Limits
 from .security import API_CSP, HEADERS
@@ -95,7 +96,8 @@ class Server(uvicorn.Server):
             if not self.drain_logged:
                 self.drain_logged = True
                 log.info("draining: new requests get 503 for at least %g s; %d in flight",
-                         self.grace_s, self.drain.active)
+                         self.grace_s, self.drain.active,
+                         extra={"event": "drain", "in_flight": self.drain.active})
             if (elapsed >= self.grace_s and self.drain.active == 0) or elapsed >= self.timeout_s:
                 # what is left of shutdown_timeout_s is uvicorn's wait for in-flight requests
                 self.config.timeout_graceful_shutdown = max(1, round(self.timeout_s - elapsed))
@@ -142,7 +144,8 @@ def run(app: ASGIApp, settings: Settings) -> int:
         port=settings.port, log_level=settings.log_level, http=GuardedH11Protocol, ws="none",
         timeout_keep_alive=settings.keepalive_timeout_s,
         timeout_graceful_shutdown=settings.shutdown_timeout_s,
-        server_header=False, h11_max_incomplete_event_size=MAX_HEADER_BYTES)
+        server_header=False, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        **logs.uvicorn_options(settings.log_format))
     server = Server(config, limits(settings, raise_fd_limit()), drain,
                     grace_s=settings.shutdown_grace_s, timeout_s=settings.shutdown_timeout_s)
     try:

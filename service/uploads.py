@@ -161,8 +161,7 @@ async def _read(request: Request, max_bytes: int) -> bytes:
 
 async def client_gone(request: Request) -> bool:
     """`request.is_disconnected()` without its anyio cancel scope, which formats the task's
-    repr on every call (with two calls per request, ~6% of the service's Python time at 8
-    concurrent clients in a development profile).
+    repr on every call (docs/performance.md, "A cheaper disconnect check").
 
     Steps the ASGI receive() once, as that scope does: a message that is there already comes
     back at once; otherwise receive() suspends and is closed right there, as the cancelled
