@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from .http_cases import enhance_kwargs, parse_cases
 
 SIZES = "600x400,1200x900,1920x1080,3840x2160"
 VIDEO_SIZES = "1280x720,1920x1080"
@@ -52,7 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="seconds per cell after which repeats stop (at least 3 are made)")
     p.add_argument("--threads", type=int, help="torch (and fast path) threads; default: torch's")
     g = p.add_argument_group("HTTP")
-    g.add_argument("--servers", default="sgz,naive,litserve")
+    g.add_argument("--servers", default="sgz,naive,litserve",
+                   help="sgz, naive, litserve, and sgz@REV: our service at git revision REV "
+                        "(a before/after comparison in the same run)")
     g.add_argument("--concurrency", default="1,8,32,64")
     g.add_argument("--duration", type=float, default=6.0,
                    help="seconds of load per server, level and round")
@@ -86,6 +87,9 @@ def _size(text: str) -> tuple[int, int]:
 def bench(args: argparse.Namespace) -> int:
     from model import DEFAULT_CHECKPOINT
 
+    from .http_bench import SERVERS
+    from .http_cases import enhance_kwargs, parse_cases
+
     checkpoint = args.checkpoint or (str(DEFAULT_CHECKPOINT) if DEFAULT_CHECKPOINT.is_file() else None)
     if checkpoint is None or not Path(checkpoint).is_file():
         print(f"sgz bench: checkpoint {checkpoint or DEFAULT_CHECKPOINT} not found; "
@@ -105,9 +109,10 @@ def bench(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"sgz bench: bad argument: {e}", file=sys.stderr)
         return 2
-    unknown = (parts - set(PARTS)) | (set(paths) - set(PATHS))
+    servers = {s.partition("@")[0] for s in _list(args.servers)}
+    unknown = (parts - set(PARTS)) | (set(paths) - set(PATHS)) | (servers - set(SERVERS))
     if unknown:
-        print(f"sgz bench: unknown part or path {sorted(unknown)}", file=sys.stderr)
+        print(f"sgz bench: unknown part, path or server {sorted(unknown)}", file=sys.stderr)
         return 2
     if "video" in parts and any(w % 2 or h % 2 for w, h in video_sizes):
         print("sgz bench: --video-sizes must be even (H.264 in yuv420p)", file=sys.stderr)

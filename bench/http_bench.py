@@ -36,6 +36,7 @@ import psutil
 
 from .http_cases import Case, coding_floor, write_case
 
+ROOT = Path(__file__).resolve().parents[1]
 SERVERS = {
     "sgz": (["-m", "model.cli", "serve"], "/readyz"),
     "naive": (["-m", "bench.naive_server"], "/readyz"),
@@ -86,23 +87,35 @@ class RssSampler:
         self._thread.join()
 
 
+def checkout(rev: str, folder: Path) -> Path:
+    """This repository at `rev` (a commit, tag or branch) as a detached git worktree."""
+    r = subprocess.run(["git", "worktree", "add", "--detach", "--force", str(folder), rev],
+                       cwd=ROOT, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"cannot check out {rev!r}: {r.stderr.strip()}")
+    return folder
+
+
 class ServerProcess:
     """One server (`kind` in SERVERS) as a subprocess on a free port, its output in
-    `log_dir/KIND.log`; `env` is added to this process's environment."""
+    `log_dir/KIND.log`; `env` is added to this process's environment. `sgz@REV` is our
+    service as it was at git revision REV (before/after comparisons in one run)."""
 
     def __init__(self, kind: str, checkpoint: str, log_dir: Path,
                  env: dict[str, str] | None = None, device: str = "cpu",
                  extra_args: tuple[str, ...] = ()):
-        args, self.ready_path = SERVERS[kind]
+        base, _, rev = kind.partition("@")
+        args, self.ready_path = SERVERS[base]
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = Path(log_dir) / f"{kind}.log"
+        self.log_path = Path(log_dir) / f"{kind.replace('@', '-')}.log"
         self._log = open(self.log_path, "w")
+        # `python -m` puts the working directory first on sys.path: the worktree's code runs
+        self.tree = checkout(rev, Path(log_dir) / f"rev-{rev}") if rev else None
         cmd = [sys.executable, *args, "--port", str(self.port), "--checkpoint", str(checkpoint),
                "--device", device, *extra_args]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     cwd=Path(__file__).resolve().parents[1],
-                                     env={**os.environ, **(env or {})})
+                                     cwd=self.tree or ROOT, env={**os.environ, **(env or {})})
 
     def log(self) -> str:
         self._log.flush()
@@ -169,6 +182,9 @@ class ServerProcess:
             except psutil.Error:
                 pass
         self._log.close()
+        if self.tree is not None:
+            subprocess.run(["git", "worktree", "remove", "--force", str(self.tree)], cwd=ROOT,
+                           capture_output=True)
 
 
 def load(url: str, images: Path, concurrency: int, duration: float) -> dict:
@@ -176,7 +192,7 @@ def load(url: str, images: Path, concurrency: int, duration: float) -> dict:
     cmd = [sys.executable, "-m", "bench.load_client", "--url", url, "--images", str(images),
            "--concurrency", str(concurrency), "--duration", str(duration)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                         cwd=Path(__file__).resolve().parents[1], timeout=duration + 600)
+                         cwd=ROOT, timeout=duration + 600)
     if out.returncode != 0:
         raise RuntimeError(f"load client failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout)
@@ -236,9 +252,15 @@ def _start(servers, checkpoint, tmp: Path, device: str, ready_timeout: float, re
         entry = {"server": kind, "rss_peak": 0}
         results["servers"].append(entry)
         # sgz serve reads the query from each request; the baselines are told it at start-up
-        extra = ("--query", query) if kind != "sgz" and query else ()
-        server = ServerProcess(kind, checkpoint, tmp, device=device, extra_args=extra)
-        server.query = query
+        ours = kind.partition("@")[0] == "sgz"
+        extra = ("--query", query) if not ours and query else ()
+        try:
+            server = ServerProcess(kind, checkpoint, tmp, device=device, extra_args=extra)
+        except RuntimeError as e:  # a revision that cannot be checked out
+            entry["error"] = str(e)
+            log(f"  {kind}: {e}")
+            continue
+        server.query = query if ours else ""
         running[kind] = server
         try:
             entry["startup_s"] = server.wait_ready(ready_timeout)
@@ -257,7 +279,7 @@ def _turn(server: ServerProcess, entry: dict, case: dict, images: Path, c: int,
     server.resume()
     try:
         with RssSampler(server.proc.pid) as rss:
-            query = f"?{server.query}" if server.query and entry["server"] == "sgz" else ""
+            query = f"?{server.query}" if server.query else ""
             level = load(server.url + "/enhance" + query, images, c, duration)
         entry["rss_peak"] = max(entry["rss_peak"], rss.peak)
         case["turns"][entry["server"]][c].append(level)

@@ -169,3 +169,11 @@ def test_video_bench_smoke(tmp_path):
 def test_video_bench_refuses_odd_sizes():
     r = sgz_bench("--parts", "video", "--video-sizes", "161x96")
     assert r.returncode == 2 and "even" in r.stderr
+
+
+def test_unknown_server_or_revision_is_refused(tmp_path):
+    r = sgz_bench("--parts", "http", "--servers", "sgz,tgi")
+    assert r.returncode == 2 and "tgi" in r.stderr
+    r = sgz_bench("--parts", "http", "--servers", "sgz@no-such-revision", "--concurrency", "1",
+                  "--duration", "1", "--rounds", "1", "--cases", "jpeg:small")
+    assert "cannot check out 'no-such-revision'" in r.stdout, r.stdout + r.stderr
