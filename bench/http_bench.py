@@ -6,7 +6,8 @@
 
 each its own process on this machine, loaded by the same client (bench/load_client.py,
 another process) with the same files: JPEG or PNG, answered in the same format, at fixed sizes or
-the shared photos as they are (bench/http_cases.py, which also measures each case's coding floor). The servers run the same `load_model(checkpoint)`
+the shared photos as they are (bench/http_cases.py, which also measures each case's coding
+floor). The servers run the same `load_model(checkpoint)`
 enhancer and the same image I/O functions; only the serving around them differs.
 
 All servers are started first; while one is measured, the others are paused (SIGSTOP to their
@@ -208,7 +209,7 @@ def run_http_bench(checkpoint: str, shared: Path, servers, concurrencies, durati
     results = {"rounds": rounds, "device": device, "query": query, "servers": [], "cases": []}
     with tempfile.TemporaryDirectory(prefix="sgz-bench-") as tmp:
         tmp = Path(tmp)
-        enhancer = load_model(checkpoint, device)
+        enhancer = load_model(checkpoint, device=device)
         for i, case in enumerate(cases):
             folder = tmp / f"case{i}"
             entry = {"case": case.name, "images": write_case(shared, case, folder),

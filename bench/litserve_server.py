@@ -28,7 +28,7 @@ class EnhanceAPI(ls.LitAPI):
         self.kwargs = enhance_kwargs(query)  # the same work as sgz serve's /enhance?QUERY
 
     def setup(self, device):  # "cpu", or "cuda:0" when started with --device cuda
-        self.enhancer = load_model(self.checkpoint, device)
+        self.enhancer = load_model(self.checkpoint, device=device)
         self.enhancer.warmup()
 
     def decode_request(self, request: Request):

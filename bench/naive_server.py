@@ -19,7 +19,7 @@ def create_app(checkpoint: str, device: str = "cpu", query: str = "") -> FastAPI
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.enhancer = load_model(checkpoint, device)
+        app.state.enhancer = load_model(checkpoint, device=device)
         app.state.enhancer.warmup()
         yield
 

@@ -15,13 +15,11 @@ from pathlib import Path
 
 import torch
 
-from .efe import EFE, FEATURES
+from .efe import EFE, FEATURES, EFEConfig
 from .rie import STEPS
 
 FORMAT = "sgz-serve-checkpoint"
 VERSION = 1
-ARCH = {"name": "efe", "blocks": 7, "features": FEATURES}
-LEVEL_ARCH = {**ARCH, "level": True}  # EFE(level=True): the paper's EFE and our level gain
 PUBLISHED_SCALE_FACTOR = 12  # the published inference code's EFE downscale factor
 DEFAULT_CHECKPOINT = Path(__file__).parent / "weights" / "sgz-default.pt"
 
@@ -38,6 +36,11 @@ class Checkpoint:
     recipe: dict = field(default_factory=dict)
     source: str = "sgz-serve"  # "sgz-serve" or "published" (a raw state dict)
     path: str | None = None
+    efe: EFEConfig | None = None  # None: inferred from the weights (`efe_config`)
+
+    def __post_init__(self):
+        if self.efe is None:
+            self.efe = efe_config(None, self.state_dict, self.path)
 
     @cached_property
     def sha256(self) -> str:
@@ -46,8 +49,33 @@ class Checkpoint:
 
     @property
     def level(self) -> bool:
-        """Whether the weights include our level gain (model/efe.py): EFE(level=...)."""
-        return "level" in self.state_dict
+        """Whether the network has our level gain (model/efe.py): EFE(level=...)."""
+        return self.efe.level
+
+
+def efe_config(arch: dict | None, state_dict: dict, path=None) -> EFEConfig:
+    """The EFE architecture of a checkpoint, the one place it is decided.
+
+    Our files carry it in "arch" (`EFEConfig.to_dict()`; files from before EFEConfig hold
+    {"name", "blocks", "features"} plus "level": True with the level gain, which reads the
+    same, a missing "level" being False). A published raw state dict has no "arch": it is
+    inferred from the weights, as it always was: the level gain when they hold a "level"
+    tensor, the feature count from e_conv1's pointwise output channels. CheckpointError when
+    the stored architecture is not one this build runs or disagrees with the weights."""
+    if arch is None:
+        pw = state_dict.get("e_conv1.point_conv.weight")
+        features = int(pw.shape[0]) if isinstance(pw, torch.Tensor) and pw.dim() else FEATURES
+        return EFEConfig(features=features, level="level" in state_dict)
+    try:
+        config = EFEConfig.from_dict(arch)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path}: architecture {arch!r} is not one this build "
+                              f"runs ({e})") from None
+    if config.level != ("level" in state_dict):
+        raise CheckpointError(f"checkpoint {path}: architecture {arch!r} does not match its "
+                              f"weights (level gain "
+                              f"{'present' if 'level' in state_dict else 'absent'})")
+    return config
 
 
 def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
@@ -72,7 +100,7 @@ def save_checkpoint(path: str | Path, efe: EFE, scale_factor: int, steps: int = 
     digest = state_dict_sha256(state_dict)
     payload = {
         "format": FORMAT, "version": VERSION,
-        "arch": dict(LEVEL_ARCH if efe.level is not None else ARCH),
+        "arch": efe.config.to_dict(),
         "scale_factor": int(scale_factor), "steps": int(steps),
         "recipe": recipe, "sha256": digest, "state_dict": state_dict,
     }
@@ -101,7 +129,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     else:
         raise CheckpointError(f"checkpoint {path}: neither an sgz-serve checkpoint nor a raw "
                               f"EFE state dict (keys: {[str(k) for k in obj][:6]})")
-    check_state_dict(ckpt.state_dict, path)
+    check_state_dict(ckpt.state_dict, path, ckpt.efe)
     return ckpt
 
 
@@ -131,16 +159,11 @@ def _from_ours(obj: dict, path: Path) -> Checkpoint:
     if obj.get("version") != VERSION:
         raise CheckpointError(f"checkpoint {path}: format version {obj.get('version')!r}, "
                               f"this build reads version {VERSION}")
-    if obj.get("arch") not in (ARCH, LEVEL_ARCH):
-        raise CheckpointError(f"checkpoint {path}: architecture {obj.get('arch')!r}, "
-                              f"this build runs {ARCH} or {LEVEL_ARCH}")
     state_dict = obj.get("state_dict")
     if not isinstance(state_dict, dict) or not all(
             isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise CheckpointError(f"checkpoint {path}: missing state_dict, or it holds non-tensors")
-    if ("level" in state_dict) != (obj["arch"] == LEVEL_ARCH):
-        raise CheckpointError(f"checkpoint {path}: architecture {obj['arch']!r} does not match "
-                              f"its weights (level gain {'present' if 'level' in state_dict else 'absent'})")
+    config = efe_config(obj.get("arch") or {}, state_dict, path)
     for name in ("scale_factor", "steps"):
         value = obj.get(name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -157,11 +180,11 @@ def _from_ours(obj: dict, path: Path) -> Checkpoint:
                               f"the file is corrupt or was edited")
     return Checkpoint(state_dict=state_dict, scale_factor=obj["scale_factor"],
                       steps=obj["steps"], recipe=dict(recipe), source="sgz-serve",
-                      path=str(path))
+                      path=str(path), efe=config)
 
 
-def check_state_dict(state_dict: dict, path) -> None:
-    expected = EFE(level="level" in state_dict).state_dict()
+def check_state_dict(state_dict: dict, path, config: EFEConfig) -> None:
+    expected = EFE.from_config(config).state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     if missing or unexpected:

@@ -17,8 +17,8 @@ stage removes that noise where the curve put it and leaves the rest alone:
 
 It is a fast guided filter (He & Sun 2015): window statistics are summed per cell over the
 image's even rows, the filter's coefficients (a, b) computed and box-averaged at cell
-resolution, then upsampled bilinearly and applied per pixel, q = A p + B. The numba kernels
-(model/kernels_dn.py, kernels_guided.py) and the CUDA path (torch ops here, then
+resolution, then upsampled bilinearly and applied per pixel, q = A p + B. The numba backend's
+kernels (model/kernels_dn.py, kernels_guided.py) and the Triton backend (torch ops here, then
 triton_kernels.denoise_apply) compute exactly this; tests/test_denoise.py and
 tests/test_triton.py check them against this file.
 """
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .rie import STEPS
+from .rie import STEPS, to_uint8
 
 
 @dataclass(frozen=True)
@@ -203,7 +203,7 @@ def apply_coefficients(enhanced: torch.Tensor, coef: torch.Tensor, cell: int) ->
     q = A_B[:, 0::2] * _planes(enhanced) + A_B[:, 1::2]                 # L', (R-L)', (B-L)'
     L, u, v = q[:, :1], q[:, 1:2], q[:, 2:]
     out = torch.cat([L + u, L - u - v, L + v], 1)
-    return out.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
+    return to_uint8(out)
 
 
 def denoise(images: torch.Tensor, enhanced: torch.Tensor, r_low: torch.Tensor, strength: float,

@@ -10,7 +10,12 @@ its downscaled input, so it can only set a map's level from local brightness, an
 follows the scene then comes with a map that varies inside the image (model card, finding 22);
 the gain gives the level a global input. At zero it is the identity, so a published checkpoint
 is `level=False`, and `level=True` starts training where the paper's network does.
+
+`EFEConfig` is the architecture as data: checkpoints store it (model/checkpoint.py) and the
+network is rebuilt from it on load.
 """
+from dataclasses import asdict, dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,6 +24,37 @@ FEATURES = 32  # paper Sec. 3.1: 32 feature maps per block
 LEVEL_EPS = 1 / 255  # one grey level: a black frame's log-brightness stays finite
 LEVEL_REF = 0.5      # mid-grey: centres the log-brightness, so the gain's two parameters
                      # (log-gain at mid-grey, its slope) are not learned against each other
+
+
+@dataclass(frozen=True)
+class EFEConfig:
+    """EFE's architecture: what a checkpoint needs besides its weights to rebuild the network."""
+    features: int = FEATURES  # feature maps per block
+    level: bool = False       # our level gain (two more parameters)
+    blocks: int = 7           # paper Fig. 2; fixed: stored so that a file says what it holds
+
+    def __post_init__(self):
+        if isinstance(self.features, bool) or not isinstance(self.features, int) \
+                or self.features < 1:
+            raise ValueError(f"EFE features must be a positive integer, got {self.features!r}")
+        if not isinstance(self.level, bool):
+            raise ValueError(f"EFE level must be true or false, got {self.level!r}")
+        if self.blocks != 7:
+            raise ValueError(f"EFE has 7 blocks (paper Fig. 2), got {self.blocks!r}")
+
+    def to_dict(self) -> dict:
+        """As stored in a checkpoint's "arch" entry."""
+        return {"name": "efe", **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, arch: dict) -> "EFEConfig":
+        """From a checkpoint's "arch" entry; ValueError for anything else."""
+        if not isinstance(arch, dict) or arch.get("name") != "efe":
+            raise ValueError(f"not an EFE architecture: {arch!r}")
+        unknown = set(arch) - {"name", "features", "level", "blocks"}
+        if unknown:
+            raise ValueError(f"unknown EFE architecture fields {sorted(unknown)}")
+        return cls(**{k: v for k, v in arch.items() if k != "name"})
 
 
 def level_gain(mu: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
@@ -52,6 +88,7 @@ class DepthwiseSeparableConv(nn.Module):
 class EFE(nn.Module):
     def __init__(self, features: int = FEATURES, level: bool = False):
         super().__init__()
+        self.config = EFEConfig(features=features, level=level)
         f = features
         self.e_conv1 = DepthwiseSeparableConv(3, f)
         self.e_conv2 = DepthwiseSeparableConv(f, f)
@@ -62,6 +99,10 @@ class EFE(nn.Module):
         self.e_conv7 = DepthwiseSeparableConv(2 * f, 3)
         # (log-gain at mid-grey, slope of log-gain in log-brightness): zero is the identity
         self.level = nn.Parameter(torch.zeros(2)) if level else None
+
+    @classmethod
+    def from_config(cls, config: EFEConfig) -> "EFE":
+        return cls(features=config.features, level=config.level)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, 3, h, w) in [0, 1] -> x_r: (N, 3, h, w) in [-1, 1]."""

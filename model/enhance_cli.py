@@ -18,11 +18,12 @@ from typing import Callable, Iterable, Iterator
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError
-from .enhancer import DENOISE, MAX_DENOISE, check_options, load_model, parse_exposure
+from .enhancer import load_model
+from .enhance_options import add_quality_options, quality as _quality
 from .imageio import (FORMATS, IMAGE_SUFFIXES, DecodedImage, ImageDecodeError, ImageTooLarge,
                       decode_image, encode_image, factor_to_picture, tensor_to_rgb)
 from .rie import upsample_factor
-from . import video_cli
+from . import ray_enhance, video_cli
 
 IN_FLIGHT = 2  # images decoded ahead of the model, and encoded behind it
 EXIT_FAILED_FILES = 1
@@ -46,9 +47,10 @@ def register(subparsers) -> None:
         description="Brighten low-light images and videos with SGZ (EFE + RIE).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", metavar="INPUT", type=Path,
+    p.add_argument("inputs", nargs="+", metavar="INPUT", type=ray_enhance.path_or_uri,
                    help="image and video files and folders (walked recursively)")
-    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUTDIR",
+    p.add_argument("-o", "--output", required=True, type=ray_enhance.path_or_uri,
+                   metavar="OUTDIR",
                    help="folder for the enhanced images and videos (created if missing)")
     p.add_argument("--checkpoint", type=Path, default=None, metavar="PATH",
                    help="an sgz-serve checkpoint or a published raw state dict "
@@ -59,44 +61,12 @@ def register(subparsers) -> None:
                    help="output format (default png; jpeg drops alpha)")
     p.add_argument("--quality", type=_quality, default=90, metavar="1-100",
                    help="jpeg / webp quality (default 90)")
-    p.add_argument("--factor-dir", type=Path, default=None, metavar="DIR",
+    p.add_argument("--factor-dir", type=ray_enhance.path_or_uri, default=None, metavar="DIR",
                    help="also write each factor map x_r as a picture (darker = lower factor)")
     add_quality_options(p)
     video_cli.add_video_options(p)
+    ray_enhance.add_options(p)
     p.set_defaults(func=run)
-
-
-def add_quality_options(p: argparse.ArgumentParser) -> None:
-    """--denoise and --exposure, as `Enhancer.enhance` takes them (also used by `sgz eval`)."""
-    p.add_argument("--denoise", type=_denoise, default=DENOISE, metavar=f"0-{MAX_DENOISE:g}",
-                   help=f"noise removal: 0 = off, 1 = default, up to {MAX_DENOISE:g} = stronger")
-    p.add_argument("--exposure", type=_exposure, default="auto", metavar="auto|model|0.05-0.95",
-                   help="auto (default): lift images darker than mean 0.40 up to it; model: "
-                        "the model's own level; a number: the mean brightness to reach")
-
-
-def _denoise(text: str) -> float:
-    try:
-        d = float(text)
-        check_options(1.0, d, None)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"denoise must be a number in 0..{MAX_DENOISE:g}, "
-                                         f"got {text!r}") from e
-    return d
-
-
-def _exposure(text: str):
-    try:
-        return parse_exposure(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _quality(text: str) -> int:
-    q = int(text)
-    if not 1 <= q <= 100:
-        raise argparse.ArgumentTypeError(f"quality must be in 1..100, got {q}")
-    return q
 
 
 @dataclass
@@ -295,13 +265,15 @@ class Run:
 
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
+    if args.ray is not None or ray_enhance.has_uri(args):  # URIs: a usage error without --ray
+        return ray_enhance.run(args)
     try:
         video_cli.encoder_options(args)
     except ValueError as e:
         print(f"sgz enhance: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        enhancer = load_model(args.checkpoint, args.device)
+        enhancer = load_model(args.checkpoint, device=args.device)
     except (CheckpointError, ValueError) as e:
         print(f"sgz enhance: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,20 +1,22 @@
 """The public model API: `load_model()` and the `Enhancer` it returns.
 
 The CLI, the service and the benchmarks all go through `Enhancer.enhance` / `Enhancer.factor`.
-Images are uint8 (N, 3, H, W) tensors; outputs have exactly the input's size, and on the CPU
-fast path the input's memory layout too (channels-last in, channels-last out).
+Images are uint8 (N, 3, H, W) tensors; outputs have exactly the input's size, and on the numba
+and Triton backends the input's memory layout too (channels-last in, channels-last out). The
+arithmetic runs in one of the backends of model/backends/ (`load_model(backend=...)`).
 """
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
-from . import fast as fastpath
+from . import backends
 from .checkpoint import DEFAULT_CHECKPOINT, Checkpoint, CheckpointError, load_checkpoint
-from .denoise import DenoiseConfig, denoise as denoise_reference
+from .denoise import DenoiseConfig
 from .efe import EFE
 from .exposure import apply_exposure
-from .rie import downscale, rie, upsample_factor
+from .resample import upsample_factor
 
 # The defaults of `enhance` (chosen on lol-pairs and sice-real: docs/model-card.md, "Denoising
 # and exposure"). denoise: 0 = off, 1 = eps as tuned, more = stronger (up to MAX_DENOISE).
@@ -80,34 +82,33 @@ def check_images(images: torch.Tensor) -> None:
         raise ValueError(f"images must not be empty, got shape {tuple(images.shape)}")
 
 
-def to_uint8(y: torch.Tensor) -> torch.Tensor:
-    """round(255 * y) with y clamped to [0, 1]."""
-    return y.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
-
-
 class Enhancer:
-    """EFE + RIE on one device, inference only.
-
-    `fast=True` runs the fused path of model/fast.py (numba kernels on CPU, a Triton kernel on
-    CUDA, torch ops where neither is installed); `fast=False` the eager reference below, which
-    the fast path is tested against. `backend` forces one ("numba", "triton", "torch",
-    "eager"); `self.backend` names the one in use.
+    """EFE + RIE on one device, inference only, run by one backend (model/backends/):
+    `backend` is a name there or "auto" (numba on the CPU, Triton on CUDA, torch ops where
+    neither runs); `self.backend` names the one in use, `self.engine` is it.
     """
 
-    def __init__(self, checkpoint: Checkpoint, device: torch.device, fast: bool = True,
-                 backend: str | None = None):
+    def __init__(self, checkpoint: Checkpoint, device: torch.device, *, backend: str = "auto"):
         self.checkpoint = checkpoint
         self.device = device
         self.scale_factor = checkpoint.scale_factor
-        self.steps = checkpoint.steps
-        self.efe = EFE(level=checkpoint.level)
+        self.efe = EFE.from_config(checkpoint.efe)
         self.efe.load_state_dict(checkpoint.state_dict)
         self.efe.eval().requires_grad_(False).to(device)
-        self.fast = fast and backend != "eager"
-        self._fast = (fastpath.build(self.efe, device, self.scale_factor, self.steps, backend)
-                      if self.fast else None)
-        self.backend = self._fast.name if self.fast else "eager"
+        self.engine = backends.build(backend, self.efe, device, self.scale_factor,
+                                     checkpoint.steps)
+        self.backend = self.engine.name
         self.denoise_config = DenoiseConfig()
+
+    @property
+    def steps(self) -> int:
+        """RIE's step count, the checkpoint's; set (tests run other counts), the backend runs
+        it too (onnxruntime excepted: its graph is exported with the count)."""
+        return self.engine.steps
+
+    @steps.setter
+    def steps(self, value: int) -> None:
+        self.engine.steps = int(value)
 
     @property
     def sha256(self) -> str:
@@ -117,10 +118,7 @@ class Enhancer:
     def factor_lowres(self, images: torch.Tensor) -> torch.Tensor:
         """x_r at EFE's resolution: (N, 3, h, w) float32, h ~ H / scale_factor."""
         check_images(images)
-        if self._fast is not None:
-            return self._fast.factor_lowres(images.to(self.device))
-        x = images.to(self.device).float().div_(255)
-        return self.efe(downscale(x, self.scale_factor))
+        return self.engine.factor_lowres(images.to(self.device))
 
     @torch.inference_mode()
     def factor(self, images: torch.Tensor) -> torch.Tensor:
@@ -168,19 +166,11 @@ class Enhancer:
         """Upsample x_r, run the RIE steps and round to uint8, then denoise (strength
         `denoise`, 0 = off): the full-resolution part."""
         check_images(images)
-        if self._fast is not None:
-            return self._fast.apply_factor(images.to(self.device), r_low, float(denoise),
-                                           self.denoise_config)
-        x = images.to(self.device).float().div_(255)
-        r = upsample_factor(r_low.to(self.device), tuple(images.shape[-2:]))
-        out = to_uint8(rie(x, r, self.steps))
-        if denoise > 0:
-            out = denoise_reference(images.to(self.device), out, r_low.to(self.device),
-                                    float(denoise), self.denoise_config, self.steps)
-        return out
+        return self.engine.apply_factor(images.to(self.device), r_low, float(denoise),
+                                        self.denoise_config)
 
     def warmup(self) -> float:
-        """Compile (or load from numba's or Triton's on-disk cache) the fast path's kernels and
+        """Compile (or load from numba's or Triton's on-disk cache) the backend's kernels and
         initialise the backend (cuDNN, CUDA context) on a few tiny batches, so that the first
         request does not pay for it. Returns the seconds taken; call once at service start."""
         start = time.perf_counter()
@@ -198,21 +188,38 @@ class Enhancer:
         return time.perf_counter() - start
 
 
-def load_model(checkpoint: str | Path | None = None, device: str | torch.device | None = None,
-               fast: bool = True, backend: str | None = None) -> Enhancer:
+def load_model(checkpoint: str | Path | None = None, *, backend: str = "auto",
+               device: str | torch.device | None = None, fast: bool | None = None) -> Enhancer:
     """Load EFE+RIE for inference.
 
     checkpoint: a path to our checkpoint format or a published raw state dict; None loads the
-    project's own default checkpoint. device: None picks cuda when available, else cpu.
-    fast: the fused path of model/fast.py (benchmarked faster on CPU and CUDA: `sgz bench`);
-    False runs the eager reference. backend: force "numba", "triton", "torch" or "eager"
-    (None: the fastest one installed for the device), or "onnxruntime": the exported ONNX graph
-    under ONNX Runtime on the CPU (docs/export.md; the onnx extra).
+    project's own default checkpoint. backend: "auto" (the fastest one for the device: numba
+    on the CPU, triton on CUDA, torch where neither runs), or one of "eager" (the reference),
+    "torch", "numba", "triton", "onnxruntime" (model/backends/; `model.backends.
+    available_backends(device)` says which run here). device: None picks cuda when available,
+    else cpu. An unknown backend, or one that cannot run on the device, is a ValueError that
+    names the ones that can. fast: deprecated; fast=False means backend="eager".
     """
+    backend = _deprecated_fast(fast, backend)
     if checkpoint is None:
         if not DEFAULT_CHECKPOINT.is_file():
             raise CheckpointError(
                 f"the default checkpoint {DEFAULT_CHECKPOINT} is not in this build yet; "
                 "pass checkpoint=PATH (or --checkpoint PATH) to one you trained with `sgz train`")
         checkpoint = DEFAULT_CHECKPOINT
-    return Enhancer(load_checkpoint(checkpoint), resolve_device(device), fast=fast, backend=backend)
+    return Enhancer(load_checkpoint(checkpoint), resolve_device(device), backend=backend)
+
+
+def _deprecated_fast(fast: bool | None, backend: str) -> str:
+    """The backend the old `fast` flag asks for, with a DeprecationWarning; ValueError where it
+    contradicts `backend` (fast=False with a fused backend was once silently the eager one)."""
+    if fast is None:
+        return backend
+    warnings.warn("load_model(fast=...) is deprecated: use backend='eager' for the reference, "
+                  "backend='auto' (the default) for the fastest one", DeprecationWarning,
+                  stacklevel=3)
+    if fast or backend == "eager":
+        return backend
+    if backend != backends.AUTO:
+        raise ValueError(f"fast=False (the eager reference) contradicts backend={backend!r}")
+    return "eager"

@@ -214,7 +214,7 @@ def run(args) -> int:
         return 2
     try:
         require_onnx()
-        enhancer = load_model(args.checkpoint, "cpu", fast=False)
+        enhancer = load_model(args.checkpoint, backend="eager", device="cpu")
         export(enhancer, args.output, args.opset, args.factor_only, args.float_io,
                denoise=args.denoise, exposure=args.exposure)
     except (CheckpointError, ImportError) as e:

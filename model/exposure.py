@@ -8,12 +8,12 @@ to brighten more; the target only sets how bright the picture is overall.
 
 The mean is estimated on EFE's grid (the input's pixels at the downscale's taps, the factor map
 as computed), at most `MAX_SAMPLES` pixels per image, on the CPU (numba): the same numbers for
-every backend.
+every backend (`mean_after` and `solve` are numba kernels, model/kernels_exposure.py, imported
+on first use).
 """
 import numpy as np
 import torch
 
-from .kernels_rows import _sum, fused, serial
 from .rie import STEPS
 
 MAX_SAMPLES = 1024  # pixels per image the mean is estimated on (its error: ~0.2 / 32 = 0.006)
@@ -35,45 +35,19 @@ def samples(images: torch.Tensor, h: int, w: int) -> tuple[np.ndarray, int]:
     return px.astype(np.float32) / np.float32(255), step
 
 
-@serial
-def mean_after(x: np.ndarray, r: np.ndarray, offset: float, steps: int, work: np.ndarray) -> float:
+def mean_after(x: np.ndarray, r: np.ndarray, offset: float, steps: int,
+               work: np.ndarray) -> float:
     """Mean of RIE(x, clamp(r + offset)) for one image's samples x, r (flat float32); work:
-    two scratch arrays of x's length."""
-    rr, v = work[0], work[1]
-    _shift(r, np.float32(offset), rr, x, v)
-    for _ in range(steps):
-        _step(v, rr)
-    return _sum(v) / v.shape[0]
+    two scratch arrays of x's length (a numba kernel: model/kernels_exposure.py)."""
+    from . import kernels_exposure
+    return kernels_exposure.mean_after(x, r, offset, steps, work)
 
 
-@fused
-def _shift(r, offset, rr, x, v):
-    lo, hi = np.float32(-1), np.float32(1)
-    for i in range(r.shape[0]):
-        rr[i] = min(max(r[i] + offset, lo), hi)
-        v[i] = x[i]
-
-
-@fused
-def _step(v, r):
-    for i in range(v.shape[0]):  # Eq. 1
-        v[i] = v[i] + r[i] * (v[i] * v[i] - v[i])
-
-
-@serial
 def solve(x: np.ndarray, r: np.ndarray, target: float, steps: int, floor: bool) -> float:
-    """Bisection for one image: the offset whose mean output is `target`."""
-    work = np.empty((2, x.shape[0]), np.float32)
-    if floor and mean_after(x, r, 0.0, steps, work) >= target:
-        return 0.0
-    lo, hi = -2.0, 2.0  # brighter at lo
-    for _ in range(ITERATIONS):
-        mid = (lo + hi) / 2
-        if mean_after(x, r, mid, steps, work) > target:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
+    """Bisection for one image: the offset whose mean output is `target` (with `floor`, 0 when
+    the output is already at least that bright)."""
+    from . import kernels_exposure
+    return kernels_exposure.solve(x, r, target, steps, floor)
 
 
 def exposure_offset(images: torch.Tensor, r_low: torch.Tensor, target: float,
@@ -100,7 +74,8 @@ def apply_exposure(images: torch.Tensor, r_low: torch.Tensor, target: float,
     r = r_low.expand(images.shape[0], -1, -1, -1)
     if r.device.type == "cpu":
         # in numpy: a torch op between the numba kernels wakes torch's OpenMP threads, whose
-        # spinning took the cores from the denoising kernels after it (5 ms at 1200x900)
+        # spinning takes the cores from the denoising kernels after it (docs/performance.md,
+        # "The denoising stage")
         shifted = r.float().numpy() + offset.numpy()[:, None, None, None]
         return torch.from_numpy(np.clip(shifted, -1, 1, out=shifted))
     return (r + offset.to(r.device)[:, None, None, None]).clamp(-1, 1)

@@ -1,9 +1,11 @@
-"""The numba kernels of the CPU fast path (model/fast.py's `NumbaFast`): EFE from uint8 in one
+"""The numba kernels of the numba backend (model/backends/numba_fused.py): EFE from uint8 in one
 compiled loop nest per block, and the fused full-size pass (factor upsampling, the RIE steps,
 rounding to uint8). Compiled on first use, cached on disk, releasing the GIL.
 
-Without numba installed this module still imports (the decorators become no-ops) and
-`numba` is None: `NumbaFast.available()` says so and the torch path is used.
+Importing this module imports numba and configures it (threading layer, CPU features): only
+the numba backend and the shared CPU stages (exposure, video) import it, lazily, so that
+`import model` does not. Without numba installed it still imports (the decorators become
+no-ops) and `numba` is None.
 """
 import os
 
@@ -14,7 +16,7 @@ from .rie import STEPS
 try:
     import numba
     from numba import njit, prange
-except ImportError:  # the torch path still works; NumbaFast.available() says False
+except ImportError:  # the numba backend then reports itself unavailable
     numba = None
     prange = range
 
@@ -22,10 +24,9 @@ except ImportError:  # the torch path still works; NumbaFast.available() says Fa
         return lambda f: f
 
 if numba is not None and "NUMBA_THREADING_LAYER" not in os.environ:
-    # numba's own thread pool, not OpenMP: GNU OpenMP threads spin while they wait, and on a
-    # busy 2-core machine the spinning starves the thread being waited for (measured: the
-    # 1200x900 fused path at ~120 ms with OpenMP, ~30 ms with this, at load average 6).
-    # It is not safe for concurrent launches: NumbaFast serialises them with one lock.
+    # numba's own thread pool, not OpenMP: OpenMP's waiting threads spin and starve the busy
+    # one on a loaded machine (docs/performance.md, "What the fast path does"). Not safe for
+    # concurrent launches: the numba backend serialises them with one lock.
     numba.config.THREADING_LAYER = "workqueue"
 
 if numba is not None and "NUMBA_CPU_FEATURES" not in os.environ:
@@ -33,11 +34,8 @@ if numba is not None and "NUMBA_CPU_FEATURES" not in os.environ:
 
     _host = llvmlite.binding.get_host_cpu_features()
     if _host.get("avx512f"):
-        # LLVM tunes AVX-512 CPUs to prefer 256-bit vectors. The kernels here are long
-        # vectorisable loops, not short bursts that a clock drop would cost more than it gains:
-        # with 512-bit vectors the fused RIE pass at 1200x900 took 2.4-3.4 ms instead of
-        # 3.4-5.0 ms on one thread of this machine's Xeon, EFE 3.8-5.8 instead of 4.4-6.3 ms
-        # (docs/performance.md). Set before anything compiles.
+        # long vectorisable loops gain from 512-bit vectors, which LLVM's tuning avoids
+        # (docs/performance.md, "512-bit vectors on AVX-512 CPUs"). Set before anything compiles.
         numba.config.CPU_FEATURES = _host.flatten() + ",-prefer-256-bit"
 
 
@@ -53,9 +51,8 @@ def _compile(parallel: bool, fastmath=False):
 
 
 kernel, serial = _compile(parallel=True), _compile(parallel=False)
-# multiply-adds may fuse (one rounding instead of two): EFE at 1200x900 on one thread went from
-# 7.05 to 5.16 ms (interleaved A/B, docs/performance.md), x_r still within 1e-5 of the eager
-# reference (tests/test_fast.py)
+# multiply-adds may fuse (one rounding instead of two): faster (docs/performance.md, "What the
+# fast path does"), x_r still within 1e-5 of the eager reference (tests/test_fast.py)
 fused = _compile(parallel=False, fastmath={"contract"})
 
 ROWS = 8  # image rows per work item of the fused RIE kernel: enough work to amortise scheduling
@@ -65,33 +62,10 @@ MIN_BAND_ROWS = 4 * HALO  # below this a single image's EFE is too small to spli
 # Trained EFEs leave middle blocks nearly dead: weight decay takes their weights to 1e-9..1e-30
 # in ours (the published SGZ checkpoint's e_conv3-5 hold denormals, ~2e-40), so activations
 # reach ~1e-24 and products of the two fall below float32's normal range, where x86 computes
-# ~100x slower (the published checkpoint's EFE at 1920x1080: 43 ms instead of 6). Weights (NumbaFast._fold) and activations below
+# far slower. Weights (the numba backend's `fold`) and activations below
 # TINY are set to 0: every product of two values at or above it stays normal, and what is
 # dropped is ~1e-17 of a factor map that tanh bounds to [-1, 1].
 TINY = np.float32(1e-19)
-
-
-def lowres_size(h: int, w: int, scale_factor: float) -> tuple[int, int]:
-    """EFE's input size, exactly as `rie.downscale` rounds it."""
-    if scale_factor == 1:
-        return h, w
-    return max(1, round(h / scale_factor)), max(1, round(w / scale_factor))
-
-
-def taps(n_in: int, n_out: int, align_corners: bool):
-    """Source indices and weights of 1-D bilinear resampling, in float32 as PyTorch's CPU
-    kernel computes them (area_pixel_compute_source_index + guard_index_and_lambda)."""
-    o = np.arange(n_out, dtype=np.float32)
-    if align_corners:
-        scale = np.float32(n_in - 1) / np.float32(n_out - 1) if n_out > 1 else np.float32(0)
-        src = scale * o
-    else:
-        scale = np.float32(n_in) / np.float32(n_out)
-        src = np.maximum(scale * (o + np.float32(0.5)) - np.float32(0.5), np.float32(0))
-    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
-    lam = np.clip(src - i0.astype(np.float32), 0, 1).astype(np.float32)
-    i1 = np.where(i0 < n_in - 1, i0 + 1, i0)
-    return i0, i1, lam
 
 
 @serial
@@ -235,7 +209,7 @@ def efe_one(img, y0, y1, ly, x0, x1, lx, dws, pws, biases, out, lo, hi):
 def efe_items(img, which, y0, y1, ly, x0, x1, lx, dws, pws, biases, out, lo, hi):
     """EFE of several items in parallel, one per thread: a single fork/join for the whole
     network. Item k is image which[k] at EFE rows given by its own row taps y0[k], y1[k], ly[k]
-    (whole images for a batch, overlapping bands of one image; see NumbaFast.factor_lowres),
+    (whole images for a batch, overlapping bands of one image; see NumbaBackend.factor_lowres),
     exact on its rows lo[k] to hi[k] - 1."""
     for k in prange(which.shape[0]):
         efe_one(img[which[k]], y0[k], y1[k], ly[k], x0, x1, lx, dws, pws, biases, out[k],
@@ -296,8 +270,8 @@ def _rie_row_fixed(src, ra, rb, wa, wb, dst):
     """One row, STEPS steps: a loop count known when compiling lets the compiler unroll the
     steps and keep each pixel in a register, so the loop over x vectorises. Multiply-adds
     may fuse (one rounding instead of two), and the input is scaled by 1/255 instead of divided
-    by 255 (a 512-bit division costs as much as a third of the row's other work: 1.14-1.18x
-    faster in an A/B *(dev)*): still within 1 grey level of the reference."""
+    by 255 (a vector division is slow: docs/performance.md, "One pass for the rest"): still
+    within 1 grey level of the reference."""
     zero, one, s = np.float32(0), np.float32(1), np.float32(255)
     inv = one / s
     for x in range(src.shape[0]):

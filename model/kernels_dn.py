@@ -14,10 +14,11 @@ import numpy as np
 
 from .denoise import (IMMERKAER, NOISE_BLOCK, DenoiseConfig, block_counts, cell_taps,
                       centre_taps, noise_rows)
-from .kernels import factor_rows, prange, rie_rows, taps
+from .kernels import factor_rows, prange, rie_rows
 from .kernels_guided import coefficients, scratch_size, window_reciprocals
 from .kernels_rows import (_add, _add_both, _cell_reduce, _fill, _luma, _planes, _sum,
                            _to_float, fused, kernel, serial)
+from .resample import taps
 
 STATS_BAND = 8  # cell rows per job of `cell_stats`
 APPLY_ROWS = 32  # image rows per job of `apply`: each upsamples ~APPLY_ROWS / cell + 2 cell rows
@@ -172,7 +173,8 @@ _local = threading.local()
 def _scratch(n: int, hc: int, wc: int) -> np.ndarray:
     """One float32 buffer kept per thread for the last size asked, holding the cell sums, the
     coefficients and the work planes of `coefficients`: a video or a batch of one size reuses
-    it instead of page-faulting megabytes afresh on every call (~0.5 ms at 1200x900)."""
+    it instead of page-faulting megabytes afresh on every call (docs/performance.md, "The
+    denoising stage")."""
     shape = (n * (PLANES + 6) + scratch_size(n), hc, wc)
     buf = getattr(_local, "buf", None)
     if buf is None or buf.shape != shape:
@@ -193,7 +195,8 @@ def _block_scale(W: int):
 
 
 def _quantile(values: np.ndarray, q: float) -> float:
-    """np.quantile's default (linear) method, without its overhead (~0.3 ms a call)."""
+    """np.quantile's default (linear) method, without its per-call overhead
+    (docs/performance.md, "The denoising stage")."""
     pos = q * (len(values) - 1)
     lo = int(pos)
     hi = min(lo + 1, len(values) - 1)
@@ -217,7 +220,7 @@ def denoise_numba(img: np.ndarray, out: np.ndarray, r_low: np.ndarray, strength:
                   cfg: DenoiseConfig, steps: int, run) -> None:
     """RIE (as kernels.rie_uint8) and model/denoise.py's `denoise` on channels-last (N, H, 3 W)
     uint8 arrays into `out`; r_low (n_r, 3, h, w) float32; `run(kernel, *args)` launches a
-    parallel kernel (NumbaFast._run: one at a time)."""
+    parallel kernel (the numba backend's `launch`: one at a time)."""
     n, H, WC = img.shape
     W = WC // 3
     s = cfg.cell

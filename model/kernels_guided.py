@@ -31,7 +31,8 @@ def _guided(pixels, cells, total, squares, noise2, k, radius, coef_a, coef_b, wo
     """One plane's self-guided filter at cell resolution: a = var / (var + k noise^2),
     b = m - a m over each window, then (A, B) their means over each window of cells.
     pixels, cells: 1 / the window sums of the pixel counts and of ones (multiplying by a
-    reciprocal instead of dividing: 0.3 ms a plane at 1200x900); work: (5, h, w) scratch."""
+    reciprocal instead of dividing: docs/performance.md, "The denoising stage"); work: (5, h, w)
+    scratch."""
     h = pixels.shape[0]
     m, var, a, b, tmp = work[0], work[1], work[2], work[3], work[4]
     _window_sums(total, radius, m, tmp)

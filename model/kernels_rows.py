@@ -1,8 +1,8 @@
 """Row helpers of the denoising kernels (model/kernels_dn.py, model/kernels_guided.py).
 
 Every inner loop is a function of its own over 1-D arrays: numba then vectorises it (the same
-loop written inline over rows of 2-D arrays ran ~15x slower, measured on this machine;
-docs/performance.md, "The denoising stage").
+loop written inline over rows of 2-D arrays was not vectorised: docs/performance.md, "The
+denoising stage").
 """
 import numpy as np
 

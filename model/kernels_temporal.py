@@ -3,7 +3,7 @@ torch reference they are tested against). Channels-last rows: (H, 3 W)."""
 import numpy as np
 
 from .denoise import NOISE_BLOCK, noise_rows
-from .kernels import numba, prange  # noqa: F401 (numba: None when not installed)
+from .kernels import prange
 from .kernels_dn import _block_scale, _immerkaer, _quantile
 from .kernels_rows import _add, _luma, _sum, _to_float, fused, kernel, serial
 

@@ -6,7 +6,7 @@ The two resizes are written as gathers of explicit bilinear taps, not `F.interpo
 that becomes ONNX Resize, whose `pytorch_half_pixel` mode reads pixel 0 for a 1-pixel output
 where PyTorch reads the centre (images under 18 pixels a side), and every size arithmetic here is
 a tensor op on the input's shape, so the tracer records it instead of baking in one size.
-The taps are those of `rie.downscale` (align_corners=False) and `rie.upsample_factor`
+The taps are those of `resample.downscale` (align_corners=False) and `resample.upsample_factor`
 (align_corners=True); tests/test_export.py checks the graph against `Enhancer` under ONNX Runtime.
 """
 import torch
@@ -48,8 +48,8 @@ def resize(x: torch.Tensor, size: tuple[torch.Tensor, torch.Tensor], align_corne
 
 
 def lowres_size(H: torch.Tensor, W: torch.Tensor, scale_factor: float):
-    """`rie.downscale`'s size, max(1, round(side / scale)); torch.round is half-to-even, as
-    Python's round()."""
+    """`resample.lowres_size`, the one size rule, as graph ops (the exported graph takes any
+    size): max(1, round(side / scale)); torch.round is half-to-even, as Python's round()."""
     return (torch.round(H / scale_factor).clamp(min=1), torch.round(W / scale_factor).clamp(min=1))
 
 

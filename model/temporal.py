@@ -14,6 +14,9 @@ Frame by frame, two things change from one frame to the next that the scene does
    noise times the curve's gain), so static areas average over ~1/min_weight frames and moving
    things follow at once instead of ghosting.
 Both restart at a scene cut: a new shot must not inherit the old one's level or pixels.
+The recursive filter and the noise estimate run through the enhancer's backend
+(model/backends/base.py: `frame_noise`, `temporal_filter`): numba kernels on the numba
+backend, the torch reference (`filter_reference`) on the others.
 """
 from dataclasses import dataclass
 
@@ -21,10 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .denoise import DenoiseConfig, noise_sigma
+from .denoise import DenoiseConfig
 from .exposure import mean_after, samples, solve
-from .fast import NumbaFast
-from .kernels_temporal import noise_sigma as noise_numba, numba, recursive_filter
 
 NOISE_QUANTILE = DenoiseConfig().noise_quantile  # as the spatial denoiser reads the noise
 
@@ -102,70 +103,38 @@ class TemporalState:
     def denoise(self, frames: torch.Tensor, out: torch.Tensor, r_low: torch.Tensor,
                 strength: float) -> torch.Tensor:
         """out (N, 3, H, W) uint8, RIE's output of `frames` with maps r_low -> filtered
-        (channels-last on the CPU)."""
+        (channels-last)."""
         if strength <= 0:
             self.acc = None
             return out
         k = self.config.noise_k * strength * self.output_noise(frames, r_low) * 255
         k = np.maximum(k, 0.5).astype(np.float32)  # grey levels
-        if out.device.type == "cpu" and numba is not None:
-            return self._filter_numba(out, k)
-        return torch.stack([self._filter_torch(out[i], float(k[i]), i) for i in range(len(k))])
+        return self._filter(out, k)
 
     def output_noise(self, frames: torch.Tensor, r_low: torch.Tensor) -> np.ndarray:
         """(N,) the output's noise std before denoising, in [0, 1] units: the input's
         (Immerkaer, denoise.noise_sigma) times the curve's mean slope on EFE's grid."""
-        cfg = self.config
-        if frames.device.type == "cpu" and numba is not None:
-            sigma = noise_numba(_rows(frames), cfg.cell, NOISE_QUANTILE)
-        else:
-            sigma = noise_sigma(frames, cfg.cell, NOISE_QUANTILE).cpu().numpy()
+        sigma = self.enhancer.engine.frame_noise(frames, self.config.cell, NOISE_QUANTILE)
         x, step = samples(frames, *r_low.shape[-2:])
         r = r_low.float().cpu().numpy()[:, :, ::step, ::step]
         return sigma * curve_slope(x, r, self.enhancer.steps).reshape(len(x), -1).mean(1)
 
-    def _start(self, frame: torch.Tensor) -> bool:
-        """A first frame (or a new size): it starts the running average as it is."""
-        if self.acc is None or self.acc.shape != frame.shape:
-            self.acc = frame.float().contiguous()
-            return True
-        return False
-
-    def _filter_numba(self, out: torch.Tensor, k: np.ndarray) -> torch.Tensor:
-        cfg = self.config
-        img = _rows(out)
-        n, H, WC = img.shape
-        result = np.empty_like(img)
-        for i in range(n):
+    def _filter(self, out: torch.Tensor, k: np.ndarray) -> torch.Tensor:
+        """The recursive filter over the batch's frames in order, through the backend."""
+        cfg, engine = self.config, self.enhancer.engine
+        frames = out.permute(0, 2, 3, 1).contiguous()  # (N, H, W, 3): no copy if channels-last
+        result = torch.empty_like(frames)
+        for i in range(len(frames)):
             if i in self.cut_at:
                 self.acc = None
-            frame = torch.from_numpy(img[i]).view(H, WC // 3, 3)
-            if self._start(frame):
-                result[i] = img[i]
+            if self.acc is None or self.acc.shape != frames[i].shape:  # a first frame (or a
+                self.acc = frames[i].float()  # new size) starts the running average as it is
+                result[i] = frames[i]
                 continue
-            if self.spare is None or self.spare.shape != self.acc.shape:
-                self.spare = torch.empty_like(self.acc)
-            NumbaFast._run(recursive_filter, img[i], self.acc.numpy().reshape(H, WC),
-                           self.spare.numpy().reshape(H, WC), result[i], k[i], cfg.radius,
-                           np.float32(cfg.min_weight))
-            self.acc, self.spare = self.spare, self.acc
-        return torch.from_numpy(result).view(n, H, WC // 3, 3).permute(0, 3, 1, 2)
-
-    def _filter_torch(self, image: torch.Tensor, k: float, i: int) -> torch.Tensor:
-        if i in self.cut_at:
-            self.acc = None
-        frame = image.permute(1, 2, 0)
-        if self._start(frame):
-            return image
-        self.acc, filtered = filter_reference(self.acc, frame, k, self.config.radius,
-                                              self.config.min_weight)
-        return filtered.permute(2, 0, 1)
-
-
-def _rows(images: torch.Tensor) -> np.ndarray:
-    """(N, 3, H, W) uint8 on the CPU as channels-last rows (N, H, 3W), copied only if planar."""
-    n, c, H, W = images.shape
-    return images.permute(0, 2, 3, 1).contiguous().numpy().reshape(n, H, W * c)
+            new = engine.temporal_filter(self.acc, frames[i], result[i], float(k[i]),
+                                         cfg.radius, cfg.min_weight, self.spare)
+            self.acc, self.spare = new, self.acc
+        return result.permute(0, 3, 1, 2)
 
 
 def _flat(r: np.ndarray, step: int) -> np.ndarray:

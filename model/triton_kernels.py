@@ -1,4 +1,4 @@
-"""The Triton kernel of the CUDA fast path (model/fast.py's `TritonFast`): factor upsampling,
+"""The Triton kernels of the triton backend (model/backends/triton_fused.py): factor upsampling,
 the RIE steps and rounding to uint8 in one pass over the image.
 
 Why a kernel: in torch ops the full-size part is ~35 passes over a float32 copy of the image
@@ -13,7 +13,7 @@ module is imported), which is how tests/test_triton.py checks it on CPU.
 try:
     import triton
     import triton.language as tl
-except ImportError:  # TritonFast.available() says False; TorchFast is used instead
+except ImportError:  # the triton backend then reports itself unavailable
     triton = tl = None
 
 BLOCK = 1024  # values per program: a few row segments per 1200-pixel row
@@ -35,7 +35,7 @@ if triton is not None:
         pixels and channels interleaved, so loads and stores are contiguous. Planar (N, 3, H, W):
         BLOCK consecutive pixels of row (n, c, y). Factor map r: (n_r, 3, h, w), contiguous in w;
         s_r_n = 0 broadcasts one map over the batch. y0/y1/ly and x0/x1/lx: the bilinear
-        (align_corners=True) source rows and columns with their weights, as `kernels.taps`."""
+        (align_corners=True) source rows and columns with their weights, as `resample.taps`."""
         pid = tl.program_id(0).to(tl.int64)
         row, seg = pid // blocks, pid % blocks
         j = seg * BLOCK + tl.arange(0, BLOCK)

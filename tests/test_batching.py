@@ -331,7 +331,7 @@ def test_a_batch_of_decoded_photos_stays_channels_last(published_enhancer):
     that way, so that no image is transposed in or out (torch.cat made the batch planar)."""
     from PIL import Image
 
-    from model.fast import channels_last
+    from model.backends import channels_last
     from model.imageio import decode_image, tensor_to_rgb
     from service.inference import ENHANCE, Work, run_batch, stack
 

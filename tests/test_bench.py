@@ -29,7 +29,7 @@ def test_published_formulation_computes_our_model():
     """The baseline is the same model: on a multiple of 12 (the published script crops to one)
     it agrees with our eager reference, so the speed ratios compare like with like."""
     hwc = photos(SHARED, (120, 96), 2)
-    eager = load_model(SGZ_PUBLISHED, "cpu", fast=False)
+    eager = load_model(SGZ_PUBLISHED, device="cpu", backend="eager")
     net = PublishedSGZ(eager.efe.state_dict()).eval()
     got = published_step(net, hwc)
     want = eager.enhance(torch.from_numpy(hwc).permute(0, 3, 1, 2).contiguous(), denoise=0,

@@ -22,7 +22,7 @@ def numba_enhancer():
 
 @pytest.fixture(scope="module")
 def eager_enhancer():
-    return load_model(fast=False)
+    return load_model(backend="eager")
 
 
 def immerkaer(images: torch.Tensor) -> float:
@@ -182,7 +182,7 @@ def test_other_cell_sizes_match_the_reference(cell):
     """DenoiseConfig(cell=...) reaches every path: the numba kernels' general code (not the
     4-pixel fast paths) against the eager reference."""
     x = photo(LOL / "low" / "106.png")
-    fast, eager = load_model(backend="numba"), load_model(fast=False)
+    fast, eager = load_model(backend="numba"), load_model(backend="eager")
     fast.denoise_config = eager.denoise_config = DenoiseConfig(cell=cell)
     assert max_diff(fast.enhance(x), eager.enhance(x)) <= 1
 

@@ -57,7 +57,7 @@ def assert_close(got: np.ndarray, want: torch.Tensor, share: float = 0.01) -> No
 
 @pytest.fixture(scope="module")
 def eager_ours():
-    return load_model(None, "cpu", fast=False)
+    return load_model(None, backend="eager", device="cpu")
 
 
 def cli_export(tmp_path_factory, *flags):
@@ -89,13 +89,13 @@ def ours_target(tmp_path_factory, eager_ours):
 
 @pytest.fixture(scope="module")
 def published():
-    eager = load_model(SGZ_PUBLISHED, "cpu", fast=False)
+    eager = load_model(SGZ_PUBLISHED, backend="eager", device="cpu")
     return eager, session(export(eager, denoise=0, exposure=None)), None, NET
 
 
 @pytest.fixture(scope="module")
 def published_default():
-    eager = load_model(SGZ_PUBLISHED, "cpu", fast=False)
+    eager = load_model(SGZ_PUBLISHED, backend="eager", device="cpu")
     return eager, session(export(eager)), None, DEFAULT
 
 
@@ -200,7 +200,7 @@ def test_float_graph(published):
 
 def test_onnxruntime_backend_matches_eager_with_every_option(published):
     eager = published[0]
-    ort_model = load_model(SGZ_PUBLISHED, "cpu", backend="onnxruntime")
+    ort_model = load_model(SGZ_PUBLISHED, backend="onnxruntime", device="cpu")
     assert ort_model.backend == "onnxruntime"
     image = photo(PHOTO)[:, :, :241, :357]
     for options in ({}, NET, {"denoise": 2.0, "exposure": 0.5}, {"strength": 0.5}):
@@ -208,8 +208,8 @@ def test_onnxruntime_backend_matches_eager_with_every_option(published):
     cl = image.contiguous(memory_format=torch.channels_last)  # as decoded
     assert_close(ort_model.enhance(cl).numpy(), eager.enhance(image))
     with pytest.raises(ValueError, match="CPU only"):
-        load_model(SGZ_PUBLISHED, "cuda" if torch.cuda.is_available() else "meta",
-                   backend="onnxruntime")
+        load_model(SGZ_PUBLISHED, backend="onnxruntime",
+                   device="cuda" if torch.cuda.is_available() else "meta")
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint", None])
@@ -224,7 +224,7 @@ def test_bad_checkpoint_same_clear_error(tmp_path, capsys, content):
     assert err == f"sgz export: error: {expected.value}\n"  # one line, as `sgz enhance` says it
     assert not (tmp_path / "x.onnx").exists()
     with pytest.raises(CheckpointError, match=re.escape(str(expected.value))):
-        load_model(bad, "cpu", backend="onnxruntime")
+        load_model(bad, backend="onnxruntime", device="cpu")
 
 
 ONNX_TYPES = {onnx.TensorProto.UINT8: "TYPE_UINT8", onnx.TensorProto.FLOAT: "TYPE_FP32"}

@@ -1,5 +1,7 @@
-"""The fast path (model/fast.py) against the eager reference, on real photos and the published
-checkpoint: every output pixel within 1 grey level, and almost all of them identical."""
+"""The fused backends (model/backends/: numba, torch) against the eager reference, on real photos
+and the published checkpoint: every output pixel within 1 grey level, and almost all of them
+identical."""
+import importlib.util
 import threading
 
 import numpy as np
@@ -9,23 +11,26 @@ from PIL import Image
 
 from conftest import SGZ_PUBLISHED, SICE
 from model import EFE, Checkpoint, Enhancer, load_model
-from model import fast as fastpath
-from model.enhancer import to_uint8
-from model.rie import rie, upsample_factor
+from model.backends import channels_last, choose, get_backend
+from model.backends.numba_fused import NumbaBackend, downscaled_mean
+from model.backends.torch_fused import TorchBackend
+from model.backends.triton_fused import TritonBackend
+from model.resample import efe_input, lowres_size, taps, upsample_factor
+from model.rie import rie, to_uint8
 
 NET = {"denoise": 0, "exposure": None}  # EFE + RIE alone: the paper's network
 
 
 @pytest.fixture(scope="module")
 def fast():
-    enhancer = load_model(SGZ_PUBLISHED, "cpu")
+    enhancer = load_model(SGZ_PUBLISHED, device="cpu")
     enhancer.warmup()
     return enhancer
 
 
 @pytest.fixture(scope="module")
 def eager():
-    return load_model(SGZ_PUBLISHED, "cpu", fast=False)
+    return load_model(SGZ_PUBLISHED, backend="eager", device="cpu")
 
 
 def photo(name: str) -> torch.Tensor:
@@ -50,9 +55,9 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, share: float = 1e-3) -> 
     assert (diff > 0).float().mean().item() < share
 
 
-def test_default_is_fast_and_eager_selectable(fast, eager):
-    assert fast.fast and fast.backend == "numba"
-    assert not eager.fast and eager.backend == "eager"
+def test_default_is_numba_and_eager_selectable(fast, eager):
+    assert fast.backend == "numba" and isinstance(fast.engine, NumbaBackend)
+    assert eager.backend == "eager"
 
 
 def test_real_photos_match_reference(fast, eager):
@@ -128,7 +133,7 @@ def test_apply_factor_broadcasts_and_checks_shape(fast, eager):
 
 def test_non_contiguous_input(fast):
     image = photo("101_0_.png")[:, :, 50:250]  # rows cut: neither layout is contiguous
-    assert not image.is_contiguous() and not fastpath.channels_last(image)
+    assert not image.is_contiguous() and not channels_last(image)
     assert torch.equal(fast.enhance(image), fast.enhance(image.contiguous()))
 
 
@@ -140,11 +145,11 @@ def test_channels_last_is_read_and_answered_as_such(fast, size):
     batch = torch.cat([wide_photo()[:, :, :h, :w], wide_photo()[:, :, -h:, -w:]])
     for images in (batch[:1], batch):
         hwc = images.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
-        assert fastpath.channels_last(hwc) and (h * w == 1 or not hwc.is_contiguous())
+        assert channels_last(hwc) and (h * w == 1 or not hwc.is_contiguous())
         out, r_low = fast.enhance(hwc, return_factor=True)
         want, r_want = fast.enhance(images.contiguous(), return_factor=True)
         assert torch.equal(out, want) and torch.equal(r_low, r_want)
-        assert fastpath.channels_last(out)
+        assert channels_last(out)
         half = fast.enhance(hwc, strength=0.5)
         assert torch.equal(half, fast.enhance(images.contiguous(), strength=0.5))
 
@@ -171,8 +176,8 @@ def test_concurrent_callers_get_their_own_results(fast):
 
 
 def test_torch_path_matches_reference(eager):
-    """TorchFast is what CUDA runs; its logic is checked here on CPU."""
-    path = fastpath.TorchFast(eager.efe, eager.scale_factor, eager.steps)
+    """The torch backend is what CUDA runs without Triton; its logic is checked here on CPU."""
+    path = TorchBackend(eager.efe, eager.scale_factor, eager.steps)
     image = wide_photo()[:, :, :601, :1203].contiguous()
     with torch.inference_mode():
         r_low = path.factor_lowres(image)
@@ -185,7 +190,7 @@ def test_torch_path_matches_reference(eager):
 @pytest.mark.parametrize("steps", [3, 8])
 def test_any_step_count_matches_reference(eager, steps):
     """The RIE kernel unrolls the paper's 8 steps; other counts take the general loop."""
-    path = fastpath.NumbaFast(eager.efe, eager.scale_factor, steps)
+    path = NumbaBackend(eager.efe, eager.scale_factor, steps)
     image = photo("761_0_.png")
     with torch.inference_mode():
         r_low = eager.factor_lowres(image)
@@ -198,33 +203,31 @@ def test_any_step_count_matches_reference(eager, steps):
 
 def test_backend_can_be_forced_and_is_checked(eager):
     image = wide_photo()[:, :, :90, :120].contiguous()
-    torch_ops = load_model(SGZ_PUBLISHED, "cpu", backend="torch")
-    assert torch_ops.backend == "torch" and torch_ops.fast
+    torch_ops = load_model(SGZ_PUBLISHED, backend="torch", device="cpu")
+    assert torch_ops.backend == "torch"
     assert_close(torch_ops.enhance(image), eager.enhance(image))
-    forced_eager = load_model(SGZ_PUBLISHED, "cpu", backend="eager")
-    assert forced_eager.backend == "eager" and not forced_eager.fast
-    assert load_model(SGZ_PUBLISHED, "cpu", backend="numba").backend == "numba"
+    assert load_model(SGZ_PUBLISHED, backend="numba", device="cpu").backend == "numba"
     with pytest.raises(ValueError, match="unknown backend 'nope'"):
-        load_model(SGZ_PUBLISHED, "cpu", backend="nope")
+        load_model(SGZ_PUBLISHED, backend="nope", device="cpu")
     with pytest.raises(ValueError, match="CPU only"):
-        fastpath.build(eager.efe, torch.device("cuda"), 12, 8, backend="numba")
+        get_backend("numba", torch.device("cuda"))
 
 
 def test_cuda_without_a_c_compiler_falls_back_to_torch_with_a_warning(monkeypatch, tmp_path,
                                                                      caplog):
     """Triton compiles a C launcher at its first launch on a GPU: with no compiler the default
     CUDA path is the torch one (and says so), never a Triton path that fails at warm-up."""
-    if not fastpath.TritonFast.available():
+    if importlib.util.find_spec("triton") is None:
         pytest.skip("triton not installed")
     cuda = torch.device("cuda")  # only chosen for, never run on
     monkeypatch.delenv("CC", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))  # an empty PATH: no cc, gcc or clang
     with caplog.at_level("WARNING", logger="sgz.model"):
-        assert fastpath.choose(cuda) is fastpath.TorchFast
+        assert choose(cuda) is TorchBackend
     assert "no C compiler" in caplog.text
     monkeypatch.setenv("CC", "/usr/bin/gcc")
-    assert fastpath.choose(cuda) is fastpath.TritonFast
-    assert fastpath.choose(torch.device("cpu")) is fastpath.NumbaFast
+    assert choose(cuda) is TritonBackend
+    assert choose(torch.device("cpu")) is NumbaBackend
 
 
 def test_warmup_reports_seconds(fast):
@@ -236,7 +239,7 @@ def test_warmup_reports_seconds(fast):
 def test_cuda_torch_ops_match_cpu_reference(eager):
     """The plain torch-ops path on CUDA (the default there is the Triton kernel:
     tests/test_triton.py)."""
-    gpu = load_model(SGZ_PUBLISHED, "cuda", backend="torch")
+    gpu = load_model(SGZ_PUBLISHED, backend="torch", device="cuda")
     assert gpu.backend == "torch"
     image = wide_photo()
     # cuDNN's convolutions sum in TF32 and CUDA fuses multiply-adds throughout the 35
@@ -251,7 +254,7 @@ def test_near_dead_weights_are_flushed(eager):
     from model.kernels import TINY
     weights = torch.cat([p.detach().abs().flatten() for p in eager.efe.parameters()])
     assert ((weights > 0) & (weights < 1.2e-38)).any()  # what makes this test meaningful
-    path = fastpath.NumbaFast(eager.efe, eager.scale_factor, eager.steps)
+    path = NumbaBackend(eager.efe, eager.scale_factor, eager.steps)
     for group in path.weights:
         for t in group:
             assert not ((t != 0) & (np.abs(t) < TINY)).any()
@@ -259,13 +262,12 @@ def test_near_dead_weights_are_flushed(eager):
 
 @pytest.mark.parametrize("layout", ["planar", "channels-last"])
 def test_level_gain_mean_is_the_efe_inputs_mean(layout):
-    """NumbaFast takes the level gain's brightness from the source rows and columns the
-    downscale reads (fast.downscaled_mean) instead of building EFE's input: the same mean."""
-    from model.kernels import taps
+    """The numba backend takes the level gain's brightness from the source rows and columns the
+    downscale reads (`downscaled_mean`) instead of building EFE's input: the same mean."""
     images = torch.cat([photo("101_0_.png"), photo("761_0_.png")])[:, :, :333, :497].contiguous()
     if layout == "channels-last":
         images = images.to(memory_format=torch.channels_last)
-    h, w = fastpath.lowres_size(333, 497, 12)
-    got = fastpath.downscaled_mean(images.numpy(), taps(333, h, False), taps(497, w, False))
-    want = fastpath.efe_input(images, 12).mean((1, 2, 3))
+    h, w = lowres_size(333, 497, 12)
+    got = downscaled_mean(images.numpy(), taps(333, h, False), taps(497, w, False))
+    want = efe_input(images, 12).mean((1, 2, 3))
     torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-6, rtol=0)

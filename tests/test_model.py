@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import SGZ_PUBLISHED, SICE, ZERO_DCE_PP_PUBLISHED
-from model import (DEFAULT_CHECKPOINT, EFE, CheckpointError, load_checkpoint, load_model,
-                   save_checkpoint)
+from model import (DEFAULT_CHECKPOINT, EFE, CheckpointError, EFEConfig, load_checkpoint,
+                   load_model, save_checkpoint)
+from model.checkpoint import efe_config, state_dict_sha256
 
 NET = {"denoise": 0, "exposure": None}  # EFE + RIE alone: the paper's network
 
@@ -57,12 +58,12 @@ def test_efe_has_the_papers_parameter_count():
     assert sum(p.numel() for p in EFE().parameters()) == 10_561  # paper: 0.011 M
 
 
-@pytest.mark.parametrize("fast", [True, False], ids=["fast", "eager"])
+@pytest.mark.parametrize("backend", ["auto", "eager"])
 @pytest.mark.parametrize("checkpoint", [SGZ_PUBLISHED, ZERO_DCE_PP_PUBLISHED],
                          ids=["sgz", "zero-dce-pp"])
-def test_parity_with_published_inference(checkpoint, fast):
+def test_parity_with_published_inference(checkpoint, backend):
     state_dict = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    enhancer = load_model(checkpoint, device="cpu", fast=fast)
+    enhancer = load_model(checkpoint, backend=backend, device="cpu")
     for name, box in PARITY_CROPS:
         images = sice(name, box)
         assert images.shape[-1] % 12 == 0 and images.shape[-2] % 12 == 0
@@ -173,6 +174,38 @@ def test_checkpoint_round_trip_keeps_metadata_and_hash(tmp_path):
     assert (enhancer.enhance(images, **NET).int() - torch.round(255 * y.clamp(0, 1)).int()).abs().max() <= 1
 
 
+def test_efe_config_is_stored_and_rebuilds_the_network(tmp_path):
+    """The architecture is data in the checkpoint ("arch"), and the network is built from it:
+    a non-default width round-trips; files from before EFEConfig (no "level" key, or "level":
+    True) and published raw state dicts (no "arch") read as they always did."""
+    wide = EFE(features=8, level=True)
+    wide.init_weights(generator=torch.Generator().manual_seed(0))
+    save_checkpoint(tmp_path / "wide.pt", wide, scale_factor=12)
+    obj = torch.load(tmp_path / "wide.pt", weights_only=True)
+    assert obj["arch"] == {"name": "efe", "features": 8, "level": True, "blocks": 7}
+    ckpt = load_checkpoint(tmp_path / "wide.pt")
+    assert ckpt.efe == EFEConfig(features=8, level=True)
+    enhancer = load_model(tmp_path / "wide.pt", backend="eager", device="cpu")
+    assert enhancer.efe.e_conv1.point_conv.out_channels == 8
+    image = sice("101_0_.png", (0, 0, 96, 72))
+    with torch.inference_mode():
+        assert torch.equal(enhancer.factor_lowres(image), wide(F.interpolate(
+            image.float() / 255, size=(6, 8), mode="bilinear", align_corners=False)))
+    # an old file of ours: arch {"name", "blocks", "features"} (+ "level": True with the gain)
+    old = dict(obj, arch={"name": "efe", "blocks": 7, "features": 32})
+    old["state_dict"] = trained_efe().state_dict()
+    old["sha256"] = state_dict_sha256(old["state_dict"])
+    torch.save(old, tmp_path / "old.pt")
+    assert load_checkpoint(tmp_path / "old.pt").efe == EFEConfig()
+    assert load_checkpoint(SGZ_PUBLISHED).efe == EFEConfig()  # inferred from the weights
+    published = load_checkpoint(SGZ_PUBLISHED).state_dict
+    assert efe_config(None, {**published, "level": torch.zeros(2)}) == EFEConfig(level=True)
+    bad = dict(old, arch={"name": "efe", "blocks": 9, "features": 32})
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="is not one this build runs"):
+        load_checkpoint(tmp_path / "bad.pt")
+
+
 def test_level_gain_by_hand():
     """EFE(level=True): x_r times exp(a + b * log((mu + 1/255) / 0.5)), clamped; zero = the
     paper's EFE."""
@@ -200,13 +233,14 @@ def test_level_checkpoints_round_trip_and_every_path_applies_the_gain(tmp_path):
     assert ckpt.level and torch.equal(ckpt.state_dict["level"], efe.level.detach())
     assert not load_checkpoint(SGZ_PUBLISHED).level
     image = sice("101_0_.png")
-    eager = load_model(tmp_path / "level.pt", "cpu", fast=False)
+    eager = load_model(tmp_path / "level.pt", backend="eager", device="cpu")
     want = eager.enhance(image, **NET)
     for backend in ("numba", "torch"):
-        got = load_model(tmp_path / "level.pt", "cpu", backend=backend).enhance(image, **NET)
+        got = load_model(tmp_path / "level.pt", backend=backend, device="cpu").enhance(image, **NET)
         assert (got.int() - want.int()).abs().max() <= 1, backend
     # the gain is applied: the same weights without it answer differently
-    assert (load_model(SGZ_PUBLISHED, "cpu").enhance(image, **NET).int() - want.int()).abs().max() > 5
+    assert (load_model(SGZ_PUBLISHED, device="cpu").enhance(image, **NET).int()
+            - want.int()).abs().max() > 5
     # a checkpoint whose weights and architecture disagree is refused
     obj = torch.load(tmp_path / "level.pt", weights_only=True)
     obj["arch"] = {k: v for k, v in obj["arch"].items() if k != "level"}

@@ -1,4 +1,4 @@
-"""The CUDA fast path's Triton kernel (model/triton_kernels.py) against the eager reference.
+"""The triton backend's kernels (model/triton_kernels.py) against the eager reference.
 
 Without a GPU the kernel runs in Triton's interpreter: this file re-runs itself in a child
 process with TRITON_INTERPRET=1 (it must be set before the kernel is defined), on real photo
@@ -43,11 +43,11 @@ def compare(device: str, cases: dict[str, torch.Tensor], steps: int = 8) -> dict
     input's layout."""
     from model import load_model
     from model.denoise import DenoiseConfig
-    from model.fast import TritonFast
+    from model.backends.triton_fused import TritonBackend
 
-    eager = load_model(SGZ_PUBLISHED, "cpu", fast=False)
+    eager = load_model(SGZ_PUBLISHED, backend="eager", device="cpu")
     eager.steps = steps
-    triton_path = TritonFast(eager.efe, eager.scale_factor, steps)
+    triton_path = TritonBackend(eager.efe, eager.scale_factor, steps)
     out = {}
     for name, image in cases.items():
         for strength in (1.0, 0.3):
@@ -110,9 +110,9 @@ def test_kernel_matches_reference_in_interpreter():
 @needs_triton
 def test_cuda_default_is_triton_and_matches_reference():
     from model import load_model
-    gpu = load_model(SGZ_PUBLISHED, "cuda")
+    gpu = load_model(SGZ_PUBLISHED, device="cuda")
     assert gpu.backend == "triton"
-    eager = load_model(SGZ_PUBLISHED, "cpu", fast=False)
+    eager = load_model(SGZ_PUBLISHED, backend="eager", device="cpu")
     for name in ("101_0_.png", "435_0_.png"):
         image = photo(name)
         for layout, x in layouts(image).items():

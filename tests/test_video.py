@@ -181,17 +181,17 @@ def test_exposure_follows_the_scene_not_the_camera_pumping(enhancer):
 
 def test_numba_filter_and_noise_match_their_torch_references(enhancer):
     from model.denoise import noise_sigma
-    from model.kernels_temporal import noise_sigma as noise_numba, numba
-    if numba is None:
+    if enhancer.backend != "numba":
         pytest.skip("numba not installed")
     frames = torch.from_numpy(read_video(DEV / "bbb-dark.mp4").frames[:8]).permute(0, 3, 1, 2)
-    rows = frames.permute(0, 2, 3, 1).contiguous().numpy().reshape(8, 360, -1)
-    assert np.allclose(noise_numba(rows, 4, 0.25), noise_sigma(frames, 4, 0.25).numpy(),
-                       rtol=1e-4, atol=1e-6)
+    assert np.allclose(enhancer.engine.frame_noise(frames, 4, 0.25),
+                       noise_sigma(frames, 4, 0.25).numpy(), rtol=1e-4, atol=1e-6)
     out = enhancer.enhance(frames)
-    fast, ref = (TemporalState(enhancer, TemporalConfig()) for _ in range(2))
-    ref_out = [ref._filter_torch(o, 20.0, -1) for o in out]
-    fast_out = [fast._filter_numba(o[None], np.array([20.0], np.float32))[0] for o in out]
+    eager = load_model(device="cpu", backend="eager")  # the torch reference filter
+    fast, ref = (TemporalState(e, TemporalConfig()) for e in (enhancer, eager))
+    k = np.array([20.0], np.float32)
+    ref_out = [ref._filter(o[None], k)[0] for o in out]
+    fast_out = [fast._filter(o[None], k)[0] for o in out]
     for a, b in zip(fast_out, ref_out):
         assert (a.int() - b.int()).abs().max() <= 1
     assert not torch.equal(fast_out[-1], out[-1])

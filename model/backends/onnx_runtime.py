@@ -1,53 +1,48 @@
-"""`load_model(..., backend="onnxruntime")`: the enhancer's two halves exported to ONNX in
-memory (model/export.py) and run by ONNX Runtime on the CPU.
+"""`backend="onnxruntime"` (CPU): the enhancer's two halves exported to ONNX in memory
+(model/export.py) and run by ONNX Runtime.
 
-For checking and benchmarking the exported graph through the same API as the other backends
-(model/fast.py): the network half (images -> x_r low-res) and the full-size half ((images,
-x_r) -> uint8) are separate sessions, so exposure and strength apply to x_r between them as
-on every backend, and denoising runs after, in the torch reference (model/denoise.py).
-Optional: needs the `onnx` extra.
+For checking and benchmarking the exported graph through the same API as the other backends:
+the network half (images -> x_r low-res) and the full-size half ((images, x_r) -> uint8) are
+separate sessions, so exposure and strength apply to x_r between them as on every backend, and
+denoising runs after, in the torch reference (model/denoise.py). Needs the `onnx` extra.
 """
+import importlib.util
+
 import numpy as np
 import torch
 
-from .denoise import DenoiseConfig, denoise as denoise_reference
-from .efe import EFE
-from .fast import NO_DENOISE, check_factor
+from ..denoise import DenoiseConfig, denoise as denoise_reference
+from ..efe import EFE
+from .base import NO_DENOISE, Availability, Backend, check_factor
 
 
 def _onnxruntime():
     try:
         import onnxruntime
     except ImportError:
-        from .export import EXTRA_HINT
+        from ..export import EXTRA_HINT
         raise ImportError(f"the onnxruntime backend needs ONNX Runtime: {EXTRA_HINT}") from None
     return onnxruntime
 
 
-class OnnxRuntimeFast:
-    """CPU: ONNX Runtime sessions of the exported halves. Inputs: uint8 (N, 3, H, W)."""
+class OnnxRuntimeBackend(Backend):
+    """Inputs: uint8 (N, 3, H, W) CPU tensors."""
     name = "onnxruntime"
 
-    @staticmethod
-    def available() -> bool:
-        try:
-            _onnxruntime()
-            import onnx  # noqa: F401  (the exporter's metadata step)
-        except ImportError:
-            return False
-        return True
-
     @classmethod
-    def on(cls, device: torch.device, efe: EFE, scale_factor: float, steps: int):
+    def available(cls, device: torch.device) -> Availability:
+        missing = [m for m in ("onnxruntime", "onnx") if importlib.util.find_spec(m) is None]
+        if missing:
+            return Availability(False, f"{' and '.join(missing)} not installed (the onnx extra)")
         if device.type != "cpu":
-            raise ValueError("the onnxruntime backend runs on the CPU only")
-        return cls(efe, scale_factor, steps)
+            return Availability(False, "the onnxruntime backend runs on the CPU only")
+        return Availability(True)
 
     def __init__(self, efe: EFE, scale_factor: float, steps: int):
+        super().__init__(efe, scale_factor, steps)
         ort = _onnxruntime()
-        from .export import export_parts, require_onnx
+        from ..export import export_parts, require_onnx
         require_onnx()
-        self.scale_factor, self.steps = scale_factor, steps
         lowres, apply = export_parts(efe, scale_factor, steps)
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()  # one thread knob, as numba's
@@ -69,4 +64,3 @@ class OnnxRuntimeFast:
         if denoise > 0:
             out = denoise_reference(images, out, r_low, denoise, config, self.steps)
         return out
-
