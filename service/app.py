@@ -17,7 +17,8 @@ from fastapi_offline import FastAPIOffline
 
 from model import Enhancer, __version__, load_model
 
-from . import errors, job_routes, page, routes, security
+from . import errors, job_routes, logs, page, routes, security
+from .factor_store import open_factor_store
 from .metrics import Metrics
 from .middleware import ServiceMiddleware
 from .runtime import Runtime
@@ -41,20 +42,25 @@ def create_app(settings: Settings | None = None, *, enhancer: Enhancer | None = 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         model = enhancer or await asyncio.to_thread(load_model, settings.checkpoint,
-                                                     settings.device)
+                                                     device=settings.device)
+        logs.startup(settings, model)
         runtime = Runtime(settings, model, metrics)
+        runtime.factors = open_factor_store(settings, metrics.registry)  # Redis when set
         app.state.runtime = runtime
         runtime.start()
         warm_up = asyncio.create_task(runtime.warm_up())
         try:
             yield
         finally:
-            log.info("shutting down: finishing %d queued images", runtime.batcher.depth)
+            log.info("shutting down: finishing %d queued images", runtime.batcher.depth,
+                     extra={"event": "shutdown", "queued": runtime.batcher.depth})
             await runtime.close()
             if not warm_up.done():
                 warm_up.cancel()
             with contextlib.suppress(BaseException):
                 await warm_up
+            await runtime.factors.close()
+            log.info("stopped", extra={"event": "stopped"})
 
     app = FastAPIOffline(title="sgz-serve", version=__version__, description=DESCRIPTION,
                          redoc_url=None, lifespan=lifespan,
@@ -68,7 +74,8 @@ def create_app(settings: Settings | None = None, *, enhancer: Enhancer | None = 
     # the routes to name requests by in metrics: the app's own (docs) and ours
     named = [r for r in app.router.routes if isinstance(getattr(r, "path", None), str)]
     ours = [*routes.router.routes, *job_routes.router.routes]
-    app.add_middleware(ServiceMiddleware, metrics=metrics, routes=named + ours, api_key=api_key)
+    app.add_middleware(ServiceMiddleware, metrics=metrics, routes=named + ours, api_key=api_key,
+                       log_requests=settings.log_format == "json")
     page.install(app)  # / and /static/: public, outside the key check, inside security
     security.install(app, settings)  # outside ServiceMiddleware: headers on its 401s too
     return app

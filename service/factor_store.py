@@ -5,13 +5,19 @@ never under a name the client chose: knowing or sending someone's `X-Request-ID`
 access to their map. Maps are kept at EFE's resolution, as
 `Enhancer.enhance(return_factor=True)` returns them, and upsampled only when asked for: with
 the published scale factor 12 that is 144x less memory than the full-size map. Bounded by
-count and by bytes; the oldest go first. Used from the event loop only, so it needs no lock.
+count, by bytes and by age; the oldest go first. Used from the event loop only, so it needs
+no lock.
+
+Two stores with one async interface (`save`, `load`, `status`, `close`), picked by
+`open_factor_store`: `FactorStore` in this process (the default), or with SGZ_REDIS_URL
+`RedisFactorStore` (service/redis_store.py), shared by every replica.
 
 A full-size float map is large (4K: 99.5 MB), so it is never built whole: `npy_strips` yields
 it in strips of about STRIP_BYTES, each computed when the client has taken the previous one.
 """
 import io
 import secrets
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,11 +46,33 @@ class StoredFactor:
         return upsample_factor(self.lowres[None], self.size)[0]
 
 
+class FactorStoreUnavailable(Exception):
+    """The shared store cannot be reached: GET /factor answers 503."""
+
+
+def new_factor_id() -> str:
+    return secrets.token_urlsafe(ID_BYTES)
+
+
+def open_factor_store(settings, registry=None):
+    """The store the settings ask for: Redis when SGZ_REDIS_URL is set, else in-process."""
+    if settings.redis_url:
+        from .redis_store import RedisFactorStore  # only then is the client imported
+        return RedisFactorStore.from_settings(settings, registry)
+    return FactorStore(settings.factor_store_items, settings.factor_store_bytes,
+                       ttl_s=settings.factor_ttl_s, max_map_bytes=settings.factor_map_max_bytes)
+
+
 class FactorStore:
-    def __init__(self, max_items: int, max_bytes: int):
+    backend = "memory"
+
+    def __init__(self, max_items: int, max_bytes: int, *, ttl_s: float | None = None,
+                 max_map_bytes: int | None = None):
         self.max_items = max_items
         self.max_bytes = max_bytes
-        self._items: OrderedDict[str, StoredFactor] = OrderedDict()
+        self.ttl_s = ttl_s
+        self.max_map_bytes = max_bytes if max_map_bytes is None else max_map_bytes
+        self._items: OrderedDict[str, tuple[StoredFactor, float]] = OrderedDict()
         self._bytes = 0
 
     def __len__(self) -> int:
@@ -57,23 +85,46 @@ class FactorStore:
     def put(self, lowres: torch.Tensor, size: tuple[int, int]) -> str | None:
         """Keep a map under a new unguessable id and return it; None when it can never fit."""
         entry = StoredFactor(lowres, tuple(size))
-        if self.max_items == 0 or entry.nbytes > self.max_bytes:
+        if self.max_items == 0 or entry.nbytes > min(self.max_bytes, self.max_map_bytes):
             return None
+        self._expire()
         while self._items and (len(self._items) >= self.max_items
                                or self._bytes + entry.nbytes > self.max_bytes):
             self._drop(next(iter(self._items)))
-        factor_id = secrets.token_urlsafe(ID_BYTES)
-        self._items[factor_id] = entry
+        factor_id = new_factor_id()
+        expires = time.monotonic() + self.ttl_s if self.ttl_s else float("inf")
+        self._items[factor_id] = (entry, expires)
         self._bytes += entry.nbytes
         return factor_id
 
     def get(self, factor_id: str) -> StoredFactor | None:
-        return self._items.get(factor_id)
+        self._expire()
+        found = self._items.get(factor_id)
+        return found[0] if found else None
+
+    def _expire(self) -> None:
+        """Drop the maps past their TTL: all at the front, since all live equally long."""
+        now = time.monotonic()
+        while self._items and next(iter(self._items.values()))[1] <= now:
+            self._drop(next(iter(self._items)))
 
     def _drop(self, factor_id: str) -> None:
-        entry = self._items.pop(factor_id, None)
-        if entry is not None:
-            self._bytes -= entry.nbytes
+        found = self._items.pop(factor_id, None)
+        if found is not None:
+            self._bytes -= found[0].nbytes
+
+    # The interface routes use, shared with RedisFactorStore.
+    async def save(self, lowres: torch.Tensor, size: tuple[int, int]) -> str | None:
+        return self.put(lowres, size)
+
+    async def load(self, factor_id: str) -> StoredFactor | None:
+        return self.get(factor_id)
+
+    async def status(self) -> dict:
+        return {"backend": self.backend, "available": True}
+
+    async def close(self) -> None:
+        pass
 
 
 def render_factor(entry: StoredFactor, fmt: str, full: bool) -> bytes:
@@ -120,7 +171,7 @@ def _source(size_in: int, size_out: int, start: int, stop: int):
 def full_npy_strip(entry: StoredFactor, y0: int, y1: int) -> bytes:
     """Rows [y0, y1) of `npy` at full size (the header first when y0 == 0): the upsampling of
     `StoredFactor.full` (to float rounding), from only the EFE rows they need. In NumPy, single
-    threaded: torch's thread pool made these small steps ~50x slower on a busy 2-core host."""
+    threaded: torch's thread pool is far slower on steps this small (docs/service.md, npy)."""
     height, width = entry.size
     low = entry.lowres.permute(1, 2, 0).numpy()  # (h, w, 3)
     top, below, ty = _source(low.shape[0], height, y0, y1)

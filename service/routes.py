@@ -8,8 +8,8 @@ from model.enhancer import DENOISE, MAX_DENOISE, parse_exposure
 from model.imageio import MEDIA_TYPES, encode_image, output_format, tensor_to_rgb
 
 from .errors import ApiError
-from .factor_store import (StoredFactor, full_npy_length, full_npy_strip, npy_strips,
-                           render_factor)
+from .factor_store import (FactorStoreUnavailable, StoredFactor, full_npy_length,
+                           full_npy_strip, npy_strips, render_factor)
 from .inference import ENHANCE, FACTOR, Work
 from .runtime import Runtime, Timing
 from .uploads import IMAGE_BODY
@@ -28,7 +28,7 @@ ERRORS = {code: {"description": text} for code, text in {
     415: "not an image, or not a format this service reads",
     422: "a query parameter out of range",
     503: "queue full or not ready: retry after Retry-After seconds",
-    504: "the request's deadline (SGZ_REQUEST_TIMEOUT_S) passed while queued",
+    504: "the request's deadline (SGZ_REQUEST_TIMEOUT_S) passed, queued or being computed",
 }.items()}
 
 
@@ -81,7 +81,7 @@ async def enhance(
     rt.check_ready()
     decoded, tensor = await rt.receive_image(request, timing)
     out = await rt.infer(request, Work(tensor, strength, ENHANCE, denoise, level), timing)
-    factor_id = rt.factors.put(out.factor_lowres, tuple(tensor.shape[-2:]))
+    factor_id = await rt.factors.save(out.factor_lowres, tuple(tensor.shape[-2:]))
     fmt = output_format(format, decoded.format)
     body = await rt.encode(_encode, out.image, decoded, fmt, quality, timing=timing)
     return Response(body, media_type=MEDIA_TYPES[fmt],
@@ -99,7 +99,8 @@ def _factor_header(factor_id: str | None) -> dict[str, str]:
 @router.get("/factor/{factor_id}", response_class=Response,
             responses={200: {"content": {m: {} for m in FACTOR_MEDIA.values()},
                              "description": "PNG picture or float32 .npy (h, w, 3)"},
-                       404: {"description": "unknown or evicted factor id"}})
+                       404: {"description": "unknown or evicted factor id"},
+                       503: {"description": "the shared factor store (Redis) is unreachable"}})
 async def get_factor(request: Request,
                      factor_id: Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]+$",
                                                     max_length=128)],
@@ -108,12 +109,17 @@ async def get_factor(request: Request,
     that answer carried: a picture where darker means a lower factor (paper Fig. 3), or with
     `?format=npy` the float32 map in [-1, 1]."""
     rt = runtime(request)
-    entry = rt.factors.get(factor_id)
+    try:
+        entry = await rt.factors.load(factor_id)
+    except FactorStoreUnavailable:
+        raise ApiError(503, "factor_store_unavailable", "the store of factor maps (Redis) "
+                       "cannot be reached; retry later",
+                       {"Retry-After": str(rt.settings.retry_after_s)}) from None
     if entry is None:
         raise ApiError(404, "unknown_factor_id",
-                       "no factor map with this id: unknown, or evicted from the store of "
-                       "recent maps (SGZ_FACTOR_STORE_ITEMS / _BYTES); the id is the "
-                       "X-Factor-ID header of the /enhance or /factor answer")
+                       "no factor map with this id: unknown, expired or evicted from the store "
+                       "of recent maps (SGZ_FACTOR_TTL_S, SGZ_FACTOR_STORE_ITEMS / _BYTES); "
+                       "the id is the X-Factor-ID header of the /enhance or /factor answer")
     return await _factor_response(rt, entry, format, size, factor_id)
 
 
@@ -128,7 +134,7 @@ async def post_factor(request: Request, format: FactorFormat = "png",
     _, tensor = await rt.receive_image(request, timing)
     out = await rt.infer(request, Work(tensor, 1.0, FACTOR), timing)
     entry = StoredFactor(out.factor_lowres, tuple(tensor.shape[-2:]))
-    factor_id = rt.factors.put(entry.lowres, entry.size)
+    factor_id = await rt.factors.save(entry.lowres, entry.size)
     response = await _factor_response(rt, entry, format, size, factor_id, timing)
     response.headers["Server-Timing"] = timing.header()
     response.headers.update(_factor_header(factor_id))
@@ -164,7 +170,9 @@ async def readyz(request: Request, with_key: Authorized):
     if rt is None or not rt.ready:
         return JSONResponse({"error": "not_ready", "detail": "loading, warming up or shutting "
                              "down"}, status_code=503)
-    ready = {"status": "ready", "device": str(rt.enhancer.device)}
+    # a shared store that is down leaves the replica ready: it still enhances (docs/scaling.md)
+    ready = {"status": "ready", "device": str(rt.enhancer.device),
+             "factor_store": await rt.factors.status()}
     return {**ready, "checkpoint_sha256": rt.enhancer.sha256} if with_key else ready
 
 

@@ -32,9 +32,8 @@ class Settings(BaseSettings):
     # Micro-batching (see service/batching.py).
     max_batch_size: int = Field(16, ge=1, description="images per forward pass")
     # 8 Mi pixels: a batch's uint8 input and output (3 bytes a pixel) stay under glibc's 32 MB
-    # mmap threshold, so their memory is reused from the heap; at 16 Mi every batch of large
-    # photos page-faulted fresh memory in (mixed photos, 32 clients: 736 vs 108 page faults
-    # and 17.1 vs 14.9 ms CPU per request, docs/performance.md).
+    # mmap threshold, so their memory is reused rather than page-faulted in fresh every batch
+    # (docs/performance.md, "Batches of at most 8 Mi pixels")
     max_batch_pixels: int = Field(8 * MiB, ge=1, description="pixels per forward pass (an "
                                   "image larger than this still runs, alone)")
     max_wait_ms: float = Field(5.0, ge=0, description="longest a request waits, from its "
@@ -46,8 +45,8 @@ class Settings(BaseSettings):
     max_queue_size: int = Field(256, ge=1, description="images waiting for a forward pass; "
                                 "beyond this requests get 503 at once")
     request_timeout_s: float = Field(30.0, gt=0, description="deadline from the end of the "
-                                     "upload; a request still queued then gets 504 and is "
-                                     "never computed")
+                                     "upload; the request then gets 504: still queued, it is "
+                                     "never computed; in a running batch, its result is dropped")
     retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 503")
 
     # Input limits.
@@ -56,9 +55,20 @@ class Settings(BaseSettings):
     max_pixels: int = Field(16 * MiB, ge=1, description="decoded image size, checked before "
                             "decompressing (413 beyond)")
 
-    # Recent factor maps for GET /factor/{factor_id} (stored at EFE's low resolution).
+    # Recent factor maps for GET /factor/{factor_id} (stored at EFE's low resolution), in this
+    # process or, with redis_url, in Redis shared by all replicas (docs/scaling.md). The
+    # bounds are per process in memory, for all replicas together in Redis.
     factor_store_items: int = Field(1024, ge=0)
     factor_store_bytes: int = Field(64 * MiB, ge=0)
+    factor_ttl_s: float = Field(3600.0, gt=0, description="how long a factor map is kept")
+    # a 16 Mi-pixel image's map is 1.4 MB; larger values would stall Redis's single thread
+    factor_map_max_bytes: int = Field(4 * MiB, ge=0, description="a larger map is not kept "
+                                      "(the answer then has no X-Factor-ID)")
+    redis_url: SecretStr | None = Field(None, description="redis://[:password@]host:port/db: "
+                                        "keep factor maps in Redis, shared by every replica; "
+                                        "unset = in this process")
+    redis_timeout_s: float = Field(0.25, gt=0, description="connect and reply timeout of each "
+                                   "Redis call; a Redis that fails one is left alone for 1 s")
 
     # Browsers (service/security.py).
     cors_origins: str | None = Field(None, description="comma-separated origins allowed to "
@@ -135,6 +145,8 @@ class Settings(BaseSettings):
     trim_idle_s: float = Field(2.0, ge=0, description="after this long with no batch, give "
                                "freed memory back to the kernel (glibc malloc_trim); 0 = never")
     log_level: str = Field("info", pattern="^(critical|error|warning|info|debug|trace)$")
+    log_format: str = Field("text", pattern="^(text|json)$", description="json: one JSON "
+                            "object per line, one line per request (docs/observability.md)")
 
 
 def unknown_variables(environ=os.environ) -> list[str]:
