@@ -297,6 +297,6 @@ def run(args: argparse.Namespace) -> int:
             bar.close()
             print("sgz enhance: interrupted", file=sys.stderr)
             return 130
-    for e in walk_errors:
-        state.fail(Path(e.filename or "?"), f"cannot list folder: {e.strerror or e}")
+    for err in walk_errors:
+        state.fail(Path(err.filename or "?"), f"cannot list folder: {err.strerror or err}")
     return state.summary(time.perf_counter() - start, args.inputs)

@@ -24,7 +24,9 @@ from .ray_jobs import Place, is_uri
 LOCAL = "local"  # --ray without ADDRESS: a Ray instance of our own on this machine
 OBJECT_STORE = 512 * 2**20  # bytes; compressed images in flight between readers and actors
 MAX_THREADS = 4  # numba threads per CPU actor: larger images scale to about this many cores
-MAX_BLOCKS = 200  # blocks of job rows: enough to spread reads, few enough to schedule cheaply
+# rows of jobs per block: each block is a read task and an actor call, tens of ms of Ray's
+# overhead that a small image does not pay back; yet at least a few blocks per actor
+ROWS_PER_BLOCK, MAX_BLOCKS = 32, 200
 READ_TASKS = 4  # reads run ahead of the actors; more only fills the object store
 ADDRESS = re.compile(r"^(auto|local|ray://[^\s/]+(:\d+)?/?|[\w.-]+:\d+)$")
 EXIT_FAILED_FILES, EXIT_USAGE = 1, 2
@@ -71,10 +73,10 @@ def run(args: argparse.Namespace) -> int:
         for p in (out, factor):
             if p is not None:
                 p.fs.create_dir(p.path, recursive=True)
+        plan = ray_jobs.plan(places, out, factor, args)
     except (OSError, ValueError) as e:  # pyarrow: unknown scheme, no credentials, bad bucket
         print(f"sgz enhance: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    plan = ray_jobs.plan(places, out, factor, args)
     for row in plan.failed:
         _fail(plan, row["src"], row["error"])
     if not plan.jobs:
@@ -166,11 +168,14 @@ def _actors(args) -> tuple[int, dict, str]:
 def _execute(plan, places, out, factor, args, pool: tuple[int, dict, str]) -> int:
     """Run the jobs on Ray Data, reporting failures as they come; the number written."""
     import ray.data
+    import ray.exceptions
     from tqdm import tqdm
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # a plan, progress lines, hints
     n, res, where = pool
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours below: one bar
-    blocks = max(1, min(len(plan.jobs), MAX_BLOCKS))
+    jobs = len(plan.jobs)
+    blocks = max(-(-jobs // ROWS_PER_BLOCK), min(-(-jobs // ray_jobs.BATCH), 4 * n))
+    blocks = max(1, min(blocks, MAX_BLOCKS))
     ds = ray.data.from_items(plan.jobs, override_num_blocks=blocks)
     # reading holds no CPU: it waits on storage, while the actors own the cores
     ds = ds.map(ray_jobs.read_row, fn_kwargs={"places": places}, num_cpus=0,
@@ -185,13 +190,18 @@ def _execute(plan, places, out, factor, args, pool: tuple[int, dict, str]) -> in
     done = 0
     with tqdm(total=len(plan.jobs), unit="file", desc=f"enhance on Ray ({where})",
               file=sys.stderr, dynamic_ncols=True) as bar:
-        for row in ds.iter_rows():
-            if row["error"]:
-                bar.clear()
-                _fail(plan, row["src"], row["error"])
-            else:
-                done += 1
-            bar.update(1)
+        try:
+            for row in ds.iter_rows():
+                if row["error"]:
+                    bar.clear()
+                    _fail(plan, row["src"], row["error"])
+                else:
+                    done += 1
+                bar.update(1)
+        except ray.exceptions.RayError as e:  # an actor died (killed, out of memory), ...
+            bar.clear()
+            _fail(plan, "the Ray job", f"stopped: {str(e).splitlines()[0]}; what was written "
+                  "stays, and a rerun resumes")
     return done
 
 

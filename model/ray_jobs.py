@@ -9,6 +9,7 @@ import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 MAX_FILE_BYTES = 256 * 2**20  # refused unread: more than any photo Pillow's pixel limit allows
 COPY_CHUNK = 8 * 2**20
@@ -23,7 +24,7 @@ def is_uri(text) -> bool:
 @dataclass
 class Place:
     """A folder or file on a pyarrow filesystem: a local path or a URI."""
-    fs: object
+    fs: Any  # a pyarrow.fs.FileSystem
     path: str
     local: bool
     label: str  # as the user wrote it, for messages
@@ -33,8 +34,8 @@ class Place:
         from pyarrow import fs
         if not is_uri(target):
             return cls(fs.LocalFileSystem(), os.path.abspath(target), True, str(target))
-        filesystem, path = fs.FileSystem.from_uri(target)
-        return cls(filesystem, path, isinstance(filesystem, fs.LocalFileSystem), target)
+        filesystem, path = fs.FileSystem.from_uri(str(target))
+        return cls(filesystem, path, isinstance(filesystem, fs.LocalFileSystem), str(target))
 
     def join(self, rel: str) -> str:
         return posixpath.join(self.path, rel) if rel else self.path
@@ -60,8 +61,8 @@ def plan(places: list[Place], out: Place, factor: Place | None, args) -> Plan:
 
     def done(row: dict, kind: str) -> bool:
         if kind == "video":
-            want = [video_cli.output_path(PurePosixPath(), PurePosixPath(row["name"]),
-                                          PurePosixPath(row["path"]), args.codec).as_posix()]
+            want = [video_cli.output_path(Path(), Path(row["name"]), Path(row["path"]),
+                                          args.codec).as_posix()]
         else:
             want = [row["name"] + "." + args.format] * len(outputs)
         return all(w in have for w, have in zip(want, existing))
@@ -94,12 +95,13 @@ def _files(place: Place) -> set[str]:
 def _rows(places: list[Place], outputs: list[Place]):
     """`enhance_cli.iter_jobs` over pyarrow filesystems, with its naming functions."""
     from pyarrow import fs
+
     from .enhance_cli import _dedupe, _file_names
     infos = [p.fs.get_file_info(p.path) for p in places]
     dirs = [i.type == fs.FileType.Directory for i in infos]
     files = [i for i, d in enumerate(dirs) if not d]
     folders = [i for i, d in enumerate(dirs) if d]
-    names = dict(zip(files, _file_names([PurePosixPath(places[i].path) for i in files])))
+    names = dict(zip(files, _file_names([Path(places[i].path) for i in files])))
     names.update(zip(folders, _dedupe([_folder_name(places[i]) for i in folders])))
     for i, (place, info) in enumerate(zip(places, infos)):
         if dirs[i] and "" in _inside(place, outputs):
@@ -135,6 +137,7 @@ def _inside(root: Place, outputs: list[Place]) -> list[str]:
 
 def _walk(i: int, place: Place, base: str, outputs: list[Place]):
     from pyarrow import fs
+
     from .enhance_cli import _file_names
     skip = _inside(place, outputs)
     try:
@@ -142,16 +145,16 @@ def _walk(i: int, place: Place, base: str, outputs: list[Place]):
     except OSError as e:
         yield _row(i, place, "", "", 0, f"cannot list folder: {e}")
         return
-    by_dir: dict[str, list[str]] = defaultdict(list)
-    for e in entries:
-        rel = posixpath.relpath(e.path, place.path)
-        if e.type != fs.FileType.File or any(s.startswith(".") for s in rel.split("/")) \
+    by_dir: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    for info in entries:
+        rel = posixpath.relpath(info.path, place.path)
+        if info.type != fs.FileType.File or any(s.startswith(".") for s in rel.split("/")) \
                 or any(rel.startswith(s + "/") for s in skip):
             continue
-        by_dir[posixpath.dirname(rel)].append((posixpath.basename(rel), e.size))
+        by_dir[posixpath.dirname(rel)].append((posixpath.basename(rel), info.size))
     for d in sorted(by_dir):
-        entries = sorted(by_dir[d])
-        for (f, size), name in zip(entries, _file_names([PurePosixPath(f) for f, _ in entries])):
+        files = sorted(by_dir[d])
+        for (f, size), name in zip(files, _file_names([Path(f) for f, _ in files])):
             yield _row(i, place, posixpath.join(d, f), posixpath.join(base, d, name), size)
 
 
@@ -202,15 +205,18 @@ class Worker:
         if threads:
             _limit_threads(threads)
         self.enhancer = load_model(checkpoint, device=device)
-        self.options, self.places, self.outputs = options, places, [out, factor]
+        self.options, self.places, self.out = options, places, out
+        self.outputs = [out, factor]
         ns = argparse.Namespace(output=Path(), factor_dir=Path() if factor else None, **options)
         self.run = Run(ns, self.enhancer, None)  # its enhance(): the same pixels and encoders
 
     def __call__(self, batch):
         """As `sgz enhance` does: the next image decodes and the last one encodes and is
         written in threads while the model runs on this one."""
-        import pyarrow as pa
         from concurrent.futures import ThreadPoolExecutor
+
+        import pyarrow as pa
+
         from .enhance_cli import Job, prefetch
         rows = batch.to_pylist()
         errors: list = [""] * len(rows)
@@ -264,9 +270,9 @@ class Worker:
         from . import video_cli
         from .video import enhance_video
         from .videoio import Cancelled, EncoderOptions, VideoError
-        o, out, src = self.options, self.outputs[0], self.places[row["place"]]
-        rel = video_cli.output_path(PurePosixPath(), PurePosixPath(row["name"]),
-                                    PurePosixPath(row["path"]), o["codec"]).as_posix()
+        o, out, src = self.options, self.out, self.places[row["place"]]
+        rel = video_cli.output_path(Path(), Path(row["name"]), Path(row["path"]),
+                                    o["codec"]).as_posix()
         with tempfile.TemporaryDirectory(prefix="sgz-ray-") as tmp:
             try:
                 path = row["path"] if src.local else _copy(src.fs, row["path"], None,
