@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-
 SIZES = "600x400,1200x900,1920x1080,3840x2160"
 VIDEO_SIZES = "1280x720,1920x1080"
 PARTS = ("model", "http", "video")
@@ -90,7 +89,8 @@ def bench(args: argparse.Namespace) -> int:
     from .http_bench import SERVERS
     from .http_cases import enhance_kwargs, parse_cases
 
-    checkpoint = args.checkpoint or (str(DEFAULT_CHECKPOINT) if DEFAULT_CHECKPOINT.is_file() else None)
+    default = str(DEFAULT_CHECKPOINT) if DEFAULT_CHECKPOINT.is_file() else None
+    checkpoint = args.checkpoint or default
     if checkpoint is None or not Path(checkpoint).is_file():
         print(f"sgz bench: checkpoint {checkpoint or DEFAULT_CHECKPOINT} not found; "
               "pass --checkpoint PATH", file=sys.stderr)
@@ -127,7 +127,8 @@ def bench(args: argparse.Namespace) -> int:
                "command": "sgz bench " + " ".join(sys.argv[2:])}
     m = results["machine"]
     gpu = f", GPU {m['gpu']} (the model runs there)" if "gpu" in m else ""
-    print(f"machine: {m['cores']} cores{gpu}, torch {m['torch']} with {m['torch_threads']} threads, "
+    print(f"machine: {m['cores']} cores{gpu}, torch {m['torch']} "
+          f"with {m['torch_threads']} threads, "
           f"load average {m['load_avg_1m']:.1f} at start (other processes share the cores: "
           "compare the ratios, which are measured side by side)", flush=True)
     if "model" in parts:
@@ -178,7 +179,10 @@ def machine(device: str = "cpu") -> dict:
 def table(header: list[str], rows: list[list]) -> str:
     cells = [header] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |"
+
+    def line(r):
+        return "| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |"
+
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|",
                       *map(line, cells[1:])])
 
@@ -196,7 +200,7 @@ def model_table(res: dict) -> str:
         row = [f"{w}x{h}", b]
         row += [f"{_ms(got[p]['ms_per_image'])} ({got[p]['images_per_s']:.0f})" if p in got else "-"
                 for p in paths]
-        row += [f"{got[p]['ms_per_image'] / got['fast']['ms_per_image']:.{2 if p == 'denoise' else 1}f}x"
+        row += [_ratio(got[p]["ms_per_image"] / got["fast"]["ms_per_image"], p)
                 if p in got and "fast" in got else "-" for p in paths if p != "fast"]
         fl = floors[(w, h)]
         row += [_ms(fl), f"{got['fast']['ms_per_image'] / fl:.1f}x" if "fast" in got else "-"]
@@ -213,6 +217,11 @@ def model_table(res: dict) -> str:
 def _ms(ms: float) -> str:
     """Milliseconds with three significant figures below 1 ms (GPU cells), else one decimal."""
     return f"{ms:.1f}" if ms >= 1 else f"{ms:.3g}"
+
+
+def _ratio(x: float, path: str) -> str:
+    """A path's time over the fast path's, as a factor: two decimals for denoise, else one."""
+    return f"{x:.{2 if path == 'denoise' else 1}f}x"
 
 
 def http_table(res: dict) -> str:
@@ -281,7 +290,10 @@ def video_table(res: dict) -> str:
              f"encoder: {enc['codec']} crf {enc['crf']} preset {enc['preset']}; clips: "
              f"{res['clip']['frames']} frames at {res['clip']['fps']} fps, a dark pan over "
              f"sice-real/{res['clip']['photo']} (bench/video_clips.py)"]
-    each = lambda xs: " ".join(f"{x:.2f}" for x in xs)
+
+    def each(xs):
+        return " ".join(f"{x:.2f}" for x in xs)
+
     for r in res["rows"]:
         if r["path"] != "temporal":
             continue
@@ -289,6 +301,7 @@ def video_table(res: dict) -> str:
                 f"({each(r['x_transcode_rounds'])}), {r['x_transcode_out']:.2f}x "
                 f"transcode-out ({each(r['x_transcode_out_rounds'])})")
         if (r["width"], r["height"]) == (1280, 720):
-            line += f"; criterion <= 1.5x transcode: {'met' if r['x_transcode'] <= 1.5 else 'NOT met'}"
+            met = "met" if r["x_transcode"] <= 1.5 else "NOT met"
+            line += f"; criterion <= 1.5x transcode: {met}"
         notes.append(line)
     return table(header, rows) + "\n" + "\n".join(notes)

@@ -224,7 +224,8 @@ def run_http_bench(checkpoint: str, shared: Path, servers, concurrencies, durati
         running = _start(servers, checkpoint, tmp, device, ready_timeout, results, log, query)
         try:
             for r in range(rounds):
-                for i, (ce, c) in enumerate((ce, c) for ce in results["cases"] for c in concurrencies):
+                pairs = ((ce, c) for ce in results["cases"] for c in concurrencies)
+                for i, (ce, c) in enumerate(pairs):
                     order = results["servers"] if (r + i) % 2 == 0 else results["servers"][::-1]
                     folder = tmp / f"case{results['cases'].index(ce)}"
                     for entry in order:

@@ -65,8 +65,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--query", default="", help="enhance options as sgz serve's query string")
     args = p.parse_args()
-    server = ls.LitServer(EnhanceAPI(args.checkpoint, args.query), accelerator=args.device, devices=1,
-                          workers_per_device=1, timeout=120)
+    server = ls.LitServer(EnhanceAPI(args.checkpoint, args.query), accelerator=args.device,
+                          devices=1, workers_per_device=1, timeout=120)
     server.run(host="127.0.0.1", port=args.port, num_api_servers=1, log_level="warning",
                generate_client_file=False)
 

@@ -1,7 +1,8 @@
 """Part 1: the model step, uint8 pixels in, uint8 pixels out, for up to four implementations,
 each in a process of its own (see run_model_bench):
 
-  fast       `load_model(...)`: the default backend, "auto" (model/backends/: numba on CPU, Triton on CUDA),
+  fast       `load_model(...)`: the default backend, "auto" (model/backends/: numba on CPU,
+             Triton on CUDA),
              EFE + RIE alone (`denoise=0, exposure=None`), the same work as the baselines
   denoise    the same path as `enhance` runs by default: + exposure "auto" and denoising
   torch      `load_model(..., backend="torch")`: the same formulation in plain torch ops
@@ -21,7 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +67,8 @@ def published_step(net: PublishedSGZ, hwc: np.ndarray | torch.Tensor) -> torch.T
         x = hwc / 255.0
     else:
         x = torch.from_numpy(hwc / 255.0).float()
-    h, w = (x.shape[1] // PUBLISHED_SCALE) * PUBLISHED_SCALE, (x.shape[2] // PUBLISHED_SCALE) * PUBLISHED_SCALE
+    h = (x.shape[1] // PUBLISHED_SCALE) * PUBLISHED_SCALE
+    w = (x.shape[2] // PUBLISHED_SCALE) * PUBLISHED_SCALE
     x = x[:, :h, :w, :].permute(0, 3, 1, 2)
     with torch.no_grad():
         y, _ = net(x)
@@ -99,7 +101,7 @@ def _rgb(path: Path) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _size(path: Path) -> tuple[int, int]:
     with Image.open(path) as im:
         return im.size
@@ -129,7 +131,8 @@ def paths_for(checkpoint: str, names: list[str], device: str = "cpu") -> dict:
             make[name] = lambda hwc, t, e=enhancer, o=options, f=layout: e.enhance(
                 f(hwc) if f else t, **o)
     if "published" in names:
-        ref = load_model(checkpoint, backend="eager", device="cpu")  # reads either checkpoint format
+        # reads either checkpoint format
+        ref = load_model(checkpoint, backend="eager", device="cpu")
         net = PublishedSGZ(ref.efe.state_dict()).eval().to(device)
         make["published"] = lambda hwc, t: published_step(net, hwc)
     return make
@@ -143,8 +146,9 @@ def run_model_bench(checkpoint: str, shared: Path, sizes, batches, names, repeat
     """Each path runs in its own process (`python -m bench.model_bench`), one path after the
     other, four times over. In one process the paths disturbed each other: PyTorch's OpenMP workers
     keep spinning after an eager call, and numba's and PyTorch's thread pools fought for the
-    cores (docs/performance.md, "How it is measured"). Up to `repeats` timed calls per path and cell; fewer (at least 3) once a cell
-    has taken `cell_budget_s`, so slow baselines at 4K do not stretch the run to an hour."""
+    cores (docs/performance.md, "How it is measured"). Up to `repeats` timed calls per path and
+    cell; fewer (at least 3) once a cell has taken `cell_budget_s`, so slow baselines at 4K do
+    not stretch the run to an hour."""
     times: dict[tuple, list[float]] = {}
     for r in range(ROUNDS):
         share = repeats // ROUNDS + (r < repeats % ROUNDS)
@@ -202,7 +206,8 @@ def time_path(name: str, checkpoint: str, shared: Path, sizes, batches, repeats:
             f(hwc, nchw)
             sync()
             ts, start = [], time.perf_counter()
-            while len(ts) < repeats and (len(ts) < 2 or time.perf_counter() - start < cell_budget_s):
+            while len(ts) < repeats and (len(ts) < 2
+                                         or time.perf_counter() - start < cell_budget_s):
                 t0 = time.perf_counter()
                 f(hwc, nchw)
                 sync()
@@ -239,7 +244,8 @@ def work(width: int, height: int) -> dict:
     values = width * height * 3
     # per value: u8 -> float and /255 (2), bilinear factor upsample (6), 8 RIE steps of
     # x*x, -x, *r, +x (32: Eq. 1), clamp and *255 and round (4)
-    flops = 2 * efe_macs(round(height / PUBLISHED_SCALE), round(width / PUBLISHED_SCALE)) + values * 44
+    macs = efe_macs(round(height / PUBLISHED_SCALE), round(width / PUBLISHED_SCALE))
+    flops = 2 * macs + values * 44
     return {"flops": flops, "bytes": 2 * values}  # read the uint8 image once, write it once
 
 

@@ -47,7 +47,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--query", default="", help="enhance options as sgz serve's query string")
     args = p.parse_args()
-    uvicorn.run(create_app(args.checkpoint, args.device, args.query), host="127.0.0.1", port=args.port, log_level="warning")
+    uvicorn.run(create_app(args.checkpoint, args.device, args.query), host="127.0.0.1",
+                port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

@@ -111,8 +111,8 @@ class Nginx:
         self.dir.chmod(0o755)  # as root, the workers run as nobody and buffer bodies in here
         conf = self.dir / "nginx.conf"
         conf.write_text(render_nginx(upstreams, self.port, self.dir))
-        cmd = [binary("nginx"), "-p", str(self.dir), "-c", str(conf), "-e", str(self.dir / "error.log"),
-               "-g", "daemon off;"]
+        cmd = [binary("nginx"), "-p", str(self.dir), "-c", str(conf),
+               "-e", str(self.dir / "error.log"), "-g", "daemon off;"]
         check = subprocess.run([*cmd[:-2], "-t"], capture_output=True, text=True)
         if check.returncode != 0:
             raise RuntimeError(f"nginx -t refused the rendered config:\n{check.stderr}")

@@ -36,6 +36,7 @@ WARM_FRAMES = 8  # the untimed warm-up clip: two batches of the pipeline
 def run_video_bench(checkpoint: str, shared: Path, sizes, frames: int, rounds: int = 3,
                     log=print, device: str = "cpu") -> dict:
     from model.video import EncoderOptions
+
     from .video_clips import LEVEL, PHOTO, bench_clip
     clips = {}
     for w, h in sizes:
@@ -100,6 +101,7 @@ def image_loop(enhancer, src, dst, encoder) -> dict:
     """The serial loop a user would write with PyAV and `Enhancer.enhance`, stage times kept
     like the pipeline's (here they add up to the wall time: nothing overlaps)."""
     import av
+
     from model.videoio import CODECS
     start = time.perf_counter()
     busy = {"decode_s": 0.0, "model_s": 0.0, "encode_s": 0.0}

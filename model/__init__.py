@@ -1,7 +1,12 @@
 """SGZ low-light enhancement: EFE (factor extraction) + RIE (recurrent enhancement)."""
-from .checkpoint import (DEFAULT_CHECKPOINT, Checkpoint, CheckpointError, load_checkpoint,
-                         save_checkpoint)
 from .backends import available_backends
+from .checkpoint import (
+    DEFAULT_CHECKPOINT,
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .efe import EFE, EFEConfig
 from .enhancer import Enhancer, load_model
 from .resample import downscale, upsample_factor

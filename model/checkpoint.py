@@ -50,6 +50,7 @@ class Checkpoint:
     @property
     def level(self) -> bool:
         """Whether the network has our level gain (model/efe.py): EFE(level=...)."""
+        assert self.efe is not None  # set in __post_init__
         return self.efe.level
 
 
@@ -129,6 +130,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     else:
         raise CheckpointError(f"checkpoint {path}: neither an sgz-serve checkpoint nor a raw "
                               f"EFE state dict (keys: {[str(k) for k in obj][:6]})")
+    assert ckpt.efe is not None  # set in Checkpoint.__post_init__
     check_state_dict(ckpt.state_dict, path, ckpt.efe)
     return ckpt
 

@@ -70,9 +70,10 @@ def noise_sigma(images: torch.Tensor, cell: int, quantile: float = 0.25) -> torc
     rows = torch.from_numpy(noise_rows(H, cell)).to(images.device)
     up, mid, down = (lum.index_select(1, rows + d) for d in (-1, 0, 1))
     k = torch.tensor([1.0, -2.0, 1.0], device=images.device)
-    conv = sum(k[i] * F.conv1d(t.reshape(-1, 1, W), k.view(1, 1, 3)).reshape(n, len(rows), W - 2)
-               for i, t in enumerate((up, mid, down)))
-    conv = F.pad(conv.abs(), (1, 1 + (-W) % NOISE_BLOCK))          # x = 0 .. W-1, then zeros
+    c_up, c_mid, c_down = (
+        k[i] * F.conv1d(t.reshape(-1, 1, W), k.view(1, 1, 3)).reshape(n, len(rows), W - 2)
+        for i, t in enumerate((up, mid, down)))
+    conv = F.pad((c_up + c_mid + c_down).abs(), (1, 1 + (-W) % NOISE_BLOCK))  # x = 0..W-1, zeros
     blocks = conv.reshape(n, len(rows), -1, NOISE_BLOCK).sum(3) * IMMERKAER
     return _block_quantile(blocks, W, quantile)
 

@@ -124,4 +124,5 @@ class EFE(nn.Module):
             if isinstance(m, nn.Conv2d):
                 with torch.no_grad():
                     m.weight.normal_(0.0, std, generator=generator)
+                    assert m.bias is not None  # every EFE convolution has a bias
                     m.bias.zero_()

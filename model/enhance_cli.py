@@ -10,20 +10,30 @@ import os
 import sys
 import time
 from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError
-from .enhancer import load_model
-from .enhance_options import add_quality_options, quality as _quality
-from .imageio import (FORMATS, IMAGE_SUFFIXES, DecodedImage, ImageDecodeError, ImageTooLarge,
-                      decode_image, encode_image, factor_to_picture, tensor_to_rgb)
-from .rie import upsample_factor
 from . import ray_enhance, video_cli
+from .checkpoint import CheckpointError
+from .enhance_options import add_quality_options
+from .enhance_options import quality as _quality
+from .enhancer import load_model
+from .imageio import (
+    FORMATS,
+    IMAGE_SUFFIXES,
+    DecodedImage,
+    ImageDecodeError,
+    ImageTooLarge,
+    decode_image,
+    encode_image,
+    factor_to_picture,
+    tensor_to_rgb,
+)
+from .rie import upsample_factor
 
 IN_FLIGHT = 2  # images decoded ahead of the model, and encoded behind it
 EXIT_FAILED_FILES = 1

@@ -92,6 +92,7 @@ class Enhancer:
         self.checkpoint = checkpoint
         self.device = device
         self.scale_factor = checkpoint.scale_factor
+        assert checkpoint.efe is not None  # set in Checkpoint.__post_init__
         self.efe = EFE.from_config(checkpoint.efe)
         self.efe.load_state_dict(checkpoint.state_dict)
         self.efe.eval().requires_grad_(False).to(device)

@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError
-from .enhancer import (AUTO_EXPOSURE, AUTO_MAX_LIFT, DENOISE, Enhancer, check_options,
-                       load_model)
+from .enhancer import AUTO_EXPOSURE, AUTO_MAX_LIFT, DENOISE, Enhancer, check_options, load_model
 from .exposure import ITERATIONS, MAX_SAMPLES
 from .onnx_graph import ApplyFactor, EnhanceGraph, FactorLowres
 from .onnx_stages import Denoise, ExposureShift
@@ -54,7 +53,9 @@ def to_onnx(module: torch.nn.Module, inputs: tuple, input_names: list[str],
     buf = io.BytesIO()
     with warnings.catch_warnings():  # TracerWarnings and the exporter's deprecation notice
         warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), inputs, buf, dynamo=False, opset_version=opset,
+        # the TorchScript exporter writes to a file object too; torch's stub types `f` as a path
+        torch.onnx.export(module.eval(), inputs, buf,  # type: ignore[arg-type]
+                          dynamo=False, opset_version=opset,
                           input_names=input_names, output_names=output_names,
                           dynamic_axes=dynamic)
     return buf.getvalue()
@@ -201,7 +202,8 @@ def _opset(text: str) -> int:
         value = int(text)
     except ValueError:
         value = None
-    if value not in OPSETS:  # checked here: the exporter's own refusal dumps its whole IR
+    # checked here: the exporter's own refusal dumps its whole IR
+    if value is None or value not in OPSETS:
         raise argparse.ArgumentTypeError(f"must be an integer in {OPSETS[0]}-{OPSETS[-1]}, "
                                          f"got {text!r}")
     return value

@@ -30,8 +30,8 @@ def samples(images: torch.Tensor, h: int, w: int) -> tuple[np.ndarray, int]:
     if images.device.type == "cpu":  # numpy, not torch: see apply_exposure
         px = images.numpy()[:, :, ys][:, :, :, xs]
     else:  # only the samples leave the GPU
-        ys, xs = (torch.from_numpy(t).to(images.device) for t in (ys, xs))
-        px = images.index_select(2, ys).index_select(3, xs).cpu().numpy()
+        ty, tx = (torch.from_numpy(t).to(images.device) for t in (ys, xs))
+        px = images.index_select(2, ty).index_select(3, tx).cpu().numpy()
     return px.astype(np.float32) / np.float32(255), step
 
 

@@ -150,7 +150,8 @@ def _high_depth_to_rgb(img: Image.Image) -> np.ndarray:
 def _palette_is_gray(img: Image.Image) -> bool:
     pal = img.getpalette() or []
     rgb = np.asarray(pal[: len(pal) // 3 * 3]).reshape(-1, 3)
-    return bool(len(rgb)) and bool((rgb[:, 0] == rgb[:, 1]).all() and (rgb[:, 1] == rgb[:, 2]).all())
+    return bool(len(rgb)) and bool((rgb[:, 0] == rgb[:, 1]).all()
+                                   and (rgb[:, 1] == rgb[:, 2]).all())
 
 
 def tensor_to_rgb(t: torch.Tensor) -> np.ndarray:

@@ -157,7 +157,8 @@ def _pointwise4(p, q, r, t, d, bp, bq, br, bt, ap, aq, ar, at, n):
             at[j] = (at[j] + t0 * e0 + t1 * e1 + t2 * e2 + t3 * e3
                      + t4 * e4 + t5 * e5 + t6 * e6 + t7 * e7)
         i += 8
-    for i in range(i, cin):
+    tail = i  # the channels left over from the blocks of 8
+    for i in range(tail, cin):
         pi, qi, ri, ti, di = p[i], q[i], r[i], t[i], d[i]
         for j in range(n):
             ap[j] += pi * di[j]

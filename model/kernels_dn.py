@@ -3,21 +3,39 @@
 Three launches: `rie_stats` is RIE's fused pass (kernels.rie_uint8) that, on each band of rows
 just written, sums each cell's luma, chroma, their squares and the input's luma, plus
 Immerkaer's sums on one input row per cell row; `coefficients` (model/kernels_guided.py) runs
-the guided filter at cell resolution (1/16 of the pixels); `apply` upsamples the filter's (A, B) and rewrites the
-output in place, q = A p + B on L, R - L, B - L. Images are channels-last rows, (N, H, 3 W)
-uint8.
+the guided filter at cell resolution (1/16 of the pixels); `apply` upsamples the filter's
+(A, B) and rewrites the output in place, q = A p + B on L, R - L, B - L. Images are
+channels-last rows, (N, H, 3 W) uint8.
 """
 import threading
 from functools import lru_cache
 
 import numpy as np
 
-from .denoise import (IMMERKAER, NOISE_BLOCK, DenoiseConfig, block_counts, cell_taps,
-                      centre_taps, noise_rows)
+from .denoise import (
+    IMMERKAER,
+    NOISE_BLOCK,
+    DenoiseConfig,
+    block_counts,
+    cell_taps,
+    centre_taps,
+    noise_rows,
+)
 from .kernels import factor_rows, prange, rie_rows
 from .kernels_guided import coefficients, scratch_size, window_reciprocals
-from .kernels_rows import (_add, _add_both, _cell_reduce, _fill, _luma, _planes, _sum,
-                           _to_float, fused, kernel, serial)
+from .kernels_rows import (
+    _add,
+    _add_both,
+    _cell_reduce,
+    _fill,
+    _luma,
+    _planes,
+    _sum,
+    _to_float,
+    fused,
+    kernel,
+    serial,
+)
 from .resample import taps
 
 STATS_BAND = 8  # cell rows per job of `cell_stats`

@@ -5,8 +5,18 @@ cell. One launch per call; model/kernels_dn.py runs the passes over the pixels a
 import numpy as np
 
 from .kernels import prange
-from .kernels_rows import (THIRD, _add, _divide, _fill, _lerp, _multiply, _reciprocal,
-                           fused, kernel, serial)
+from .kernels_rows import (
+    THIRD,
+    _add,
+    _divide,
+    _fill,
+    _lerp,
+    _multiply,
+    _reciprocal,
+    fused,
+    kernel,
+    serial,
+)
 
 
 @fused

@@ -9,6 +9,8 @@ a tensor op on the input's shape, so the tracer records it instead of baking in 
 The taps are those of `resample.downscale` (align_corners=False) and `resample.upsample_factor`
 (align_corners=True); tests/test_export.py checks the graph against `Enhancer` under ONNX Runtime.
 """
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -21,10 +23,16 @@ def _hw(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return shape[2], shape[3]
 
 
+def traced_arange(end: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """torch.arange(end) with `end` a traced 0-d tensor, so the size stays dynamic in the
+    graph; torch's stubs type `end` as a number only, hence the cast."""
+    return torch.arange(cast(int, end), dtype=dtype)
+
+
 def _taps(n_in: torch.Tensor, n_out: torch.Tensor, align_corners: bool):
     """Bilinear taps from n_in source pixels to n_out: (i0, i1, weight of i1), PyTorch's
     `area_pixel_compute_source_index` formulas (upsample_bilinear2d)."""
-    i = torch.arange(n_out.long(), dtype=torch.float32)  # n_out traced: stays dynamic
+    i = traced_arange(n_out.long(), torch.float32)  # n_out traced: stays dynamic
     if align_corners:  # scale (in - 1) / (out - 1), 0 for a 1-pixel output
         src = i * ((n_in - 1) / (n_out - 1).clamp(min=1))
     else:  # half-pixel centres, clamped at 0 as PyTorch does

@@ -14,20 +14,23 @@ times). model/onnx_graph.py chains them; tests/test_export.py checks the graph a
   reference does; the cell sums are average pools, the window sums grouped convolutions, the
   cell-centre taps computed in float64 as the reference's numpy does.
 """
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import exposure as exposure_ref
 from .denoise import IMMERKAER, NOISE_BLOCK, TINY_VAR, DenoiseConfig
-from .onnx_graph import _hw
+from .onnx_graph import _hw, traced_arange
 
 BIG = 3.0e38  # sorts after every block estimate: a block left out of the quantile
 
 
 def _arange(n: torch.Tensor, step=1) -> torch.Tensor:
     """0, step, .. < n as int64, n (and step) traced: Range."""
-    return torch.arange(0, n.clamp(min=0).long(), step if isinstance(step, int) else step.long())
+    end = cast(int, n.clamp(min=0).long())  # traced tensors, which torch's stubs leave out
+    return torch.arange(0, end, step if isinstance(step, int) else cast(int, step.long()))
 
 
 def _rie(x: torch.Tensor, r: torch.Tensor, steps: int) -> torch.Tensor:
@@ -98,7 +101,7 @@ def _box(p: torch.Tensor, radius: int) -> torch.Tensor:
 def _cell_taps(n_full: torch.Tensor, cell: int):
     """`denoise.cell_taps`: cell centres -> pixels (dyadic: exact in float32)."""
     n_cells = torch.ceil(n_full / cell)
-    src = (torch.arange(n_full.long(), dtype=torch.float32) + 0.5) / cell - 0.5
+    src = (traced_arange(n_full.long(), torch.float32) + 0.5) / cell - 0.5
     src = torch.minimum(src.clamp(min=0), n_cells - 1)
     i0 = src.floor()
     i1 = torch.minimum(i0 + 1, n_cells - 1)
@@ -108,7 +111,7 @@ def _cell_taps(n_full: torch.Tensor, cell: int):
 def _centre_taps(n_full: torch.Tensor, n_low: torch.Tensor, cell: int):
     """`denoise.centre_taps`, in float64 as its numpy, the weight then float32."""
     n_full, n_low = n_full.double(), n_low.double()
-    centre = torch.minimum(torch.arange(torch.ceil(n_full / cell).long(), dtype=torch.float64)
+    centre = torch.minimum(traced_arange(torch.ceil(n_full / cell).long(), torch.float64)
                            * cell + (cell - 1) / 2, n_full - 1)
     scale = torch.where((n_full > 1) & (n_low > 1),
                         (n_low - 1) / (n_full - 1).clamp(min=1), n_full * 0)
@@ -138,9 +141,9 @@ def noise_sigma(images255: torch.Tensor, cell: int, quantile: float) -> torch.Te
     row = stack[..., :-2] - 2 * stack[..., 1:-1] + stack[..., 2:]   # (N, 3, R, W): x = 0 .. W-1
     conv = (row[:, 0] - 2 * row[:, 1] + row[:, 2]).abs()            # (N, R, W)
     # blocks of NOISE_BLOCK columns as a one-hot matrix over the interior x = 1 .. W - 2
-    x = torch.arange(W.long(), dtype=torch.float32)
+    x = traced_arange(W.long(), torch.float32)
     nb = torch.ceil(W / NOISE_BLOCK)
-    blocks = torch.arange(nb.long(), dtype=torch.float32)
+    blocks = traced_arange(nb.long(), torch.float32)
     member = ((torch.floor(x / NOISE_BLOCK)[:, None] == blocks)
               & (x >= 1)[:, None] & (x <= W - 2)[:, None]).float()  # (W, nb)
     counts = member.sum(0)                                           # (nb,)

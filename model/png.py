@@ -7,9 +7,12 @@ reader ~2x libpng's; the choices and their measurements are in docs/performance.
 Pillow by returning None, so behaviour there is unchanged.
 """
 import zlib
+from types import ModuleType
 
 import numpy as np
 
+_deflate: ModuleType
+imagecodecs: ModuleType | None
 try:  # ISA-L's deflate: several times zlib's speed at level 1, GIL released
     from isal import isal_zlib as _deflate
 except ImportError:

@@ -6,6 +6,7 @@ every backend and the eager reference (model/rie.py) use.
 - up: the factor map back at the image's exact size (bilinear, align_corners=True, as the
   published `UpsamplingBilinear2d`).
 """
+from collections.abc import Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -26,12 +27,13 @@ def downscale(x: torch.Tensor, scale_factor: float) -> torch.Tensor:
     """The image EFE sees (float (N, 3, H, W) in [0, 1]): bilinear to `lowres_size`."""
     if scale_factor == 1:
         return x
-    size = lowres_size(*x.shape[-2:], scale_factor)
+    h, w = x.shape[-2:]
+    size = lowres_size(h, w, scale_factor)
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
-def upsample_factor(x_r: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """The factor map back at the image's exact size (bilinear, align_corners=True)."""
+def upsample_factor(x_r: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """The factor map back at the image's exact size (H, W) (bilinear, align_corners=True)."""
     if tuple(x_r.shape[-2:]) == tuple(size):
         return x_r
     return F.interpolate(x_r, size=size, mode="bilinear", align_corners=True)

@@ -48,11 +48,15 @@ class TemporalState:
     def __init__(self, enhancer, config: TemporalConfig):
         self.enhancer, self.config = enhancer, config
         self.cuts = 0
-        self.spare = None  # the recursive filter writes the next average here, then swaps
+        # the recursive filter writes the next average here, then swaps
+        self.spare: torch.Tensor | None = None
         self.reset()
 
     def reset(self) -> None:
-        self.r_s = self.level = self.coarse = self.acc = None
+        self.r_s: np.ndarray | None = None  # the smoothed factor map
+        self.level: float | None = None  # the smoothed output brightness (set with r_s)
+        self.coarse: tuple[np.ndarray, float] | None = None  # the last frame's (luma, mean)
+        self.acc: torch.Tensor | None = None  # the recursive filter's running average
         self.cut_at: list[int] = []  # frames of the last batch `factor` found a cut before
 
     # ---- 1. exposure ----------------------------------------------------------------------
@@ -72,7 +76,7 @@ class TemporalState:
                 self.cut_at.append(i)
                 self.cuts += 1
             level = mean_after(xi, _flat(r_e[i], step), 0.0, steps, work)
-            if self.r_s is None:
+            if self.r_s is None or self.level is None:  # both None or both set
                 self.r_s, self.level = r_e[i].copy(), level
             else:
                 self.r_s += cfg.factor_weight * (r_e[i] - self.r_s)

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from . import videopipe
 from .enhancer import DENOISE, Enhancer, check_options
 from .temporal import TemporalConfig, TemporalState
-from . import videopipe
 from .videoio import Cancelled, EncoderOptions, VideoError, VideoInfo, probe  # noqa: F401
 
 BATCH = 4  # frames per forward pass: EFE batches well, and the temporal state waits for them
@@ -31,7 +31,8 @@ class VideoStats:
     model_s: float = 0.0
     encode_s: float = 0.0
     scene_cuts: int = 0
-    dropped_streams: list[str] = field(default_factory=list)  # not copied: the container can't hold them
+    # not copied: the container can't hold them
+    dropped_streams: list[str] = field(default_factory=list)
     info: VideoInfo | None = None
 
     @property

@@ -13,8 +13,19 @@ from pathlib import Path
 
 import numpy as np
 
-from .videoio import (CODECS, CONTAINERS, Cancelled, EncoderOptions, VideoError, VideoInfo,
-                      _info, _reason, av, expected_frames, open_input)
+from .videoio import (
+    CODECS,
+    CONTAINERS,
+    Cancelled,
+    EncoderOptions,
+    VideoError,
+    VideoInfo,
+    _info,
+    _reason,
+    av,
+    expected_frames,
+    open_input,
+)
 
 QUEUE = 2  # batches in flight between two stages: bounded memory, enough to overlap
 class _Stop(Exception):
@@ -25,8 +36,8 @@ class _Stages:
     """The queues and the stop signal shared by the three stages."""
 
     def __init__(self, cancel: threading.Event | None):
-        self.decoded = queue.Queue(QUEUE)
-        self.enhanced = queue.Queue(QUEUE)
+        self.decoded: queue.Queue[tuple] = queue.Queue(QUEUE)  # (kind, item)
+        self.enhanced: queue.Queue[tuple] = queue.Queue(QUEUE)
         self.cancel = cancel or threading.Event()
         self.failed = threading.Event()
         self.error: BaseException | None = None
@@ -142,7 +153,7 @@ class _Reader:
         self.items = self._items(source.demux([self.stream, *self.copied]))
         self.decoded = 0
         self.pending: list = []
-        self.step = None  # pts step for frames without a timestamp
+        self.step: int | None = None  # pts step for frames without a timestamp
 
     def _items(self, packets):
         try:

@@ -18,7 +18,6 @@ from fastapi_offline import FastAPIOffline
 from model import Enhancer, __version__, load_model
 
 from . import errors, job_routes, logs, page, routes, security
-from .factor_store import open_factor_store
 from .metrics import Metrics
 from .middleware import ServiceMiddleware
 from .runtime import Runtime
@@ -41,11 +40,12 @@ def create_app(settings: Settings | None = None, *, enhancer: Enhancer | None = 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        model = enhancer or await asyncio.to_thread(load_model, settings.checkpoint,
-                                                     device=settings.device)
+        model = enhancer
+        if model is None:
+            model = await asyncio.to_thread(load_model, settings.checkpoint,
+                                            device=settings.device)
         logs.startup(settings, model)
         runtime = Runtime(settings, model, metrics)
-        runtime.factors = open_factor_store(settings, metrics.registry)  # Redis when set
         app.state.runtime = runtime
         runtime.start()
         warm_up = asyncio.create_task(runtime.warm_up())

@@ -4,14 +4,16 @@ Bad input is always 4xx; 5xx means the service itself is overloaded (503), too s
 broken (500).
 """
 from http import HTTPStatus
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from .batching import (BatcherClosed, BatchFailed, ClientDisconnected, DeadlineExceeded,
-                       QueueFull)
+from .batching import BatcherClosed, BatchFailed, ClientDisconnected, DeadlineExceeded, QueueFull
+
+Responses = dict[int | str, dict[str, Any]]  # FastAPI's `responses=`
 
 CLIENT_CLOSED = 499  # nginx's code: nobody reads it, but metrics count it apart
 

@@ -84,7 +84,7 @@ class FactorStore:
 
     def put(self, lowres: torch.Tensor, size: tuple[int, int]) -> str | None:
         """Keep a map under a new unguessable id and return it; None when it can never fit."""
-        entry = StoredFactor(lowres, tuple(size))
+        entry = StoredFactor(lowres, (size[0], size[1]))
         if self.max_items == 0 or entry.nbytes > min(self.max_bytes, self.max_map_bytes):
             return None
         self._expire()

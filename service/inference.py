@@ -22,7 +22,8 @@ class Work:
 
     @property
     def size(self) -> tuple[int, int]:
-        return tuple(self.image.shape[-2:])
+        h, w = self.image.shape[-2:]
+        return h, w
 
     @property
     def key(self) -> tuple:

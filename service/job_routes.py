@@ -1,6 +1,6 @@
 """The video job endpoints: submit, poll, download, cancel. The work lives in JobManager."""
 import os
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
@@ -9,7 +9,7 @@ from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 from model.enhancer import DENOISE
 from model.video import EncoderOptions
 
-from .errors import ApiError
+from .errors import ApiError, Responses
 from .job_record import CANCELLED, DONE, FAILED, JobOptions
 from .jobs import JobManager
 from .routes import Denoise, Exposure, Strength, exposure_level, runtime
@@ -17,9 +17,10 @@ from .uploads import VIDEO_BODY
 
 router = APIRouter(tags=["video jobs"])
 
+
 JOB = {"description": "the job: state, progress, input, options"}
-UNKNOWN = {404: {"description": "unknown job, deleted, or expired"}}
-ERRORS = {code: {"description": text} for code, text in {
+UNKNOWN: Responses = {404: {"description": "unknown job, deleted, or expired"}}
+ERRORS: Responses = {code: {"description": text} for code, text in {
     400: "empty upload, malformed multipart",
     401: "API key missing or wrong (only when SGZ_API_KEY is set)",
     413: "upload over SGZ_MAX_VIDEO_UPLOAD_BYTES, video over SGZ_MAX_VIDEO_DURATION_S or "
@@ -56,7 +57,8 @@ async def create_job(
     and `Location: /jobs/{id}`; poll that until `state` is `done`, then fetch
     `/jobs/{id}/result`. Jobs do not survive a restart of the service."""
     level = exposure_level(exposure)
-    given = {k: v for k, v in (("crf", crf), ("preset", preset)) if v is not None}
+    given: dict[str, Any] = {k: v for k, v in (("crf", crf), ("preset", preset))
+                             if v is not None}
     try:
         encoder = EncoderOptions(codec=codec, **given)
     except ValueError as e:

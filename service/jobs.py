@@ -25,8 +25,18 @@ from model.video import Cancelled, VideoError, VideoInfo, enhance_video, probe
 
 from .batching import Batcher
 from .errors import ApiError
-from .job_record import (CANCELLED, DONE, FAILED, FINISHED, QUEUED, RUNNING, STATES, UPLOAD,
-                         Job, JobOptions)
+from .job_record import (
+    CANCELLED,
+    DONE,
+    FAILED,
+    FINISHED,
+    QUEUED,
+    RUNNING,
+    STATES,
+    UPLOAD,
+    Job,
+    JobOptions,
+)
 from .metrics import Metrics
 from .settings import Settings
 from .uploads import save_video
@@ -203,11 +213,13 @@ class JobManager:
             await asyncio.to_thread(shutil.rmtree, job.folder, True)
             return job.view()
         job.cancel.set()
-        if job.future.cancel():  # still queued: it never starts
+        future = job.future
+        assert future is not None  # set in the same step as the job is listed (`create`)
+        if future.cancel():  # still queued: it never starts
             job.state, job.finished = CANCELLED, time.time()
         else:
             try:
-                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job.future)),
+                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)),
                                        STOP_WAIT_S)
             except TimeoutError:
                 log.warning("job %s still stopping after %.0f s", job.id, STOP_WAIT_S)

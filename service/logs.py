@@ -88,7 +88,8 @@ class Observation:
         self.log_requests, self.request_id = log_requests, request_id
         self.bytes_in = self.bytes_out = 0
         self.timing = b""
-        self.status, self.error_code = 0, None
+        self.status = 0
+        self.error_code: str | None = None
         self.token = REQUEST_ID.set(request_id)
         self.span = tracing.server_span(scope)
 

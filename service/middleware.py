@@ -38,7 +38,7 @@ class ServiceMiddleware:
             request_id = uuid.uuid4().hex
         state = scope.setdefault("state", {})
         state["request_id"], state["arrival"] = request_id, time.monotonic()
-        state["authorized"] = self.api_key is None or self._authorized(headers)
+        state["authorized"] = self.api_key is None or self._authorized(headers, self.api_key)
         status = 500  # what the client sees if the app raises before responding
         error = None
         seen = logs.observe(scope, request_id, self.log_requests)  # None: no JSON log, no trace
@@ -75,12 +75,12 @@ class ServiceMiddleware:
             if seen is not None:
                 seen.finish(scope, endpoint, status, time.perf_counter() - start, error)
 
-    def _authorized(self, headers: Headers) -> bool:
+    def _authorized(self, headers: Headers, api_key: bytes) -> bool:
         key = headers.get("x-api-key")
         if key is None:
             scheme, _, token = headers.get("authorization", "").partition(" ")
             key = token.strip() if scheme.lower() == "bearer" else None
-        return key is not None and hmac.compare_digest(key.encode(), self.api_key)
+        return key is not None and hmac.compare_digest(key.encode(), api_key)
 
     def _endpoint(self, scope: Scope) -> str:
         """The route's template ("/factor/{factor_id}"), so labels stay few."""

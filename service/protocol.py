@@ -16,6 +16,7 @@ Content-Length and Transfer-Encoding, a NUL in the path) get 400/431/501 as JSON
 Closing with unread request bytes makes the kernel send a reset, which can destroy the answer
 before the client reads it, so these closes half-close and discard what comes, briefly.
 """
+import asyncio
 import json
 import logging
 import time
@@ -117,12 +118,18 @@ def raw_error(status: int, error: str, detail: str,
 
 
 class GuardedH11Protocol(H11Protocol):
+    # narrower than uvicorn's declarations: ours are always these subclasses
+    server_state: ConnectionState
+    conn: StrictConnection
+
     def __init__(self, config, server_state: ConnectionState, app_state, _loop=None):
         super().__init__(config, server_state, app_state, _loop)
         self.limits = server_state.limits
         self.conn = StrictConnection(self.limits.max_header_bytes)
         self.read_phase: str | None = None  # "headers" or "body": what read_timer watches
-        self.read_timer = self.write_timer = self.linger_timer = None
+        self.read_timer: asyncio.TimerHandle | None = None
+        self.write_timer: asyncio.TimerHandle | None = None
+        self.linger_timer: asyncio.TimerHandle | None = None
         self.body_since = 0.0  # when the body's deadline started counting
         self.write_since, self.write_backlog = 0.0, 0  # when bytes started waiting, how many
 
@@ -172,10 +179,9 @@ class GuardedH11Protocol(H11Protocol):
         super().data_received(data)
         self.watch_reading()
 
-    def eof_received(self) -> bool | None:
+    def eof_received(self) -> None:  # None: the transport closes itself (asyncio.Protocol)
         if self.linger_timer is not None:
             self.transport.close()
-        return None
 
     # -- protocol errors: our JSON instead of uvicorn's plain text
     def send_400_response(self, msg: str) -> None:
@@ -285,5 +291,6 @@ class GuardedH11Protocol(H11Protocol):
                                                     self.write_late)
             return
         log.debug("%s stopped reading its answer: connection aborted after %.0f s",
-                 "%s:%d" % self.client if self.client else "a client", now - self.write_since)
+                 "{}:{}".format(*self.client) if self.client else "a client",
+                 now - self.write_since)
         self.transport.abort()

@@ -113,7 +113,7 @@ class RedisFactorStore:
 
     async def save(self, lowres: torch.Tensor, size: tuple[int, int]) -> str | None:
         """Store a map under a new id; None when it can never fit or Redis is unavailable."""
-        entry = StoredFactor(lowres, tuple(size))
+        entry = StoredFactor(lowres, (size[0], size[1]))
         if self.max_items == 0 or entry.nbytes > min(self.max_bytes, self.max_map_bytes):
             return None
         factor_id = new_factor_id()

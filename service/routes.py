@@ -7,9 +7,15 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from model.enhancer import DENOISE, MAX_DENOISE, parse_exposure
 from model.imageio import MEDIA_TYPES, encode_image, output_format, tensor_to_rgb
 
-from .errors import ApiError
-from .factor_store import (FactorStoreUnavailable, StoredFactor, full_npy_length,
-                           full_npy_strip, npy_strips, render_factor)
+from .errors import ApiError, Responses
+from .factor_store import (
+    FactorStoreUnavailable,
+    StoredFactor,
+    full_npy_length,
+    full_npy_strip,
+    npy_strips,
+    render_factor,
+)
 from .inference import ENHANCE, FACTOR, Work
 from .runtime import Runtime, Timing
 from .uploads import IMAGE_BODY
@@ -21,7 +27,7 @@ FactorSize = Annotated[Literal["efe", "full"] | None, Query(
     description="efe: EFE's resolution (the image's size / the scale factor, 12); full: the "
     "image's size (4K as npy: 99.5 MB, streamed); default: efe for npy, full for png")]
 FACTOR_MEDIA = {"png": "image/png", "npy": "application/octet-stream"}
-ERRORS = {code: {"description": text} for code, text in {
+ERRORS: Responses = {code: {"description": text} for code, text in {
     400: "empty, corrupt or truncated image, malformed upload",
     401: "API key missing or wrong (only when SGZ_API_KEY is set)",
     413: "upload over SGZ_MAX_UPLOAD_BYTES, or image over SGZ_MAX_PIXELS",
@@ -133,7 +139,8 @@ async def post_factor(request: Request, format: FactorFormat = "png",
     rt.check_ready()
     _, tensor = await rt.receive_image(request, timing)
     out = await rt.infer(request, Work(tensor, 1.0, FACTOR), timing)
-    entry = StoredFactor(out.factor_lowres, tuple(tensor.shape[-2:]))
+    h, w = tensor.shape[-2:]
+    entry = StoredFactor(out.factor_lowres, (h, w))
     factor_id = await rt.factors.save(entry.lowres, entry.size)
     response = await _factor_response(rt, entry, format, size, factor_id, timing)
     response.headers["Server-Timing"] = timing.header()

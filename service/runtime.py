@@ -22,7 +22,7 @@ from model.imageio import DecodedImage, ImageDecodeError, ImageTooLarge, decode_
 from . import tracing
 from .batching import Batcher, QueueFull
 from .errors import ApiError
-from .factor_store import FactorStore
+from .factor_store import open_factor_store
 from .inference import Output, Work, run_batch, warmup_images
 from .jobs import JobManager
 from .memory import Trimmer
@@ -52,7 +52,7 @@ class Runtime:
         self.enhancer = enhancer
         self.metrics = metrics
         self.ready = False
-        self.factors = FactorStore(settings.factor_store_items, settings.factor_store_bytes)
+        self.factors = open_factor_store(settings, metrics.registry)  # Redis when set
         self.coming = 0  # requests being read or decoded: the batcher's jobs on their way
         # Separate pools: under load, the encodes of finished batches do not queue behind the
         # decodes of newly arrived uploads.
@@ -216,7 +216,7 @@ def _recognised(data: bytes) -> bool:
 
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
-    out = {"torch": torch.__version__}
+    out = {"torch": str(torch.__version__)}
     try:
         out["sgz"] = version("sgz-serve")
     except PackageNotFoundError:

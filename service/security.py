@@ -29,8 +29,8 @@ API_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-act
 # React components set some); data: images (its icons, in swagger-ui.css); blob: media (the
 # page at / plays a video result it fetched with the API key, which <video src> cannot send)
 PAGE_CSP = ("default-src 'self'; script-src {scripts}; style-src 'self' 'unsafe-inline'; "
-            "img-src 'self' data:; media-src 'self' blob:; object-src 'none'; frame-ancestors 'none'; base-uri 'none'; "
-            "form-action 'self'")
+            "img-src 'self' data:; media-src 'self' blob:; object-src 'none'; "
+            "frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
 INLINE_SCRIPT = re.compile(rb"<script(?![^>]*\bsrc\s*=)[^>]*>(.*?)</script\s*>",
                            re.IGNORECASE | re.DOTALL)
 MAX_PAGE_BYTES = 1 << 20  # pages are buffered to hash their scripts; ours are ~1 kB
@@ -78,6 +78,7 @@ class SecurityMiddleware:
                 if message.get("more_body", False) and sum(map(len, page)) <= MAX_PAGE_BYTES:
                     return
                 html = b"".join(page)
+                assert start is not None  # held together with page
                 MutableHeaders(scope=start).setdefault("Content-Security-Policy", page_csp(html))
                 await send(start)
                 page = None
@@ -100,7 +101,7 @@ class JsonCORSMiddleware(CORSMiddleware):
             return response
         cors = {k: v for k, v in response.headers.items()
                 if k.startswith("access-control-") or k == "vary"}
-        return error_response(400, "cors_refused", f"{response.body.decode()}: this service "
+        return error_response(400, "cors_refused", f"{bytes(response.body).decode()}: this service "
                               "allows the origins in SGZ_CORS_ORIGINS, the methods "
                               f"{', '.join(CORS_METHODS)} and the headers "
                               f"{', '.join(CORS_REQUEST_HEADERS)}", cors)

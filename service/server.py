@@ -15,6 +15,7 @@ import logging
 import resource
 import signal
 import time
+from typing import cast
 
 import uvicorn
 from starlette.datastructures import MutableHeaders
@@ -35,7 +36,7 @@ MAX_HEADER_BYTES = 16 * 1024  # h11's default; beyond, 431
 class Drain:
     """Whether the service is draining, and the requests it admitted that still run."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.since: float | None = None
         self.active = 0
 
@@ -142,7 +143,8 @@ def run(app: ASGIApp, settings: Settings) -> int:
     config = uvicorn.Config(
         DrainGuard(app, drain, settings.retry_after_s), host=settings.host,
         port=settings.port, log_level=settings.log_level, http=GuardedH11Protocol, ws="none",
-        timeout_keep_alive=settings.keepalive_timeout_s,
+        # annotated int, but only ever a delay for loop.call_later: a float works
+        timeout_keep_alive=cast(int, settings.keepalive_timeout_s),
         timeout_graceful_shutdown=settings.shutdown_timeout_s,
         server_header=False, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
         **logs.uvicorn_options(settings.log_format))

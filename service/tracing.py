@@ -16,7 +16,7 @@ objects. Asked for without the SDK (the `otel` extra), `sgz serve` refuses to st
 import contextlib
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 EXPORTERS = {"otlp", "console"}
@@ -59,7 +59,11 @@ def from_environment(environ: Mapping[str, str] = os.environ):
     try:
         from opentelemetry.sdk.resources import OTELResourceDetector, Resource
         from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+        from opentelemetry.sdk.trace.export import (
+            BatchSpanProcessor,
+            ConsoleSpanExporter,
+            SpanExporter,
+        )
     except ImportError:
         raise ValueError("OTEL_* variables ask for tracing but the OpenTelemetry SDK is not "
                          "installed: pip install 'sgz-serve[otel]'") from None
@@ -67,6 +71,7 @@ def from_environment(environ: Mapping[str, str] = os.environ):
     detected = OTELResourceDetector().detect().attributes.get("service.name", "sgz-serve")
     provider = TracerProvider(resource=Resource.create({"service.name": detected}))
     for name in names:
+        exporter: SpanExporter
         if name == "otlp":
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
             exporter = OTLPSpanExporter()
@@ -152,13 +157,13 @@ def traced_batches(run: Callable[[list], Sequence], backend: str, device: str):
 class ServerSpan:
     """The span of one HTTP request, current while the app handles it."""
 
-    def __init__(self, scope: dict):
+    def __init__(self, tracer, scope: MutableMapping[str, Any]):
         from opentelemetry import context, propagate, trace
         from starlette.datastructures import Headers
         parent = propagate.extract(Headers(scope=scope))  # W3C traceparent, when sent
         client = scope.get("client")
         self.method = scope["method"]
-        self.span = _tracer.start_span(
+        self.span = tracer.start_span(
             scope["method"], context=parent, kind=trace.SpanKind.SERVER,
             attributes={"http.request.method": scope["method"], "url.path": scope["path"],
                         "client.address": client[0] if client else ""})
@@ -183,7 +188,7 @@ class ServerSpan:
         context.detach(self._token)
 
 
-def server_span(scope: dict) -> ServerSpan | None:
+def server_span(scope: MutableMapping[str, Any]) -> ServerSpan | None:
     if _tracer is None or scope["path"] in UNTRACED:
         return None
-    return ServerSpan(scope)
+    return ServerSpan(_tracer, scope)

@@ -7,10 +7,10 @@ import tempfile
 from pathlib import Path
 
 import httpx
+from conftest import SGZ_PUBLISHED, SICE
 from PIL import Image
 
 from bench.http_bench import ServerProcess
-from conftest import SGZ_PUBLISHED, SICE
 
 SGZ = Path(sys.executable).with_name("sgz")
 # The device the served model runs on: cpu in CI; SGZ_TEST_DEVICE=cuda on a GPU machine runs

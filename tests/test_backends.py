@@ -8,9 +8,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import SGZ_PUBLISHED, SICE
 from PIL import Image
 
-from conftest import SGZ_PUBLISHED, SICE
 from model import available_backends, load_model
 from model.backends import NAMES, get_backend
 from model.backends.base import Backend

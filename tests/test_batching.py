@@ -9,8 +9,14 @@ import time
 import pytest
 import torch
 
-from service.batching import (Batcher, BatcherClosed, BatchFailed, ClientDisconnected,
-                              DeadlineExceeded, QueueFull)
+from service.batching import (
+    Batcher,
+    BatcherClosed,
+    BatchFailed,
+    ClientDisconnected,
+    DeadlineExceeded,
+    QueueFull,
+)
 
 
 class Recorder:
@@ -286,10 +292,10 @@ def test_cancelled_submitter_is_withdrawn():
 
 def test_real_images_batched_by_size_equal_enhance_one_by_one(published_enhancer):
     """Mixed sizes, strengths and tasks through the batcher with the real model."""
+    from conftest import SICE
+
     from model.imageio import decode_image
     from service.inference import ENHANCE, FACTOR, Work, run_batch
-
-    from conftest import SICE
     files = sorted(SICE.glob("*.png"))[:6]
     crops = [decode_image(f.read_bytes()).to_tensor()[..., :192, :256] for f in files[:4]]
     crops += [decode_image(f.read_bytes()).to_tensor()[..., :256, :192] for f in files[4:]]
@@ -329,13 +335,12 @@ def test_real_images_batched_by_size_equal_enhance_one_by_one(published_enhancer
 def test_a_batch_of_decoded_photos_stays_channels_last(published_enhancer):
     """Decoded photos are channels-last; a batch of them must reach the model and come back
     that way, so that no image is transposed in or out (torch.cat made the batch planar)."""
+    from conftest import SICE
     from PIL import Image
 
     from model.backends import channels_last
     from model.imageio import decode_image, tensor_to_rgb
     from service.inference import ENHANCE, Work, run_batch, stack
-
-    from conftest import SICE
     images = []
     for f in sorted(SICE.glob("*.png"))[:3]:
         with Image.open(f) as im:

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import SGZ_PUBLISHED, SHARED
+
 from bench.http_cases import enhance_kwargs, parse_cases
 from bench.load_client import percentile
 from bench.model_bench import PublishedSGZ, photos, published_step, work

@@ -3,8 +3,8 @@ model/exposure.py): every backend against the eager reference, on real dark phot
 import numpy as np
 import pytest
 import torch
-
 from conftest import LOL, SICE
+
 from model import load_model
 from model.denoise import DenoiseConfig, noise_sigma
 from model.enhancer import check_options, parse_exposure
@@ -86,7 +86,10 @@ def test_dark_noisy_photo_is_cleaned_and_structure_kept(numba_enhancer):
     assert immerkaer(clean) < 0.5 * immerkaer(noisy)
     assert abs(clean.float().mean() - noisy.float().mean()) < 1.0
     blurred = torch.nn.functional.avg_pool2d(noisy.float(), 9, 1, 4)
-    grad = lambda t: float((t.float()[..., 1:] - t.float()[..., :-1]).abs().mean())
+
+    def grad(t):
+        return float((t.float()[..., 1:] - t.float()[..., :-1]).abs().mean())
+
     assert grad(clean) > 1.5 * grad(blurred)
 
 
@@ -97,7 +100,8 @@ def test_clean_photo_is_barely_touched(numba_enhancer):
     rgb = decode_image((SICE / "435_0_.png").read_bytes()).rgb.astype(np.float32)
     H, W = rgb.shape[0] // 4 * 4, rgb.shape[1] // 4 * 4
     small = rgb[:H, :W].reshape(H // 4, 4, W // 4, 4, 3).mean((1, 3))
-    x = torch.from_numpy(np.clip(small * 2.2, 0, 255).round().astype(np.uint8)).permute(2, 0, 1)[None]
+    x = torch.from_numpy(np.clip(small * 2.2, 0, 255).round().astype(np.uint8))
+    x = x.permute(2, 0, 1)[None]
     plain = numba_enhancer.enhance(x, denoise=0, exposure=None)
     assert float(plain.float().mean()) / 255 > 0.45
     change = (numba_enhancer.enhance(x, exposure=None).float() - plain.float()).abs()
@@ -109,7 +113,8 @@ def test_strength_follows_the_input_noise(numba_enhancer):
     grows with the noise, so the outputs' noise stays close."""
     x = photo(SICE / "474_0_.png")[..., :400, :600].contiguous()
     g = torch.Generator().manual_seed(0)
-    noisy = (x.float() + 4 * torch.randn(x.shape, generator=g)).clamp(0, 255).round().to(torch.uint8)
+    noisy = (x.float() + 4 * torch.randn(x.shape, generator=g)).clamp(0, 255).round()
+    noisy = noisy.to(torch.uint8)
     removed = []
     for img in (x, noisy):
         off = numba_enhancer.enhance(img, denoise=0, exposure=None)
@@ -139,7 +144,8 @@ def test_auto_exposure_lifts_dark_photos_and_leaves_bright_ones(numba_enhancer):
     bright = photo(SICE / "1021_0_.png")[..., :300, :300].contiguous()
     bright = (bright.float() * 1.6).clamp(0, 255).to(torch.uint8)  # the model leaves it > 0.4
     assert numba_enhancer.enhance(bright, exposure=None).float().mean() / 255 > 0.42
-    assert torch.equal(numba_enhancer.enhance(bright), numba_enhancer.enhance(bright, exposure=None))
+    assert torch.equal(numba_enhancer.enhance(bright),
+                       numba_enhancer.enhance(bright, exposure=None))
 
 
 def test_bad_options_are_refused_with_their_name():

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from service.settings import Settings
-from bench.http_bench import free_port
 from sgz_server import Server
+
+from bench.http_bench import free_port
+from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = Settings.model_construct()  # the defaults, without reading the environment

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SGZ_PUBLISHED, SICE
 from PIL import Image
 
-from conftest import SGZ_PUBLISHED, SICE
 from model import DEFAULT_CHECKPOINT
 from model.imageio import decode_image, factor_to_picture
 from model.rie import upsample_factor
@@ -61,7 +61,8 @@ def inputs(tmp_path_factory) -> Path:
 # output (relative to OUTDIR, without suffix) -> source (relative to the input folder)
 EXPECTED = {"101_0_": "101_0_.png", "512_0_": "512_0_.png", "gray": "gray.png",
             "rgba": "rgba.png", "dup.png": "dup.png", "dup.jpg": "dup.jpg",
-            "nested/101_0_": "nested/101_0_.png", "nested/deeper/portrait": "nested/deeper/portrait.jpg"}
+            "nested/101_0_": "nested/101_0_.png",
+            "nested/deeper/portrait": "nested/deeper/portrait.jpg"}
 
 
 @pytest.fixture(scope="module")

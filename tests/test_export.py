@@ -8,9 +8,9 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import SGZ_PUBLISHED, SICE
 from PIL import Image
 
-from conftest import SGZ_PUBLISHED, SICE
 from model import load_model
 from model.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_checkpoint
 from model.cli import main
@@ -146,7 +146,8 @@ def metadata(path) -> dict:
 def test_metadata_names_checkpoint_and_contents(ours, ours_net, ours_target):
     eager, _, path, _ = ours
     meta = metadata(path)
-    assert meta["sgz.checkpoint_sha256"] == eager.sha256 == load_checkpoint(DEFAULT_CHECKPOINT).sha256
+    expected = load_checkpoint(DEFAULT_CHECKPOINT).sha256
+    assert meta["sgz.checkpoint_sha256"] == eager.sha256 == expected
     assert re.fullmatch(r"\d+\.\d+\.\d+.*", meta["sgz.version"])
     assert (meta["sgz.denoise"], meta["sgz.exposure"]) == ("1", "auto")
     contents = meta["sgz.contents"]

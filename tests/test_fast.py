@@ -7,9 +7,9 @@ import threading
 import numpy as np
 import pytest
 import torch
+from conftest import SGZ_PUBLISHED, SICE
 from PIL import Image
 
-from conftest import SGZ_PUBLISHED, SICE
 from model import EFE, Checkpoint, Enhancer, load_model
 from model.backends import channels_last, choose, get_backend
 from model.backends.numba_fused import NumbaBackend, downscaled_mean
@@ -35,7 +35,8 @@ def eager():
 
 def photo(name: str) -> torch.Tensor:
     with Image.open(SICE / name) as im:
-        return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)[None].contiguous()
+        hwc = torch.from_numpy(np.asarray(im.convert("RGB")).copy())
+        return hwc.permute(2, 0, 1)[None].contiguous()
 
 
 def wide_photo() -> torch.Tensor:

@@ -7,12 +7,19 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from conftest import SICE
 from PIL import Image
 
-from conftest import SICE
 from model import imageio, png
-from model.imageio import (ImageDecodeError, ImageTooLarge, decode_image, encode_image,
-                           factor_to_picture, output_format, tensor_to_rgb)
+from model.imageio import (
+    ImageDecodeError,
+    ImageTooLarge,
+    decode_image,
+    encode_image,
+    factor_to_picture,
+    output_format,
+    tensor_to_rgb,
+)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-
 from sgz_server import Server, assert_error, metric, photo
 
 MAX_UPLOAD = 1024 * 1024

@@ -17,10 +17,18 @@ import jsonschema
 import kubernetes_validate as kv
 import pytest
 import yaml
-
 from k8s_render import containers, render
-from k8s_support import (CRD_SCHEMAS, Redis, hold_requests, prometheus_value, quantity,
-                         redis_command, release, start_prometheus, wait_for)
+from k8s_support import (
+    CRD_SCHEMAS,
+    Redis,
+    hold_requests,
+    prometheus_value,
+    quantity,
+    redis_command,
+    release,
+    start_prometheus,
+    wait_for,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
@@ -361,8 +369,9 @@ def test_redis_runs_with_the_manifest_s_memory_cap(rendered, tmp_path, monkeypat
 
 @pytest.mark.slow
 def test_scaling_query_counts_requests_in_flight_on_a_real_prometheus(rendered, monkeypatch):
-    from model.checkpoint import DEFAULT_CHECKPOINT
     from sgz_server import Server
+
+    from model.checkpoint import DEFAULT_CHECKPOINT
     from service.settings import Settings
     objects = rendered["cpu"]
     query, threshold = query_of(objects)

@@ -7,11 +7,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SGZ_PUBLISHED, SICE, ZERO_DCE_PP_PUBLISHED
 from PIL import Image
 
-from conftest import SGZ_PUBLISHED, SICE, ZERO_DCE_PP_PUBLISHED
-from model import (DEFAULT_CHECKPOINT, EFE, CheckpointError, EFEConfig, load_checkpoint,
-                   load_model, save_checkpoint)
+from model import (
+    DEFAULT_CHECKPOINT,
+    EFE,
+    CheckpointError,
+    EFEConfig,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+)
 from model.checkpoint import efe_config, state_dict_sha256
 
 NET = {"denoise": 0, "exposure": None}  # EFE + RIE alone: the paper's network
@@ -171,7 +178,8 @@ def test_checkpoint_round_trip_keeps_metadata_and_hash(tmp_path):
         r = efe(x)
     for _ in range(4):
         y = y + r * (y * y - y)
-    assert (enhancer.enhance(images, **NET).int() - torch.round(255 * y.clamp(0, 1)).int()).abs().max() <= 1
+    expected = torch.round(255 * y.clamp(0, 1)).int()
+    assert (enhancer.enhance(images, **NET).int() - expected).abs().max() <= 1
 
 
 def test_efe_config_is_stored_and_rebuilds_the_network(tmp_path):
@@ -313,7 +321,8 @@ def test_bad_checkpoint_files_give_clear_errors(tmp_path):
         tmp_path / "empty.pt": "empty file",
         _saved(tmp_path, "edited.pt", payload): "content hash mismatch",
         _saved(tmp_path, "wrong-keys.pt", {"conv.weight": torch.zeros(3)}): "not an EFE state dict",
-        _saved(tmp_path, "shape.pt", bad_shape): r"e_conv1.depth_conv.weight has shape \(3, 1, 5, 5\)",
+        _saved(tmp_path, "shape.pt", bad_shape):
+            r"e_conv1.depth_conv.weight has shape \(3, 1, 5, 5\)",
         _saved(tmp_path, "nan.pt", nan): "NaN or inf",
         _saved(tmp_path, "list.pt", [1, 2]): "expected a dict, found list",
         _saved(tmp_path, "object.pt", {"weights": _Marker(marker)}): "refused to unpickle",

@@ -21,16 +21,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 from PIL import Image
-
 from sgz_server import Server, photo
 
 pytest.importorskip("opentelemetry.sdk", reason="the otel extra is not installed")
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (  # noqa: E402
-    ExportTraceServiceRequest)
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest  # noqa: E402
 from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: E402
-    InMemorySpanExporter)
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
 from opentelemetry.trace import SpanKind  # noqa: E402
 
 from bench.http_bench import free_port  # noqa: E402
@@ -107,8 +104,11 @@ def served():
     png = small_png()
     try:
         server.wait_ready()
-        post = lambda body, **h: httpx.post(f"{server.url}/enhance", content=body, timeout=60,
-                                            headers={"Content-Type": "image/png", **key, **h})
+
+        def post(body, **h):
+            return httpx.post(f"{server.url}/enhance", content=body, timeout=60,
+                              headers={"Content-Type": "image/png", **key, **h})
+
         answers = {
             "ok": post(png, traceparent=f"00-{TRACE_ID}-{PARENT_ID}-01"),
             "own_id": post(png, **{"X-Request-ID": "client-chosen.id-7"}),

@@ -14,7 +14,6 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-
 from sgz_server import BROWSER, Server, photo
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (test extra)")
@@ -91,7 +90,8 @@ def test_the_page_shows_enhance_s_own_pixels_and_re_enhances_on_a_slider(server,
         page.fill("#factor-opacity", "0.45")
         page.dispatch_event("#factor-opacity", "input")
         page.set_viewport_size({"width": 760, "height": 1275})
-        page.eval_on_selector("#split", "s => { s.value = 40; s.dispatchEvent(new Event('input')); }")
+        page.eval_on_selector("#split",
+                              "s => { s.value = 40; s.dispatchEvent(new Event('input')); }")
         page.screenshot(path=os.environ["SGZ_PAGE_SCREENSHOT"], full_page=False)
         page.uncheck("#show-factor")
 

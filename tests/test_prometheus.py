@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from sgz_server import Server, photo
 
 from bench.http_bench import free_port
-from sgz_server import Server, photo
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "docker" / "prometheus.yml"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TRAIN
+
 from model import load_checkpoint
 from model.checkpoint import DEFAULT_CHECKPOINT
 from model.cli import build_parser

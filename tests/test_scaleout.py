@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import SICE
 from PIL import Image
+from sgz_server import Server, assert_error, metric
 
 from bench.replicas_bench import NGINX_TEMPLATE, Nginx, RedisServer, binary
 from service.settings import Settings
-from sgz_server import Server, assert_error, metric
-from conftest import SICE
 
 ROOT = Path(__file__).resolve().parents[1]
 MISSING = [b for b in ("redis-server", "nginx") if binary(b) is None]

@@ -16,11 +16,11 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import LOL, SICE
-from model.imageio import decode_image, factor_to_picture
+from PIL import Image
 from sgz_server import DEVICE, FACTOR_ATOL, Server, assert_error, metric, photo
+
+from model.imageio import decode_image, factor_to_picture
 
 MAX_UPLOAD = 2_000_000
 MAX_PIXELS = 4_000_000  # 1920x1080 fits, 3840x2160 does not
@@ -82,6 +82,14 @@ def test_enhance_multipart(client, published_enhancer):
     assert float(timing["inference"]) > 0 and float(timing["decode"]) > 0
 
 
+def test_enhance_multipart_larger_than_starlettes_spool(client, published_enhancer):
+    """A part over 1 MB (Starlette would spool it to a file) is read in memory, intact."""
+    source = photo((1920, 1080)).read_bytes()
+    assert len(source) > 1024 * 1024
+    r = client.post("/enhance", files={"image": ("dark.png", source, "image/png")})
+    assert_enhanced(r, source, published_enhancer)
+
+
 def test_enhance_raw_body_strength_and_output_formats(client, published_enhancer):
     source = photo((1920, 1080)).read_bytes()
     r = client.post("/enhance", params={"strength": 0.5}, content=source,
@@ -102,13 +110,15 @@ def test_denoise_and_exposure_parameters(client, published_enhancer):
     answers = {}
     for params, options in (({}, {}), ({"denoise": 0, "exposure": "model"},
                                         {"denoise": 0, "exposure": None}),
-                            ({"denoise": 2.5, "exposure": "0.5"}, {"denoise": 2.5, "exposure": 0.5})):
+                            ({"denoise": 2.5, "exposure": "0.5"},
+                             {"denoise": 2.5, "exposure": 0.5})):
         r = client.post("/enhance", params=params, content=source,
                         headers={"content-type": "image/png"})
         assert_enhanced(r, source, published_enhancer, **options)
         answers[str(params)] = as_tensor(r.content).float()
     plain, default, bright = answers.values()
-    assert abs(float(bright.mean()) / 255 - 0.5) < 0.03 < float(bright.mean() - default.mean()) / 255
+    lift = float(bright.mean() - default.mean()) / 255
+    assert abs(float(bright.mean()) / 255 - 0.5) < 0.03 < lift
     assert not torch.equal(plain, default)
 
 
@@ -187,6 +197,8 @@ def bad_inputs():
                         "missing_image"),
         "broken multipart": (dict(content=b"--x\r\nnonsense", headers={
             "content-type": "multipart/form-data; boundary=x"}), 400, "missing_image"),
+        "multipart without boundary": (dict(content=b"--x\r\nnonsense", headers={
+            "content-type": "multipart/form-data"}), 400, "bad_multipart"),
         "too many pixels": (dict(content=photo((3840, 2160)).read_bytes(), headers=png), 413,
                             "image_too_large"),
         "decompression bomb": (dict(content=_bomb(), headers=png), 413, "image_too_large"),
@@ -194,7 +206,8 @@ def bad_inputs():
 
 
 BAD_INPUTS = ["not an image", "svg", "truncated", "empty raw", "empty file", "text content type",
-              "no content type", "wrong field", "broken multipart", "too many pixels",
+              "no content type", "wrong field", "broken multipart", "multipart without boundary",
+              "too many pixels",
               "decompression bomb"]
 
 

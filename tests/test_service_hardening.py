@@ -20,9 +20,9 @@ import httpx
 import psutil
 import pytest
 from PIL import Image
+from sgz_server import Server
 
 from service.server import FD_RESERVE, connection_cap
-from sgz_server import Server
 
 MARGIN = 20.0
 TIMEOUT_S = 2.0  # header, body and write deadlines of `quick`

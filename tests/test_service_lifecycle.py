@@ -13,9 +13,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sgz_server import Server, assert_error, metric, photo
 
 from model.imageio import decode_image
-from sgz_server import Server, assert_error, metric, photo
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import time
 
 import httpx
 import pytest
-
 from sgz_server import Server, assert_error, metric, photo
 
 KEY = "s3cret-key"

@@ -8,9 +8,9 @@ import httpx
 import psutil
 import pytest
 from PIL import Image
+from sgz_server import Server, metric, photo
 
 from bench.http_bench import RssSampler
-from sgz_server import Server, metric, photo
 
 
 @pytest.fixture(scope="module")

@@ -19,11 +19,11 @@ import time
 import httpx
 import numpy as np
 import pytest
+from sgz_server import BROWSER, FACTOR_ATOL, SGZ, Server, assert_error, photo
 
 from bench.http_bench import free_port
 from model import upsample_factor
 from model.imageio import decode_image
-from sgz_server import BROWSER, FACTOR_ATOL, SGZ, Server, assert_error, photo
 
 KEY = "k3y-for-the-guarded-server"
 AUTH = {"X-API-Key": KEY}

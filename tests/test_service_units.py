@@ -9,15 +9,14 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from sgz_server import SGZ, Server, photo
 from starlette.requests import Request
 
 from model import upsample_factor
 from model.imageio import decode_image
-from service.factor_store import (STRIP_BYTES, FactorStore, full_npy_strip, npy_strips,
-                                  render_factor)
+from service.factor_store import STRIP_BYTES, FactorStore, full_npy_strip, npy_strips, render_factor
 from service.settings import Settings
 from service.uploads import client_gone
-from sgz_server import SGZ, Server, photo
 
 
 def lowres(h=9, w=16, value=0.0):

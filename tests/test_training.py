@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import LOL, SGZ_PUBLISHED, TRAIN
 from PIL import Image
 
-from conftest import LOL, SGZ_PUBLISHED, TRAIN
 from model import EFE, load_model
 from training.objective import Objective
 from training.train import TrainConfig, forward, train
@@ -107,7 +107,8 @@ def test_init_from_a_checkpoint_and_bad_init(tmp_path):
     assert leveled.checkpoint.level and torch.equal(leveled.efe.level, torch.zeros(2))
     image = torch.from_numpy(np.asarray(Image.open(sorted((LOL / "low").glob("*.png"))[0])))
     image = image.permute(2, 0, 1)[None].contiguous()
-    assert torch.equal(leveled.enhance(image), load_model(SGZ_PUBLISHED, backend="eager", device="cpu").enhance(image))
+    published = load_model(SGZ_PUBLISHED, backend="eager", device="cpu")
+    assert torch.equal(leveled.enhance(image), published.enhance(image))
     cfg.init, cfg.efe_level = str(tmp_path / "level" / "efe.pt"), False
     with pytest.raises(ValueError, match="--efe-level"):
         train(cfg, progress=False)
@@ -138,7 +139,8 @@ def test_sgz_eval_paired_json(tmp_path):
     for f in sorted((LOL / "low").glob("*.png"))[:3]:
         shutil.copy(f, low / f.name)
         shutil.copy(LOL / "high" / f.name, high / f.name)
-    r = subprocess.run([sys.executable, "-m", "training", "eval", "--checkpoint", str(SGZ_PUBLISHED),
+    r = subprocess.run([sys.executable, "-m", "training", "eval",
+                        "--checkpoint", str(SGZ_PUBLISHED),
                         "--low", str(low), "--high", str(high), "--json"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -163,8 +165,9 @@ def test_sgz_eval_unpaired_and_bad_checkpoint(tmp_path):
     low = tmp_path / "low"
     low.mkdir()
     shutil.copy(sorted((LOL / "low").glob("*.png"))[0], low / "a.png")
-    r = subprocess.run([sys.executable, "-m", "training", "eval", "--checkpoint", str(SGZ_PUBLISHED),
-                        "--low", str(low), "--json"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "training", "eval",
+                        "--checkpoint", str(SGZ_PUBLISHED), "--low", str(low), "--json"],
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "piqe" in json.loads(r.stdout)["summary"]
     bad = tmp_path / "bad.pt"

@@ -42,8 +42,8 @@ def compare(device: str, cases: dict[str, torch.Tensor], steps: int = 8) -> dict
     reference (on the CPU), the share of values that differ, and whether the answer kept the
     input's layout."""
     from model import load_model
-    from model.denoise import DenoiseConfig
     from model.backends.triton_fused import TritonBackend
+    from model.denoise import DenoiseConfig
 
     eager = load_model(SGZ_PUBLISHED, backend="eager", device="cpu")
     eager.steps = steps

@@ -8,13 +8,21 @@ import threading
 import numpy as np
 import pytest
 import torch
-
 from conftest import DATA
-from model import load_model
-from model.temporal import TemporalConfig, TemporalState, filter_reference
-from model.video import (Cancelled, EncoderOptions, VideoEnhancer, VideoError, enhance_frames,
-                         enhance_video, probe, transcode)
 from video_files import make_video, read_video
+
+from model import load_model
+from model.temporal import TemporalConfig, TemporalState
+from model.video import (
+    Cancelled,
+    EncoderOptions,
+    VideoEnhancer,
+    VideoError,
+    enhance_frames,
+    enhance_video,
+    probe,
+    transcode,
+)
 
 DEV = DATA / "video"
 
@@ -42,7 +50,8 @@ def test_matroska_odd_sizes_and_other_codecs(enhancer, tmp_path):
     src = tmp_path / "odd.mkv"
     make_video(src, width=97, height=65, frames=9, pix_fmt="yuv444p")
     for codec, name in (("h264", "a.mkv"), ("vp9", "b.webm")):
-        enhance_video(enhancer, src, tmp_path / name, encoder=EncoderOptions(codec, 30, "ultrafast"))
+        enhance_video(enhancer, src, tmp_path / name,
+                      encoder=EncoderOptions(codec, 30, "ultrafast"))
         back = read_video(tmp_path / name)
         assert back.frames.shape == (9, 65, 97, 3)
 
@@ -124,7 +133,8 @@ def test_frame_iterator_keeps_state_and_frame_by_frame_is_the_image_path(enhance
     assert np.array_equal(plain[3], image[0].permute(1, 2, 0).numpy())
     # state carries over between calls: two halves through one VideoEnhancer = one stream
     video = VideoEnhancer(enhancer)
-    halves = [video.process(torch.from_numpy(f).permute(0, 3, 1, 2)) for f in (frames[:6], frames[6:])]
+    halves = [video.process(torch.from_numpy(f).permute(0, 3, 1, 2))
+              for f in (frames[:6], frames[6:])]
     again = torch.cat(halves).permute(0, 2, 3, 1).numpy()
     one = np.stack(list(enhance_frames(enhancer, iter(frames), batch=6)))
     assert np.array_equal(again, one)
@@ -265,7 +275,7 @@ def test_subtitles_are_copied_or_named_as_dropped(enhancer, tmp_path):
             if p.dts is not None:
                 p.stream = t
                 c.mux(p)
-        for i in range(25):
+        for _ in range(25):
             c.mux(v.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), 20, np.uint8),
                                                       format="rgb24")))
         c.mux(v.encode(None))

@@ -68,6 +68,7 @@ def train_command(cfg) -> str:
 
 def run_train(args) -> int:
     import torch
+
     from .train import train
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -86,6 +87,7 @@ def run_train(args) -> int:
 
 def run_eval(args) -> int:
     from model import CheckpointError
+
     from .evaluate import evaluate, format_report
     try:
         report = evaluate(args.checkpoint, Path(args.low), Path(args.high) if args.high else None,

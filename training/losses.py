@@ -113,8 +113,8 @@ def factor_spread(x_r: torch.Tensor, luma: torch.Tensor, eps: float = 1e-6) -> t
     noise, which is what separates our maps from the published checkpoint's, whose follow
     luminance (docs/experiments/training-runs.md, finding 10)."""
     x = x_r.flatten(2)
-    l = luma.flatten(2).to(x.dtype)
-    xc, lc = x - x.mean(2, keepdim=True), l - l.mean(2, keepdim=True)
+    lum = luma.flatten(2).to(x.dtype)
+    xc, lc = x - x.mean(2, keepdim=True), lum - lum.mean(2, keepdim=True)
     var_x, var_l = (xc * xc).mean(2), (lc * lc).mean(2)
     cov = (xc * lc).mean(2)
     return (var_x - cov * cov / (var_l + eps)).clamp_min(0).mean()

@@ -18,7 +18,6 @@ from .data import CropDataset, make_loader
 from .objective import Objective
 from .options import option
 
-
 LR_SCHEDULES = ("constant", "cosine")
 USS_BACKBONES = ("efficientnet-lite0", "resnet50")
 

@@ -3,7 +3,8 @@ as the published inference code computes it: images to float, bilinear downscale
 bilinear upsampling of x_r, the RIE steps (Eq. 1), rounding; then the torch denoiser."""
 import torch
 
-from ..denoise import DenoiseConfig, denoise as denoise_reference
+from ..denoise import DenoiseConfig
+from ..denoise import denoise as denoise_reference
 from ..resample import downscale, upsample_factor
 from ..rie import rie, to_uint8
 from .base import NO_DENOISE, Backend, check_factor

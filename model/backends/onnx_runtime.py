@@ -11,7 +11,8 @@ import importlib.util
 import numpy as np
 import torch
 
-from ..denoise import DenoiseConfig, denoise as denoise_reference
+from ..denoise import DenoiseConfig
+from ..denoise import denoise as denoise_reference
 from ..efe import EFE
 from .base import NO_DENOISE, Availability, Backend, check_factor
 

@@ -4,7 +4,8 @@ of each of its pixels (`resample.efe_input`), not from a float copy of the whole
 RIE steps run in place on one float copy: the same roundings as the eager reference."""
 import torch
 
-from ..denoise import DenoiseConfig, denoise as denoise_reference
+from ..denoise import DenoiseConfig
+from ..denoise import denoise as denoise_reference
 from ..resample import efe_input, upsample_factor
 from ..rie import to_uint8
 from .base import NO_DENOISE, Backend, check_factor

@@ -49,8 +49,10 @@ class TritonBackend(TorchBackend):
                                    "under TRITON_INTERPRET=1)")
 
     def __init__(self, efe: EFE, scale_factor: float, steps: int):
-        # cuDNN's depthwise convolutions run faster on NHWC maps (bench/gpu_efe.py)
-        super().__init__(efe.to(memory_format=torch.channels_last), scale_factor, steps)
+        # cuDNN's depthwise convolutions run faster on NHWC maps (bench/gpu_efe.py); Module.to
+        # takes memory_format (documented), which torch's overload stubs leave out
+        nhwc = efe.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        super().__init__(nhwc, scale_factor, steps)
 
     def factor_lowres(self, images: torch.Tensor) -> torch.Tensor:
         x = efe_input(images, self.scale_factor).contiguous(memory_format=torch.channels_last)
