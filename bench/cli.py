@@ -5,6 +5,7 @@ everything as JSON.
 Every comparison is made within one run on one machine: absolute numbers move with the machine
 and its load, the ratios are the result.
 """
+
 import argparse
 import json
 import os
@@ -30,47 +31,85 @@ DEFAULT_PATHS = "fast,denoise,eager,published"
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "bench", help="benchmark the model step and the HTTP service against baselines",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "bench",
+        help="benchmark the model step and the HTTP service against baselines",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--checkpoint", help="checkpoint to run (default: the built-in checkpoint)")
-    p.add_argument("--shared", default=os.environ.get("SGZ_SHARED", "../shared"),
-                   help="the shared folder with data/sice-real (default: $SGZ_SHARED or ../shared)")
+    p.add_argument(
+        "--shared",
+        default=os.environ.get("SGZ_SHARED", "../shared"),
+        help="the shared folder with data/sice-real (default: $SGZ_SHARED or ../shared)",
+    )
     p.add_argument("--out", help="write the results as JSON to this file")
-    p.add_argument("--parts", default="model,http",
-                   help="a list of model, http, video (default model,http: video takes minutes)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                   help="where the model runs, in every path and server (default cpu)")
+    p.add_argument(
+        "--parts",
+        default="model,http",
+        help="a list of model, http, video (default model,http: video takes minutes)",
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="where the model runs, in every path and server (default cpu)",
+    )
     g = p.add_argument_group("model step")
     g.add_argument("--sizes", default=SIZES, help=f"WxH list (default {SIZES})")
     g.add_argument("--batches", default="1,8", help="batch sizes (default 1,8)")
-    g.add_argument("--paths", default=DEFAULT_PATHS,
-                   help=f"some of {', '.join(PATHS)} (default {DEFAULT_PATHS})")
+    g.add_argument(
+        "--paths",
+        default=DEFAULT_PATHS,
+        help=f"some of {', '.join(PATHS)} (default {DEFAULT_PATHS})",
+    )
     g.add_argument("--repeats", type=int, default=20, help="timed calls per path and cell")
-    g.add_argument("--cell-budget", type=float, default=60.0,
-                   help="seconds per cell after which repeats stop (at least 3 are made)")
+    g.add_argument(
+        "--cell-budget",
+        type=float,
+        default=60.0,
+        help="seconds per cell after which repeats stop (at least 3 are made)",
+    )
     p.add_argument("--threads", type=int, help="torch (and fast path) threads; default: torch's")
     g = p.add_argument_group("HTTP")
-    g.add_argument("--servers", default="sgz,naive,litserve",
-                   help="sgz, naive, litserve, and sgz@REV: our service at git revision REV "
-                        "(a before/after comparison in the same run)")
+    g.add_argument(
+        "--servers",
+        default="sgz,naive,litserve",
+        help="sgz, naive, litserve, and sgz@REV: our service at git revision REV "
+        "(a before/after comparison in the same run)",
+    )
     g.add_argument("--concurrency", default="1,8,32,64")
-    g.add_argument("--duration", type=float, default=6.0,
-                   help="seconds of load per server, level and round")
-    g.add_argument("--rounds", type=int, default=3,
-                   help="interleaved rounds; figures are medians over them (default 3)")
-    g.add_argument("--query", default="",
-                   help="enhance options for every request, as /enhance's query string, e.g. "
-                        "'denoise=0&exposure=model' (the network alone); the baselines are "
-                        "started doing the same work (default: enhance's defaults)")
-    g.add_argument("--cases", default=HTTP_CASES,
-                   help="FORMAT:PHOTOS list: jpeg or png (sent and answered), photos at WxH or "
-                        "the shared ones as they are: small (512x512), mixed (up to "
-                        f"1920x1080), all (default {HTTP_CASES})")
+    g.add_argument(
+        "--duration", type=float, default=6.0, help="seconds of load per server, level and round"
+    )
+    g.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="interleaved rounds; figures are medians over them (default 3)",
+    )
+    g.add_argument(
+        "--query",
+        default="",
+        help="enhance options for every request, as /enhance's query string, e.g. "
+        "'denoise=0&exposure=model' (the network alone); the baselines are "
+        "started doing the same work (default: enhance's defaults)",
+    )
+    g.add_argument(
+        "--cases",
+        default=HTTP_CASES,
+        help="FORMAT:PHOTOS list: jpeg or png (sent and answered), photos at WxH or "
+        "the shared ones as they are: small (512x512), mixed (up to "
+        f"1920x1080), all (default {HTTP_CASES})",
+    )
     g = p.add_argument_group("video")
     g.add_argument("--video-sizes", default=VIDEO_SIZES, help=f"WxH list (default {VIDEO_SIZES})")
     g.add_argument("--video-frames", type=int, default=96, help="frames per clip (default 96)")
-    g.add_argument("--video-rounds", type=int, default=3,
-                   help="runs of each path, alternating; figures are medians (default 3)")
+    g.add_argument(
+        "--video-rounds",
+        type=int,
+        default=3,
+        help="runs of each path, alternating; figures are medians (default 3)",
+    )
     p.set_defaults(func=bench)
 
 
@@ -92,8 +131,11 @@ def bench(args: argparse.Namespace) -> int:
     default = str(DEFAULT_CHECKPOINT) if DEFAULT_CHECKPOINT.is_file() else None
     checkpoint = args.checkpoint or default
     if checkpoint is None or not Path(checkpoint).is_file():
-        print(f"sgz bench: checkpoint {checkpoint or DEFAULT_CHECKPOINT} not found; "
-              "pass --checkpoint PATH", file=sys.stderr)
+        print(
+            f"sgz bench: checkpoint {checkpoint or DEFAULT_CHECKPOINT} not found; "
+            "pass --checkpoint PATH",
+            file=sys.stderr,
+        )
         return 2
     shared = Path(args.shared)
     if not (shared / "data" / "sice-real").is_dir():
@@ -122,38 +164,76 @@ def bench(args: argparse.Namespace) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "checkpoint": checkpoint,
-               "machine": machine(args.device), "device": args.device,
-               "command": "sgz bench " + " ".join(sys.argv[2:])}
+    results = {
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "checkpoint": checkpoint,
+        "machine": machine(args.device),
+        "device": args.device,
+        "command": "sgz bench " + " ".join(sys.argv[2:]),
+    }
     m = results["machine"]
     gpu = f", GPU {m['gpu']} (the model runs there)" if "gpu" in m else ""
-    print(f"machine: {m['cores']} cores{gpu}, torch {m['torch']} "
-          f"with {m['torch_threads']} threads, "
-          f"load average {m['load_avg_1m']:.1f} at start (other processes share the cores: "
-          "compare the ratios, which are measured side by side)", flush=True)
+    print(
+        f"machine: {m['cores']} cores{gpu}, torch {m['torch']} "
+        f"with {m['torch_threads']} threads, "
+        f"load average {m['load_avg_1m']:.1f} at start (other processes share the cores: "
+        "compare the ratios, which are measured side by side)",
+        flush=True,
+    )
     if "model" in parts:
         from .model_bench import run_model_bench
+
         print(f"model step: {', '.join(paths)} (median of {args.repeats} calls each)", flush=True)
-        results["model"] = run_model_bench(checkpoint, shared, sizes, batches, paths,
-                                           args.repeats, args.cell_budget,
-                                           log=lambda s: print(s, flush=True), device=args.device)
+        results["model"] = run_model_bench(
+            checkpoint,
+            shared,
+            sizes,
+            batches,
+            paths,
+            args.repeats,
+            args.cell_budget,
+            log=lambda s: print(s, flush=True),
+            device=args.device,
+        )
         print(model_table(results["model"]))
     if "http" in parts:
         from .http_bench import run_http_bench
-        print(f"HTTP: {args.servers}, {args.rounds} interleaved rounds of {args.duration:g} s "
-              "per server and level", flush=True)
-        results["http"] = run_http_bench(checkpoint, shared, _list(args.servers), levels,
-                                         args.duration, cases, rounds=max(1, args.rounds),
-                                         log=lambda s: print(s, flush=True), device=args.device,
-                                         query=args.query)
+
+        print(
+            f"HTTP: {args.servers}, {args.rounds} interleaved rounds of {args.duration:g} s "
+            "per server and level",
+            flush=True,
+        )
+        results["http"] = run_http_bench(
+            checkpoint,
+            shared,
+            _list(args.servers),
+            levels,
+            args.duration,
+            cases,
+            rounds=max(1, args.rounds),
+            log=lambda s: print(s, flush=True),
+            device=args.device,
+            query=args.query,
+        )
         print(http_table(results["http"]))
     if "video" in parts:
         from .video_bench import run_video_bench
-        print(f"video: {args.video_frames}-frame dark clips, H.264 in and out, "
-              f"{args.video_rounds} alternating rounds", flush=True)
-        results["video"] = run_video_bench(checkpoint, shared, video_sizes, args.video_frames,
-                                           max(1, args.video_rounds),
-                                           log=lambda s: print(s, flush=True), device=args.device)
+
+        print(
+            f"video: {args.video_frames}-frame dark clips, H.264 in and out, "
+            f"{args.video_rounds} alternating rounds",
+            flush=True,
+        )
+        results["video"] = run_video_bench(
+            checkpoint,
+            shared,
+            video_sizes,
+            args.video_frames,
+            max(1, args.video_rounds),
+            log=lambda s: print(s, flush=True),
+            device=args.device,
+        )
         print(video_table(results["video"]))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -163,9 +243,14 @@ def bench(args: argparse.Namespace) -> int:
 
 
 def machine(device: str = "cpu") -> dict:
-    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "load_avg_1m": os.getloadavg()[0]}
+    info = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "load_avg_1m": os.getloadavg()[0],
+    }
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     for package in ("numba", "litserve", "triton"):
@@ -183,8 +268,9 @@ def table(header: list[str], rows: list[list]) -> str:
     def line(r):
         return "| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |"
 
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|",
-                      *map(line, cells[1:])])
+    return "\n".join(
+        [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells[1:])]
+    )
 
 
 def model_table(res: dict) -> str:
@@ -193,24 +279,41 @@ def model_table(res: dict) -> str:
         by_cell.setdefault((r["width"], r["height"], r["batch"]), {})[r["path"]] = r
     paths = [p for p in PATHS if any(p in c for c in by_cell.values())]
     floors = {(f["width"], f["height"]): f["floor_ms"] for f in res["floor"]["sizes"]}
-    header = ["size", "batch", *[f"{p} ms/img (img/s)" for p in paths],
-              *[f"{p}/fast" for p in paths if p != "fast"], "floor ms", "fast/floor"]
+    header = [
+        "size",
+        "batch",
+        *[f"{p} ms/img (img/s)" for p in paths],
+        *[f"{p}/fast" for p in paths if p != "fast"],
+        "floor ms",
+        "fast/floor",
+    ]
     rows = []
     for (w, h, b), got in sorted(by_cell.items(), key=lambda kv: (kv[0][0] * kv[0][1], kv[0][2])):
         row = [f"{w}x{h}", b]
-        row += [f"{_ms(got[p]['ms_per_image'])} ({got[p]['images_per_s']:.0f})" if p in got else "-"
-                for p in paths]
-        row += [_ratio(got[p]["ms_per_image"] / got["fast"]["ms_per_image"], p)
-                if p in got and "fast" in got else "-" for p in paths if p != "fast"]
+        row += [
+            f"{_ms(got[p]['ms_per_image'])} ({got[p]['images_per_s']:.0f})" if p in got else "-"
+            for p in paths
+        ]
+        row += [
+            _ratio(got[p]["ms_per_image"] / got["fast"]["ms_per_image"], p)
+            if p in got and "fast" in got
+            else "-"
+            for p in paths
+            if p != "fast"
+        ]
         fl = floors[(w, h)]
         row += [_ms(fl), f"{got['fast']['ms_per_image'] / fl:.1f}x" if "fast" in got else "-"]
         rows.append(row)
     pk = res["floor"]["peaks"]
-    f = next((f for f in res["floor"]["sizes"] if (f["width"], f["height"]) == (1200, 900)),
-             res["floor"]["sizes"][0])
-    note = (f"floor = max(FLOPs / measured matmul {pk['matmul_gflops']:.0f} GFLOP/s, bytes / "
-            f"measured copy {pk['copy_gb_per_s']:.1f} GB/s); at {f['width']}x{f['height']}: "
-            f"{f['flops'] / 1e6:.0f} MFLOP (2 per multiply-add), {f['bytes'] / 1e6:.1f} MB")
+    f = next(
+        (f for f in res["floor"]["sizes"] if (f["width"], f["height"]) == (1200, 900)),
+        res["floor"]["sizes"][0],
+    )
+    note = (
+        f"floor = max(FLOPs / measured matmul {pk['matmul_gflops']:.0f} GFLOP/s, bytes / "
+        f"measured copy {pk['copy_gb_per_s']:.1f} GB/s); at {f['width']}x{f['height']}: "
+        f"{f['flops'] / 1e6:.0f} MFLOP (2 per multiply-add), {f['bytes'] / 1e6:.1f} MB"
+    )
     return table(header, rows) + "\n" + note
 
 
@@ -226,29 +329,59 @@ def _ratio(x: float, path: str) -> str:
 
 def http_table(res: dict) -> str:
     """One table per case: each server's levels beside the case's coding floor."""
-    header = ["case", "server", "concurrency", "req/s", "p50 ms", "p99 ms", "failed",
-              "ceiling img/s", "of ceiling"]
+    header = [
+        "case",
+        "server",
+        "concurrency",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "failed",
+        "ceiling img/s",
+        "of ceiling",
+    ]
     rows, ratios = [], []
     for ce in res["cases"]:
         ceiling = ce["floor"]["ceiling_rps"]
         for s in ce["servers"]:
             for lv in s["levels"]:
-                rows.append([ce["case"], s["server"], lv["concurrency"],
-                             f"{lv['throughput_rps']:.1f}", f"{lv['p50_ms']:.0f}",
-                             f"{lv['p99_ms']:.0f}", lv["failed"], f"{ceiling:.0f}",
-                             f"{lv['throughput_rps'] / ceiling:.0%}"])
+                rows.append(
+                    [
+                        ce["case"],
+                        s["server"],
+                        lv["concurrency"],
+                        f"{lv['throughput_rps']:.1f}",
+                        f"{lv['p50_ms']:.0f}",
+                        f"{lv['p99_ms']:.0f}",
+                        lv["failed"],
+                        f"{ceiling:.0f}",
+                        f"{lv['throughput_rps'] / ceiling:.0%}",
+                    ]
+                )
         ratios += _case_ratios(ce)
-    f = "; ".join(f"{ce['case']} {ce['floor']['decode_ms']:.1f} + {ce['floor']['encode_ms']:.1f}"
-                  f" ms coding, {ce['floor']['model_ms']:.1f} ms model" for ce in res["cases"])
-    memory = ", ".join(f"{s['server']} {s['rss_idle_mb']:.0f} / {s['rss_peak_mb']:.0f}"
-                       for s in res["servers"] if "error" not in s)
+    f = "; ".join(
+        f"{ce['case']} {ce['floor']['decode_ms']:.1f} + {ce['floor']['encode_ms']:.1f}"
+        f" ms coding, {ce['floor']['model_ms']:.1f} ms model"
+        for ce in res["cases"]
+    )
+    memory = ", ".join(
+        f"{s['server']} {s['rss_idle_mb']:.0f} / {s['rss_peak_mb']:.0f}"
+        for s in res["servers"]
+        if "error" not in s
+    )
     errors = [f"{s['server']}: error: {s['error'][:300]}" for s in res["servers"] if "error" in s]
-    return "\n".join([table(header, rows), *ratios, *errors,
-                      f"figures: medians over {res.get('rounds', 1)} interleaved rounds; "
-                      "ratios: median (each round's)",
-                      f"ceiling: images/s with nothing but decode + encode (per core) and the "
-                      f"model step (all cores): {f}",
-                      f"RSS idle / peak MB: {memory}"])
+    return "\n".join(
+        [
+            table(header, rows),
+            *ratios,
+            *errors,
+            f"figures: medians over {res.get('rounds', 1)} interleaved rounds; "
+            "ratios: median (each round's)",
+            f"ceiling: images/s with nothing but decode + encode (per core) and the "
+            f"model step (all cores): {f}",
+            f"RSS idle / peak MB: {memory}",
+        ]
+    )
 
 
 def _case_ratios(ce: dict) -> list[str]:
@@ -260,9 +393,11 @@ def _case_ratios(ce: dict) -> list[str]:
         for mine, theirs in zip(ours["levels"], s["levels"]):
             tput = round_ratios(mine, theirs, "throughput_rps")
             p99 = round_ratios(mine, theirs, "p99_ms")
-            out.append(f"{ce['case']} c={mine['concurrency']}: sgz/{s['server']} throughput "
-                       f"{statistics.median(tput):.2f}x ({' '.join(f'{x:.2f}' for x in tput)}), "
-                       f"p99 {statistics.median(p99):.2f}x ({' '.join(f'{x:.2f}' for x in p99)})")
+            out.append(
+                f"{ce['case']} c={mine['concurrency']}: sgz/{s['server']} throughput "
+                f"{statistics.median(tput):.2f}x ({' '.join(f'{x:.2f}' for x in tput)}), "
+                f"p99 {statistics.median(p99):.2f}x ({' '.join(f'{x:.2f}' for x in p99)})"
+            )
     return out
 
 
@@ -272,24 +407,47 @@ def round_ratios(mine: dict, theirs: dict, key: str) -> list[float]:
 
 
 def video_table(res: dict) -> str:
-    header = ["size", "path", "frames", "fps", "wall s", "decode s", "model s", "encode s",
-              "MB out", "x transcode", "vs loop"]
-    rows = [[f"{r['width']}x{r['height']}", r["path"], r["frames"], f"{r['fps']:.1f}",
-             f"{r['seconds']:.2f}", f"{r['decode_s']:.2f}",
-             f"{r['model_s']:.2f}" if "transcode" not in r["path"] else "-",
-             f"{r['encode_s']:.2f}",
-             f"{r['out_bytes'] / 1e6:.1f}", f"{r['x_transcode']:.2f}x",
-             f"{r['speedup_vs_loop']:.2f}x"] for r in res["rows"]]
+    header = [
+        "size",
+        "path",
+        "frames",
+        "fps",
+        "wall s",
+        "decode s",
+        "model s",
+        "encode s",
+        "MB out",
+        "x transcode",
+        "vs loop",
+    ]
+    rows = [
+        [
+            f"{r['width']}x{r['height']}",
+            r["path"],
+            r["frames"],
+            f"{r['fps']:.1f}",
+            f"{r['seconds']:.2f}",
+            f"{r['decode_s']:.2f}",
+            f"{r['model_s']:.2f}" if "transcode" not in r["path"] else "-",
+            f"{r['encode_s']:.2f}",
+            f"{r['out_bytes'] / 1e6:.1f}",
+            f"{r['x_transcode']:.2f}x",
+            f"{r['speedup_vs_loop']:.2f}x",
+        ]
+        for r in res["rows"]
+    ]
     enc = res["encoder"]
-    notes = [f"wall: median of {res['rounds']} runs per path (alternating); decode/model/encode:"
-             " busy seconds of each stage (the pipeline's threads overlap; the loop's add up)",
-             "x transcode: wall over the plain transcode's in the same round; vs loop: the serial"
-             " image loop's wall over this path's (medians of the rounds' ratios)",
-             "transcode-out: the same transcode of the temporal path's output (the clean picture"
-             " it encodes; the dark input's noise costs x264 several times as much)",
-             f"encoder: {enc['codec']} crf {enc['crf']} preset {enc['preset']}; clips: "
-             f"{res['clip']['frames']} frames at {res['clip']['fps']} fps, a dark pan over "
-             f"sice-real/{res['clip']['photo']} (bench/video_clips.py)"]
+    notes = [
+        f"wall: median of {res['rounds']} runs per path (alternating); decode/model/encode:"
+        " busy seconds of each stage (the pipeline's threads overlap; the loop's add up)",
+        "x transcode: wall over the plain transcode's in the same round; vs loop: the serial"
+        " image loop's wall over this path's (medians of the rounds' ratios)",
+        "transcode-out: the same transcode of the temporal path's output (the clean picture"
+        " it encodes; the dark input's noise costs x264 several times as much)",
+        f"encoder: {enc['codec']} crf {enc['crf']} preset {enc['preset']}; clips: "
+        f"{res['clip']['frames']} frames at {res['clip']['fps']} fps, a dark pan over "
+        f"sice-real/{res['clip']['photo']} (bench/video_clips.py)",
+    ]
 
     def each(xs):
         return " ".join(f"{x:.2f}" for x in xs)
@@ -297,9 +455,11 @@ def video_table(res: dict) -> str:
     for r in res["rows"]:
         if r["path"] != "temporal":
             continue
-        line = (f"temporal at {r['width']}x{r['height']}: {r['x_transcode']:.2f}x transcode "
-                f"({each(r['x_transcode_rounds'])}), {r['x_transcode_out']:.2f}x "
-                f"transcode-out ({each(r['x_transcode_out_rounds'])})")
+        line = (
+            f"temporal at {r['width']}x{r['height']}: {r['x_transcode']:.2f}x transcode "
+            f"({each(r['x_transcode_rounds'])}), {r['x_transcode_out']:.2f}x "
+            f"transcode-out ({each(r['x_transcode_out_rounds'])})"
+        )
         if (r["width"], r["height"]) == (1280, 720):
             met = "met" if r["x_transcode"] <= 1.5 else "NOT met"
             line += f"; criterion <= 1.5x transcode: {met}"

@@ -4,6 +4,7 @@ effort levels, JPEG. Per call on one thread (median), output size, and how two t
 
     python -m bench.codecs --shared ../shared --size 1200x900
 """
+
 import argparse
 import io
 import statistics
@@ -50,6 +51,7 @@ def pillow(rgb: np.ndarray, fmt: str, **params) -> bytes:
 def candidates(rgb: np.ndarray, camera_png: bytes) -> dict:
     def pillow_read(data):
         return lambda: np.asarray(Image.open(io.BytesIO(data)))
+
     return {
         "PNG write, Pillow level 1 (before)": lambda: pillow(rgb, "PNG", compress_level=1),
         "PNG write, Pillow level 6 (its default)": lambda: pillow(rgb, "PNG"),
@@ -72,8 +74,9 @@ def main() -> None:
     photo = sorted((Path(args.shared) / "data" / "sice-real").glob("*.png"))[3]
     dark = ImageOps.fit(Image.open(photo).convert("RGB"), (w, h), Image.Resampling.LANCZOS)
     camera_png = pillow(np.asarray(dark), "PNG")
-    rgb = np.ascontiguousarray(tensor_to_rgb(load_model().enhance(
-        decode_image(camera_png).to_tensor())))
+    rgb = np.ascontiguousarray(
+        tensor_to_rgb(load_model().enhance(decode_image(camera_png).to_tensor()))
+    )
     print(f"{photo.name} at {w}x{h}, enhanced with the defaults; {args.repeats} calls each")
     print(f"| {'what':48s} | ms/call | bytes out | 2 threads |")
     print(f"|{'-' * 50}|---------|-----------|-----------|")

@@ -4,6 +4,7 @@ on a GPU machine (scripts/gpu-check.sh); prints a table.
 
     python -m bench.gpu_efe [--batch 256] [--size 75x100]
 """
+
 import argparse
 import time
 
@@ -16,12 +17,14 @@ from .cli import table
 
 def variants():
     """name -> (memory format, cudnn.benchmark, TF32 allowed)"""
-    return {"NCHW": (torch.contiguous_format, False, True),
-            "NCHW, no TF32": (torch.contiguous_format, False, False),
-            "NCHW, cudnn.benchmark": (torch.contiguous_format, True, True),
-            "NHWC": (torch.channels_last, False, True),
-            "NHWC, no TF32": (torch.channels_last, False, False),
-            "NHWC, cudnn.benchmark": (torch.channels_last, True, True)}
+    return {
+        "NCHW": (torch.contiguous_format, False, True),
+        "NCHW, no TF32": (torch.contiguous_format, False, False),
+        "NCHW, cudnn.benchmark": (torch.contiguous_format, True, True),
+        "NHWC": (torch.channels_last, False, True),
+        "NHWC, no TF32": (torch.channels_last, False, False),
+        "NHWC, cudnn.benchmark": (torch.channels_last, True, True),
+    }
 
 
 def main() -> None:
@@ -54,10 +57,27 @@ def main() -> None:
             torch.cuda.synchronize()
             ms = 1000 * (time.perf_counter() - t0) / a.repeats
         err = (out[:4].float().cpu() - ref).abs().max().item()
-        rows.append([name, f"{ms:.3f}", f"{1000 * ms / a.batch:.2f}", f"{a.batch / ms * 1000:.0f}",
-                     f"{err:.1e}"])
-    print(table(["EFE variant", f"ms / batch of {a.batch}", "us / image", "images/s",
-                 "max |x_r - fp64|"], rows))
+        rows.append(
+            [
+                name,
+                f"{ms:.3f}",
+                f"{1000 * ms / a.batch:.2f}",
+                f"{a.batch / ms * 1000:.0f}",
+                f"{err:.1e}",
+            ]
+        )
+    print(
+        table(
+            [
+                "EFE variant",
+                f"ms / batch of {a.batch}",
+                "us / image",
+                "images/s",
+                "max |x_r - fp64|",
+            ],
+            rows,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ flipped from run to run).
 RSS is the sum over the server's process tree (LitServe runs its model in worker processes),
 sampled every 0.1 s: idle once ready, and the peak while loaded.
 """
+
 import json
 import os
 import socket
@@ -90,8 +91,12 @@ class RssSampler:
 
 def checkout(rev: str, folder: Path) -> Path:
     """This repository at `rev` (a commit, tag or branch) as a detached git worktree."""
-    r = subprocess.run(["git", "worktree", "add", "--detach", "--force", str(folder), rev],
-                       cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        ["git", "worktree", "add", "--detach", "--force", str(folder), rev],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         raise RuntimeError(f"cannot check out {rev!r}: {r.stderr.strip()}")
     return folder
@@ -102,9 +107,15 @@ class ServerProcess:
     `log_dir/KIND.log`; `env` is added to this process's environment. `sgz@REV` is our
     service as it was at git revision REV (before/after comparisons in one run)."""
 
-    def __init__(self, kind: str, checkpoint: str, log_dir: Path,
-                 env: dict[str, str] | None = None, device: str = "cpu",
-                 extra_args: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        kind: str,
+        checkpoint: str,
+        log_dir: Path,
+        env: dict[str, str] | None = None,
+        device: str = "cpu",
+        extra_args: tuple[str, ...] = (),
+    ):
         base, _, rev = kind.partition("@")
         args, self.ready_path = SERVERS[base]
         self.port = free_port()
@@ -113,10 +124,24 @@ class ServerProcess:
         self._log = open(self.log_path, "w")
         # `python -m` puts the working directory first on sys.path: the worktree's code runs
         self.tree = checkout(rev, Path(log_dir) / f"rev-{rev}") if rev else None
-        cmd = [sys.executable, *args, "--port", str(self.port), "--checkpoint", str(checkpoint),
-               "--device", device, *extra_args]
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     cwd=self.tree or ROOT, env={**os.environ, **(env or {})})
+        cmd = [
+            sys.executable,
+            *args,
+            "--port",
+            str(self.port),
+            "--checkpoint",
+            str(checkpoint),
+            "--device",
+            device,
+            *extra_args,
+        ]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=self.tree or ROOT,
+            env={**os.environ, **(env or {})},
+        )
 
     def log(self) -> str:
         self._log.flush()
@@ -127,8 +152,9 @@ class ServerProcess:
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; log:\n"
-                                   + self.log()[-3000:])
+                raise RuntimeError(
+                    f"server exited with {self.proc.returncode}; log:\n" + self.log()[-3000:]
+                )
             try:
                 if httpx.get(self.url + self.ready_path, timeout=2).status_code == 200:
                     return time.monotonic() - t0
@@ -184,24 +210,49 @@ class ServerProcess:
                 pass
         self._log.close()
         if self.tree is not None:
-            subprocess.run(["git", "worktree", "remove", "--force", str(self.tree)], cwd=ROOT,
-                           capture_output=True)
+            subprocess.run(
+                ["git", "worktree", "remove", "--force", str(self.tree)],
+                cwd=ROOT,
+                capture_output=True,
+            )
 
 
 def load(url: str, images: Path, concurrency: int, duration: float) -> dict:
     """bench/load_client.py against `url` (with any query string) in its own process."""
-    cmd = [sys.executable, "-m", "bench.load_client", "--url", url, "--images", str(images),
-           "--concurrency", str(concurrency), "--duration", str(duration)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                         cwd=ROOT, timeout=duration + 600)
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.load_client",
+        "--url",
+        url,
+        "--images",
+        str(images),
+        "--concurrency",
+        str(concurrency),
+        "--duration",
+        str(duration),
+    ]
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, check=False, cwd=ROOT, timeout=duration + 600
+    )
     if out.returncode != 0:
         raise RuntimeError(f"load client failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout)
 
 
-def run_http_bench(checkpoint: str, shared: Path, servers, concurrencies, duration: float,
-                   cases: list[Case], rounds: int = 3, ready_timeout: float = 180,
-                   log=print, device: str = "cpu", query: str = "") -> dict:
+def run_http_bench(
+    checkpoint: str,
+    shared: Path,
+    servers,
+    concurrencies,
+    duration: float,
+    cases: list[Case],
+    rounds: int = 3,
+    ready_timeout: float = 180,
+    log=print,
+    device: str = "cpu",
+    query: str = "",
+) -> dict:
     """Every case (format x photos) at every concurrency against every server, in `rounds`
     interleaved rounds; each case's coding floor measured here while the servers are paused."""
     from model import load_model
@@ -212,14 +263,19 @@ def run_http_bench(checkpoint: str, shared: Path, servers, concurrencies, durati
         enhancer = load_model(checkpoint, device=device)
         for i, case in enumerate(cases):
             folder = tmp / f"case{i}"
-            entry = {"case": case.name, "images": write_case(shared, case, folder),
-                     "floor": coding_floor(folder, enhancer, query),
-                     "turns": {s: {c: [] for c in concurrencies} for s in servers}}
+            entry = {
+                "case": case.name,
+                "images": write_case(shared, case, folder),
+                "floor": coding_floor(folder, enhancer, query),
+                "turns": {s: {c: [] for c in concurrencies} for s in servers},
+            }
             results["cases"].append(entry)
             f = entry["floor"]
-            log(f"  {case.name}: {len(entry['images'])} photos; coding floor decode "
+            log(
+                f"  {case.name}: {len(entry['images'])} photos; coding floor decode "
                 f"{f['decode_ms']:.1f} + encode {f['encode_ms']:.1f} ms on one core, model "
-                f"{f['model_ms']:.1f} ms/image: at most {f['ceiling_rps']:.0f} images/s")
+                f"{f['model_ms']:.1f} ms/image: at most {f['ceiling_rps']:.0f} images/s"
+            )
         del enhancer
         running = _start(servers, checkpoint, tmp, device, ready_timeout, results, log, query)
         try:
@@ -230,24 +286,45 @@ def run_http_bench(checkpoint: str, shared: Path, servers, concurrencies, durati
                     folder = tmp / f"case{results['cases'].index(ce)}"
                     for entry in order:
                         if "error" not in entry:
-                            _turn(running[entry["server"]], entry, ce, folder, c, duration,
-                                  f"round {r + 1}/{rounds} {ce['case']}", log)
+                            _turn(
+                                running[entry["server"]],
+                                entry,
+                                ce,
+                                folder,
+                                c,
+                                duration,
+                                f"round {r + 1}/{rounds} {ce['case']}",
+                                log,
+                            )
         finally:
             for server in running.values():
                 server.resume()
                 server.stop()
     for ce in results["cases"]:
         turns = ce.pop("turns")
-        ce["servers"] = [{"server": e["server"],
-                          "levels": [summarise(c, turns[e["server"]][c]) for c in concurrencies]}
-                         for e in results["servers"] if "error" not in e]
+        ce["servers"] = [
+            {
+                "server": e["server"],
+                "levels": [summarise(c, turns[e["server"]][c]) for c in concurrencies],
+            }
+            for e in results["servers"]
+            if "error" not in e
+        ]
     for entry in results["servers"]:
-        entry["rss_peak_mb"] = entry.pop("rss_peak") / 2 ** 20
+        entry["rss_peak_mb"] = entry.pop("rss_peak") / 2**20
     return results
 
 
-def _start(servers, checkpoint, tmp: Path, device: str, ready_timeout: float, results: dict,
-           log, query: str) -> dict:
+def _start(
+    servers,
+    checkpoint,
+    tmp: Path,
+    device: str,
+    ready_timeout: float,
+    results: dict,
+    log,
+    query: str,
+) -> dict:
     """Every server started and ready, then paused; failures recorded in its entry."""
     running = {}
     for kind in servers:
@@ -267,7 +344,7 @@ def _start(servers, checkpoint, tmp: Path, device: str, ready_timeout: float, re
         try:
             entry["startup_s"] = server.wait_ready(ready_timeout)
             time.sleep(1.0)  # let start-up garbage settle before the idle reading
-            entry["rss_idle_mb"] = tree_rss(psutil.Process(server.proc.pid)) / 2 ** 20
+            entry["rss_idle_mb"] = tree_rss(psutil.Process(server.proc.pid)) / 2**20
         except (RuntimeError, TimeoutError) as e:
             entry["error"] = str(e)
             log(f"  {kind}: {e}")
@@ -275,8 +352,16 @@ def _start(servers, checkpoint, tmp: Path, device: str, ready_timeout: float, re
     return running
 
 
-def _turn(server: ServerProcess, entry: dict, case: dict, images: Path, c: int,
-          duration: float, label: str, log) -> None:
+def _turn(
+    server: ServerProcess,
+    entry: dict,
+    case: dict,
+    images: Path,
+    c: int,
+    duration: float,
+    label: str,
+    log,
+) -> None:
     """One server's turn at one case and concurrency: resumed, loaded, paused again."""
     server.resume()
     try:
@@ -285,8 +370,10 @@ def _turn(server: ServerProcess, entry: dict, case: dict, images: Path, c: int,
             level = load(server.url + "/enhance" + query, images, c, duration)
         entry["rss_peak"] = max(entry["rss_peak"], rss.peak)
         case["turns"][entry["server"]][c].append(level)
-        log(f"  {label} {entry['server']:8s} c={c:<3d} {level['throughput_rps']:7.1f} req/s  "
-            f"p50 {level['p50_ms']:7.0f}  p99 {level['p99_ms']:7.0f} ms  failed {level['failed']}")
+        log(
+            f"  {label} {entry['server']:8s} c={c:<3d} {level['throughput_rps']:7.1f} req/s  "
+            f"p50 {level['p50_ms']:7.0f}  p99 {level['p99_ms']:7.0f} ms  failed {level['failed']}"
+        )
     except RuntimeError as e:
         entry["error"] = str(e)
         log(f"  {entry['server']}: {e}")
@@ -296,8 +383,12 @@ def _turn(server: ServerProcess, entry: dict, case: dict, images: Path, c: int,
 
 def summarise(c: int, turns: list[dict]) -> dict:
     """Medians over a server's rounds at one concurrency; counts summed; the rounds kept."""
-    level = {"concurrency": c, "ok": sum(t["ok"] for t in turns),
-             "failed": sum(t["failed"] for t in turns), "rounds": turns}
+    level = {
+        "concurrency": c,
+        "ok": sum(t["ok"] for t in turns),
+        "failed": sum(t["failed"] for t in turns),
+        "rounds": turns,
+    }
     for key in ("throughput_rps", "p50_ms", "p95_ms", "p99_ms", "mean_ms"):
         level[key] = statistics.median(t[key] for t in turns)
     return level

@@ -6,6 +6,7 @@ floor, the time a server cannot avoid per image: decode + encode on one core and
     png:1920x1080   ... to 1920x1080, as PNG (Pillow's default compression, as most tools write)
     jpeg:mixed      the photos as they are, up to 1920x1080 (also small, all)
 """
+
 import os
 import statistics
 import time
@@ -27,8 +28,8 @@ SIZED_PHOTOS = 12  # photos per fixed-size case: enough content variety, quick t
 
 @dataclass(frozen=True)
 class Case:
-    fmt: str      # jpeg | png: sent in, and answered in
-    photos: str   # small | mixed | all | WxH
+    fmt: str  # jpeg | png: sent in, and answered in
+    photos: str  # small | mixed | all | WxH
 
     @property
     def name(self) -> str:
@@ -54,8 +55,9 @@ def parse_cases(text: str) -> list[Case]:
             try:
                 w, h = case.size
             except ValueError:
-                raise ValueError(f"{item!r}: photos must be WxH or one of "
-                                 f"{', '.join(PHOTO_SETS)}") from None
+                raise ValueError(
+                    f"{item!r}: photos must be WxH or one of {', '.join(PHOTO_SETS)}"
+                ) from None
             if not (16 <= w <= 8192 and 16 <= h <= 8192):
                 raise ValueError(f"{item!r}: sizes from 16 to 8192 pixels a side")
         cases.append(case)
@@ -101,8 +103,7 @@ def write_case(shared: Path, case: Case, folder: Path) -> list[str]:
     return names
 
 
-def coding_floor(folder: Path, enhancer, query: str = "", batch: int = 8,
-                 passes: int = 3) -> dict:
+def coding_floor(folder: Path, enhancer, query: str = "", batch: int = 8, passes: int = 3) -> dict:
     """Per image: decode and encode on one core (median over files and passes) and the model
     step as the servers run it (enhance's defaults, all cores, batches of `batch` same-size
     images, else one by one); `ceiling_rps`: images/s if a server did nothing else."""
@@ -122,8 +123,13 @@ def coding_floor(folder: Path, enhancer, query: str = "", batch: int = 8,
     cores = os.cpu_count() or 1
     dec, enc = statistics.median(decode_ms), statistics.median(encode_ms)
     per_image_s = (model_ms + (dec + enc) / cores) / 1000
-    return {"decode_ms": dec, "encode_ms": enc, "model_ms": model_ms,
-            "ceiling_rps": 1 / per_image_s, "cores": cores}
+    return {
+        "decode_ms": dec,
+        "encode_ms": enc,
+        "model_ms": model_ms,
+        "ceiling_rps": 1 / per_image_s,
+        "cores": cores,
+    }
 
 
 def _model_ms(decoded: list, enhancer, batch: int, kwargs: dict) -> float:

@@ -6,6 +6,7 @@ no transposes), so that only the serving around the model differs.
 
     python -m bench.litserve_server --port 8002 --checkpoint PATH
 """
+
 import argparse
 
 import litserve as ls
@@ -16,14 +17,15 @@ from model import load_model
 from model.imageio import MEDIA_TYPES, decode_image, encode_image, output_format, tensor_to_rgb
 from service.inference import stack
 
-MAX_BATCH_SIZE = 16    # sgz serve's default SGZ_MAX_BATCH_SIZE
+MAX_BATCH_SIZE = 16  # sgz serve's default SGZ_MAX_BATCH_SIZE
 BATCH_TIMEOUT_S = 0.005  # sgz serve's default SGZ_MAX_WAIT_MS
 
 
 class EnhanceAPI(ls.LitAPI):
     def __init__(self, checkpoint: str, query: str = ""):
-        super().__init__(max_batch_size=MAX_BATCH_SIZE, batch_timeout=BATCH_TIMEOUT_S,
-                         api_path="/enhance")
+        super().__init__(
+            max_batch_size=MAX_BATCH_SIZE, batch_timeout=BATCH_TIMEOUT_S, api_path="/enhance"
+        )
         self.checkpoint = checkpoint
         self.kwargs = enhance_kwargs(query)  # the same work as sgz serve's /enhance?QUERY
 
@@ -65,10 +67,20 @@ def main() -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--query", default="", help="enhance options as sgz serve's query string")
     args = p.parse_args()
-    server = ls.LitServer(EnhanceAPI(args.checkpoint, args.query), accelerator=args.device,
-                          devices=1, workers_per_device=1, timeout=120)
-    server.run(host="127.0.0.1", port=args.port, num_api_servers=1, log_level="warning",
-               generate_client_file=False)
+    server = ls.LitServer(
+        EnhanceAPI(args.checkpoint, args.query),
+        accelerator=args.device,
+        devices=1,
+        workers_per_device=1,
+        timeout=120,
+    )
+    server.run(
+        host="127.0.0.1",
+        port=args.port,
+        num_api_servers=1,
+        log_level="warning",
+        generate_client_file=False,
+    )
 
 
 if __name__ == "__main__":

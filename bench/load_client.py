@@ -6,6 +6,7 @@ next. Prints one JSON object.
     python -m bench.load_client --url http://127.0.0.1:8000/enhance --images DIR \
         --concurrency 8 --duration 10
 """
+
 import argparse
 import asyncio
 import itertools
@@ -31,8 +32,13 @@ MAGIC = {".jpg": b"\xff\xd8", ".png": b"\x89PNG"}
 MEDIA = {".jpg": "image/jpeg", ".png": "image/png"}
 
 
-async def run(url: str, images: list[tuple[str, bytes]], concurrency: int, duration: float,
-              warmup_requests: int) -> dict:
+async def run(
+    url: str,
+    images: list[tuple[str, bytes]],
+    concurrency: int,
+    duration: float,
+    warmup_requests: int,
+) -> dict:
     counter = itertools.count()
     latencies, statuses, bad = [], {}, 0
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -66,9 +72,14 @@ async def run(url: str, images: list[tuple[str, bytes]], concurrency: int, durat
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
     return {
-        "concurrency": concurrency, "duration_s": elapsed, "ok": len(latencies), "failed": bad,
-        "statuses": statuses, "throughput_rps": len(latencies) / elapsed,
-        "p50_ms": 1000 * percentile(latencies, 50), "p95_ms": 1000 * percentile(latencies, 95),
+        "concurrency": concurrency,
+        "duration_s": elapsed,
+        "ok": len(latencies),
+        "failed": bad,
+        "statuses": statuses,
+        "throughput_rps": len(latencies) / elapsed,
+        "p50_ms": 1000 * percentile(latencies, 50),
+        "p95_ms": 1000 * percentile(latencies, 95),
         "p99_ms": 1000 * percentile(latencies, 99),
         "mean_ms": 1000 * statistics.fmean(latencies) if latencies else float("nan"),
     }
@@ -80,11 +91,16 @@ def main() -> None:
     p.add_argument("--images", required=True, help="folder of .jpg / .png files to send, in turn")
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--duration", type=float, default=10.0, help="seconds of measured load")
-    p.add_argument("--warmup-requests", type=int, default=None,
-                   help="unmeasured requests first (default: the concurrency)")
+    p.add_argument(
+        "--warmup-requests",
+        type=int,
+        default=None,
+        help="unmeasured requests first (default: the concurrency)",
+    )
     args = p.parse_args()
-    images = [(f.suffix, f.read_bytes()) for f in sorted(Path(args.images).iterdir())
-              if f.suffix in MAGIC]
+    images = [
+        (f.suffix, f.read_bytes()) for f in sorted(Path(args.images).iterdir()) if f.suffix in MAGIC
+    ]
     if not images:
         sys.exit(f"load_client: no .jpg or .png files in {args.images}")
     warm = args.concurrency if args.warmup_requests is None else args.warmup_requests

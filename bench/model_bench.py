@@ -16,6 +16,7 @@ before the clock starts and each call ends with a synchronize (the model step, n
 copy). Then the floor: what the arithmetic and the unavoidable memory traffic would cost at the
 device's own measured matmul throughput and copy bandwidth.
 """
+
 import argparse
 import json
 import statistics
@@ -122,14 +123,18 @@ def paths_for(checkpoint: str, names: list[str], device: str = "cpu") -> dict:
     # fast and denoise read the photos channels-last, as decoded (a view); torch and eager the
     # planar batch, as before; all but denoise run the network alone
     for name, backend, options, layout in (
-            ("fast", "auto", NET, _channels_last), ("denoise", "auto", {}, _channels_last),
-            ("torch", "torch", NET, None), ("eager", "eager", NET, None),
-            ("onnxruntime", "onnxruntime", NET, None)):
+        ("fast", "auto", NET, _channels_last),
+        ("denoise", "auto", {}, _channels_last),
+        ("torch", "torch", NET, None),
+        ("eager", "eager", NET, None),
+        ("onnxruntime", "onnxruntime", NET, None),
+    ):
         if name in names:
             enhancer = load_model(checkpoint, backend=backend, device=device)
             enhancer.warmup()
             make[name] = lambda hwc, t, e=enhancer, o=options, f=layout: e.enhance(
-                f(hwc) if f else t, **o)
+                f(hwc) if f else t, **o
+            )
     if "published" in names:
         # reads either checkpoint format
         ref = load_model(checkpoint, backend="eager", device="cpu")
@@ -141,8 +146,17 @@ def paths_for(checkpoint: str, names: list[str], device: str = "cpu") -> dict:
 ROUNDS = 4  # processes per path, alternating paths, so slow drift of the machine hits all alike
 
 
-def run_model_bench(checkpoint: str, shared: Path, sizes, batches, names, repeats: int,
-                    cell_budget_s: float = 60.0, log=print, device: str = "cpu") -> dict:
+def run_model_bench(
+    checkpoint: str,
+    shared: Path,
+    sizes,
+    batches,
+    names,
+    repeats: int,
+    cell_budget_s: float = 60.0,
+    log=print,
+    device: str = "cpu",
+) -> dict:
     """Each path runs in its own process (`python -m bench.model_bench`), one path after the
     other, four times over. In one process the paths disturbed each other: PyTorch's OpenMP workers
     keep spinning after an eager call, and numba's and PyTorch's thread pools fought for the
@@ -155,33 +169,72 @@ def run_model_bench(checkpoint: str, shared: Path, sizes, batches, names, repeat
         if share == 0:
             continue
         for name in names:
-            for cell in _time_in_child(name, checkpoint, shared, sizes, batches, share,
-                                       cell_budget_s / ROUNDS, device):
-                times.setdefault((name, cell["width"], cell["height"], cell["batch"]),
-                                 []).extend(cell["times"])
+            for cell in _time_in_child(
+                name, checkpoint, shared, sizes, batches, share, cell_budget_s / ROUNDS, device
+            ):
+                times.setdefault((name, cell["width"], cell["height"], cell["batch"]), []).extend(
+                    cell["times"]
+                )
     rows = []
-    for (w, h) in sizes:
+    for w, h in sizes:
         for batch in batches:
             for name in names:
                 ts = times[name, w, h, batch]
                 med = statistics.median(ts)
-                rows.append({"path": name, "width": w, "height": h, "batch": batch,
-                             "repeats": len(ts), "ms_per_image": 1000 * med / batch,
-                             "images_per_s": batch / med,
-                             "min_ms_per_image": 1000 * min(ts) / batch})
-            log(f"  {w}x{h} batch {batch}: " + ", ".join(
-                f"{r['path']} {r['ms_per_image']:.1f} ms/img" for r in rows[-len(names):]))
+                rows.append(
+                    {
+                        "path": name,
+                        "width": w,
+                        "height": h,
+                        "batch": batch,
+                        "repeats": len(ts),
+                        "ms_per_image": 1000 * med / batch,
+                        "images_per_s": batch / med,
+                        "min_ms_per_image": 1000 * min(ts) / batch,
+                    }
+                )
+            log(
+                f"  {w}x{h} batch {batch}: "
+                + ", ".join(
+                    f"{r['path']} {r['ms_per_image']:.1f} ms/img" for r in rows[-len(names) :]
+                )
+            )
     return {"rows": rows, "ratios": ratios(rows), "floor": floor(sizes, device), "device": device}
 
 
-def _time_in_child(name: str, checkpoint: str, shared: Path, sizes, batches, repeats: int,
-                   cell_budget_s: float, device: str) -> list[dict]:
-    cmd = [sys.executable, "-m", "bench.model_bench", "--path", name, "--device", device,
-           "--checkpoint",
-           str(checkpoint), "--shared", str(shared), "--repeats", str(repeats),
-           "--cell-budget", str(cell_budget_s), "--threads", str(torch.get_num_threads()),
-           "--sizes", ",".join(f"{w}x{h}" for w, h in sizes),
-           "--batches", ",".join(map(str, batches))]
+def _time_in_child(
+    name: str,
+    checkpoint: str,
+    shared: Path,
+    sizes,
+    batches,
+    repeats: int,
+    cell_budget_s: float,
+    device: str,
+) -> list[dict]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.model_bench",
+        "--path",
+        name,
+        "--device",
+        device,
+        "--checkpoint",
+        str(checkpoint),
+        "--shared",
+        str(shared),
+        "--repeats",
+        str(repeats),
+        "--cell-budget",
+        str(cell_budget_s),
+        "--threads",
+        str(torch.get_num_threads()),
+        "--sizes",
+        ",".join(f"{w}x{h}" for w, h in sizes),
+        "--batches",
+        ",".join(map(str, batches)),
+    ]
     root = Path(__file__).resolve().parent.parent  # so `-m bench...` imports this checkout
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
     if done.returncode != 0:
@@ -189,8 +242,16 @@ def _time_in_child(name: str, checkpoint: str, shared: Path, sizes, batches, rep
     return json.loads(done.stdout)
 
 
-def time_path(name: str, checkpoint: str, shared: Path, sizes, batches, repeats: int,
-              cell_budget_s: float, device: str = "cpu") -> list[dict]:
+def time_path(
+    name: str,
+    checkpoint: str,
+    shared: Path,
+    sizes,
+    batches,
+    repeats: int,
+    cell_budget_s: float,
+    device: str = "cpu",
+) -> list[dict]:
     """In this process: seconds per call of one path, for every cell (after one untimed call
     per cell: allocator, oneDNN primitives, cuDNN plans)."""
     f = paths_for(checkpoint, [name], device)[name]
@@ -206,8 +267,9 @@ def time_path(name: str, checkpoint: str, shared: Path, sizes, batches, repeats:
             f(hwc, nchw)
             sync()
             ts, start = [], time.perf_counter()
-            while len(ts) < repeats and (len(ts) < 2
-                                         or time.perf_counter() - start < cell_budget_s):
+            while len(ts) < repeats and (
+                len(ts) < 2 or time.perf_counter() - start < cell_budget_s
+            ):
                 t0 = time.perf_counter()
                 f(hwc, nchw)
                 sync()
@@ -224,12 +286,21 @@ def ratios(rows: list[dict]) -> list[dict]:
     out = []
     cells = {(r["width"], r["height"], r["batch"]) for r in rows}
     for cell in sorted(cells):
-        got = {r["path"]: r["ms_per_image"] for r in rows
-               if (r["width"], r["height"], r["batch"]) == cell}
+        got = {
+            r["path"]: r["ms_per_image"]
+            for r in rows
+            if (r["width"], r["height"], r["batch"]) == cell
+        }
         if "fast" not in got:
             continue
-        out.append({"width": cell[0], "height": cell[1], "batch": cell[2],
-                    **{f"{p}_over_fast": got[p] / got["fast"] for p in got if p != "fast"}})
+        out.append(
+            {
+                "width": cell[0],
+                "height": cell[1],
+                "batch": cell[2],
+                **{f"{p}_over_fast": got[p] / got["fast"] for p in got if p != "fast"},
+            }
+        )
     return out
 
 
@@ -254,12 +325,12 @@ def machine_peaks(seconds: float = 0.5, device: str = "cpu") -> dict:
     threads; on CUDA: true fp32, TF32 off, and a copy far larger than L2)."""
     cuda = torch.device(device).type == "cuda"
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
-    side, copy_bytes = (8192, 2 ** 30) if cuda else (1024, 64 * 2 ** 20)
+    side, copy_bytes = (8192, 2**30) if cuda else (1024, 64 * 2**20)
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
         a = torch.randn(side, side, device=device)
-        gflops = 2 * side ** 3 / _seconds_per_call(lambda: torch.mm(a, a), sync, seconds) / 1e9
+        gflops = 2 * side**3 / _seconds_per_call(lambda: torch.mm(a, a), sync, seconds) / 1e9
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     src = torch.empty(copy_bytes, dtype=torch.uint8, device=device).fill_(1)
@@ -284,8 +355,10 @@ def floor(sizes, device: str = "cpu") -> dict:
     out = {"peaks": peaks, "sizes": []}
     for w, h in sizes:
         wk = work(w, h)
-        ms = 1000 * max(wk["flops"] / (peaks["matmul_gflops"] * 1e9),
-                        wk["bytes"] / (peaks["copy_gb_per_s"] * 1e9))
+        ms = 1000 * max(
+            wk["flops"] / (peaks["matmul_gflops"] * 1e9),
+            wk["bytes"] / (peaks["copy_gb_per_s"] * 1e9),
+        )
         out["sizes"].append({"width": w, "height": h, **wk, "floor_ms": ms})
     return out
 
@@ -293,6 +366,7 @@ def floor(sizes, device: str = "cpu") -> dict:
 def main() -> None:
     """The child process of run_model_bench: times one path, prints JSON."""
     from .cli import PATHS, _list, _size
+
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--path", required=True, choices=PATHS)
     p.add_argument("--checkpoint", required=True)
@@ -305,8 +379,20 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    print(json.dumps(time_path(a.path, a.checkpoint, Path(a.shared), _list(a.sizes, _size),
-                               _list(a.batches, int), a.repeats, a.cell_budget, a.device)))
+    print(
+        json.dumps(
+            time_path(
+                a.path,
+                a.checkpoint,
+                Path(a.shared),
+                _list(a.sizes, _size),
+                _list(a.batches, int),
+                a.repeats,
+                a.cell_budget,
+                a.device,
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ no batching: FastAPI runs the sync endpoint in its thread pool, so requests run 
 
     python -m bench.naive_server --port 8001 --checkpoint PATH
 """
+
 import argparse
 import contextlib
 
@@ -47,8 +48,12 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--query", default="", help="enhance options as sgz serve's query string")
     args = p.parse_args()
-    uvicorn.run(create_app(args.checkpoint, args.device, args.query), host="127.0.0.1",
-                port=args.port, log_level="warning")
+    uvicorn.run(
+        create_app(args.checkpoint, args.device, args.query),
+        host="127.0.0.1",
+        port=args.port,
+        log_level="warning",
+    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ images over the extra seconds, where start-up cancels out: the rate a long job r
 `start-up s` what is left of the small run once its images are paid at that rate. The outputs
 of both paths are compared byte for byte. docs/bulk.md has a recorded run.
 """
+
 import argparse
 import json
 import shutil
@@ -33,8 +34,9 @@ def pick_images(shared: Path, count: int) -> list[Path]:
 def timed(argv: list[str]) -> float:
     """Seconds the real command takes, in its own process."""
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "model.cli", *argv], capture_output=True,
-                          text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "model.cli", *argv], capture_output=True, text=True
+    )
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"sgz {' '.join(argv)} exited {done.returncode}:\n{done.stderr}")
@@ -43,10 +45,12 @@ def timed(argv: list[str]) -> float:
 
 def rates(t: dict, small: int, count: int) -> dict:
     marginal = (count - small) / max(t[count] - t[small], 1e-9)
-    return {"s": {n: round(v, 2) for n, v in t.items()},
-            "images_per_s": round(count / t[count], 2),
-            "marginal_images_per_s": round(marginal, 2),
-            "startup_s": round(t[small] - small / marginal, 2)}
+    return {
+        "s": {n: round(v, 2) for n, v in t.items()},
+        "images_per_s": round(count / t[count], 2),
+        "marginal_images_per_s": round(marginal, 2),
+        "startup_s": round(t[small] - small / marginal, 2),
+    }
 
 
 def run(shared: Path, count: int, small: int, checkpoint: str | None) -> dict:
@@ -60,16 +64,21 @@ def run(shared: Path, count: int, small: int, checkpoint: str | None) -> dict:
                 shutil.copy(p, src / p.name)
         result = {"images": count, "small": small, "size": "512x512 JPEG"}
         for name, flag in (("serial", []), ("ray", ["--ray"])):
-            t = {n: timed(["enhance", f"{tmp}/in{n}", "-o", f"{tmp}/{name}{n}", *extra, *flag])
-                 for n in (small, count)}
+            t = {
+                n: timed(["enhance", f"{tmp}/in{n}", "-o", f"{tmp}/{name}{n}", *extra, *flag])
+                for n in (small, count)
+            }
             result[name] = rates(t, small, count)
         result["identical_outputs"] = all(
             Path(tmp, f"serial{count}", p.stem + ".png").read_bytes()
-            == Path(tmp, f"ray{count}", p.stem + ".png").read_bytes() for p in images)
+            == Path(tmp, f"ray{count}", p.stem + ".png").read_bytes()
+            for p in images
+        )
     s, r = result["serial"], result["ray"]
     result["ray_over_serial"] = round(r["images_per_s"] / s["images_per_s"], 3)
-    result["marginal_ray_over_serial"] = round(r["marginal_images_per_s"]
-                                               / s["marginal_images_per_s"], 3)
+    result["marginal_ray_over_serial"] = round(
+        r["marginal_images_per_s"] / s["marginal_images_per_s"], 3
+    )
     return result
 
 
@@ -82,12 +91,14 @@ def main() -> None:
     args = p.parse_args()
     r = run(args.shared, args.images, args.small, args.checkpoint)
     print(json.dumps(r, indent=2))
-    print(f"{r['images']} images: serial {r['serial']['images_per_s']} images/s, ray "
-          f"{r['ray']['images_per_s']} images/s, ray / serial = {r['ray_over_serial']}x; "
-          f"marginal: serial {r['serial']['marginal_images_per_s']}, ray "
-          f"{r['ray']['marginal_images_per_s']} images/s, ray / serial = "
-          f"{r['marginal_ray_over_serial']}x; start-up: serial {r['serial']['startup_s']} s, "
-          f"ray {r['ray']['startup_s']} s")
+    print(
+        f"{r['images']} images: serial {r['serial']['images_per_s']} images/s, ray "
+        f"{r['ray']['images_per_s']} images/s, ray / serial = {r['ray_over_serial']}x; "
+        f"marginal: serial {r['serial']['marginal_images_per_s']}, ray "
+        f"{r['ray']['marginal_images_per_s']} images/s, ray / serial = "
+        f"{r['marginal_ray_over_serial']}x; start-up: serial {r['serial']['startup_s']} s, "
+        f"ray {r['ray']['startup_s']} s"
+    )
 
 
 if __name__ == "__main__":

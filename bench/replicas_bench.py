@@ -15,6 +15,7 @@ threads), not what a second machine would.
 Also the helpers tests/test_scaleout.py uses: RedisServer and Nginx as processes on free ports,
 and `render_nginx`, which fills deploy/nginx/nginx.conf.template as the compose file's nginx does.
 """
+
 import argparse
 import json
 import os
@@ -43,15 +44,22 @@ def render_nginx(upstreams: list[str], port: int, run_dir: Path, **extra: str) -
     """The template with ${NAME} filled in, nginx's own $variables untouched (as envsubst does
     when only these names are defined). Video jobs go to the first upstream."""
     from service.settings import Settings
+
     defaults = Settings.model_construct()
-    values = {"NGINX_PORT": str(port), "NGINX_RESOLVER": "127.0.0.1", "NGINX_RUN_DIR": str(run_dir),
-              "NGINX_ACCESS_LOG": str(run_dir / "access.log"),
-              "NGINX_ERROR_LOG": str(run_dir / "error.log"),
-              "SGZ_UPSTREAM_SERVERS": " ".join(f"server {u} max_fails=3 fail_timeout=2s;"
-                                               for u in upstreams),
-              "SGZ_JOBS_UPSTREAM_SERVERS": f"server {upstreams[0]};",
-              "SGZ_MAX_UPLOAD_BYTES": str(defaults.max_upload_bytes),
-              "SGZ_MAX_VIDEO_UPLOAD_BYTES": str(defaults.max_video_upload_bytes), **extra}
+    values = {
+        "NGINX_PORT": str(port),
+        "NGINX_RESOLVER": "127.0.0.1",
+        "NGINX_RUN_DIR": str(run_dir),
+        "NGINX_ACCESS_LOG": str(run_dir / "access.log"),
+        "NGINX_ERROR_LOG": str(run_dir / "error.log"),
+        "SGZ_UPSTREAM_SERVERS": " ".join(
+            f"server {u} max_fails=3 fail_timeout=2s;" for u in upstreams
+        ),
+        "SGZ_JOBS_UPSTREAM_SERVERS": f"server {upstreams[0]};",
+        "SGZ_MAX_UPLOAD_BYTES": str(defaults.max_upload_bytes),
+        "SGZ_MAX_VIDEO_UPLOAD_BYTES": str(defaults.max_video_upload_bytes),
+        **extra,
+    }
     text = string.Template(NGINX_TEMPLATE.read_text()).safe_substitute(values)
     left = re.findall(r"\$\{([A-Z_]+)\}", text)
     if left:  # a placeholder the template gained: the compose file must define it too
@@ -84,10 +92,26 @@ class RedisServer:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [binary("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self._dir.name, "--maxmemory", "256mb",
-             "--maxmemory-policy", "volatile-ttl"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            [
+                binary("redis-server"),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self._dir.name,
+                "--maxmemory",
+                "256mb",
+                "--maxmemory-policy",
+                "volatile-ttl",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
         wait_port(self.port, 10, self.proc, "redis-server")
 
     def stop(self) -> None:
@@ -111,8 +135,17 @@ class Nginx:
         self.dir.chmod(0o755)  # as root, the workers run as nobody and buffer bodies in here
         conf = self.dir / "nginx.conf"
         conf.write_text(render_nginx(upstreams, self.port, self.dir))
-        cmd = [binary("nginx"), "-p", str(self.dir), "-c", str(conf),
-               "-e", str(self.dir / "error.log"), "-g", "daemon off;"]
+        cmd = [
+            binary("nginx"),
+            "-p",
+            str(self.dir),
+            "-c",
+            str(conf),
+            "-e",
+            str(self.dir / "error.log"),
+            "-g",
+            "daemon off;",
+        ]
         check = subprocess.run([*cmd[:-2], "-t"], capture_output=True, text=True)
         if check.returncode != 0:
             raise RuntimeError(f"nginx -t refused the rendered config:\n{check.stderr}")
@@ -130,8 +163,15 @@ class Nginx:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def run(checkpoint: str, shared: Path, concurrency: int, duration: float, rounds: int,
-        image_set: str, log=print) -> dict:
+def run(
+    checkpoint: str,
+    shared: Path,
+    concurrency: int,
+    duration: float,
+    rounds: int,
+    image_set: str,
+    log=print,
+) -> dict:
     runs: dict[str, list[dict]] = {"1": [], "2": []}
     with tempfile.TemporaryDirectory(prefix="sgz-replicas-") as tmp:
         tmp = Path(tmp)
@@ -146,14 +186,18 @@ def run(checkpoint: str, shared: Path, concurrency: int, duration: float, rounds
                 replicas.append(ServerProcess("sgz", checkpoint, tmp / f"replica-{i}", env=env))
             for r in replicas:
                 r.wait_ready(300)
-            fronts = {"1": Nginx([f"127.0.0.1:{replicas[0].port}"]),
-                      "2": Nginx([f"127.0.0.1:{r.port}" for r in replicas])}
+            fronts = {
+                "1": Nginx([f"127.0.0.1:{replicas[0].port}"]),
+                "2": Nginx([f"127.0.0.1:{r.port}" for r in replicas]),
+            }
             for round_ in range(rounds):
-                for n in (("1", "2") if round_ % 2 == 0 else ("2", "1")):
+                for n in ("1", "2") if round_ % 2 == 0 else ("2", "1"):
                     (replicas[1].pause if n == "1" else replicas[1].resume)()
                     result = load(fronts[n].url + "/enhance", tmp / "jpeg", concurrency, duration)
-                    log(f"round {round_ + 1}, {n} replica(s): {result['throughput_rps']:.2f} "
-                        f"req/s, p99 {result['p99_ms']:.0f} ms, statuses {result['statuses']}")
+                    log(
+                        f"round {round_ + 1}, {n} replica(s): {result['throughput_rps']:.2f} "
+                        f"req/s, p99 {result['p99_ms']:.0f} ms, statuses {result['statuses']}"
+                    )
                     runs[n].append(result)
         finally:
             if len(replicas) == 2:
@@ -163,22 +207,35 @@ def run(checkpoint: str, shared: Path, concurrency: int, duration: float, rounds
             for r in replicas:
                 r.stop()
             redis.close()
-    summary = {n: {"rps": statistics.median(r["throughput_rps"] for r in rs),
-                   "p99_ms": statistics.median(r["p99_ms"] for r in rs),
-                   "failed": sum(r["failed"] for r in rs)} for n, rs in runs.items()}
+    summary = {
+        n: {
+            "rps": statistics.median(r["throughput_rps"] for r in rs),
+            "p99_ms": statistics.median(r["p99_ms"] for r in rs),
+            "failed": sum(r["failed"] for r in rs),
+        }
+        for n, rs in runs.items()
+    }
     # the two turns of a round are back to back: their ratio is the least disturbed by a
     # host whose other load drifts, so the ratio reported is the median of the rounds' ratios
-    ratios = [two["throughput_rps"] / one["throughput_rps"]
-              for one, two in zip(runs["1"], runs["2"])]
+    ratios = [
+        two["throughput_rps"] / one["throughput_rps"] for one, two in zip(runs["1"], runs["2"])
+    ]
     summary["ratio_rps"], summary["round_ratios"] = statistics.median(ratios), ratios
     summary["loadavg_1min"] = os.getloadavg()[0]  # of the whole host, at the end
-    return {"concurrency": concurrency, "duration_s": duration, "rounds": rounds,
-            "image_set": image_set, "summary": summary, "runs": runs}
+    return {
+        "concurrency": concurrency,
+        "duration_s": duration,
+        "rounds": rounds,
+        "image_set": image_set,
+        "summary": summary,
+        "runs": runs,
+    }
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--shared", default="../shared", help="folder with data/sice-real")
     p.add_argument("--concurrency", type=int, default=16)
@@ -189,14 +246,22 @@ def main() -> None:
     for name in ("redis-server", "nginx"):
         if binary(name) is None:
             raise SystemExit(f"replicas_bench: no {name} (apt-get install redis-server nginx)")
-    result = run(args.checkpoint, Path(args.shared), args.concurrency, args.duration,
-                 args.rounds, args.images)
+    result = run(
+        args.checkpoint,
+        Path(args.shared),
+        args.concurrency,
+        args.duration,
+        args.rounds,
+        args.images,
+    )
     s = result["summary"]
     print(f"1 replica : {s['1']['rps']:.2f} req/s, p99 {s['1']['p99_ms']:.0f} ms")
     print(f"2 replicas: {s['2']['rps']:.2f} req/s, p99 {s['2']['p99_ms']:.0f} ms")
-    print(f"ratio 2/1 : {s['ratio_rps']:.2f}x (median of the rounds' "
-          f"{', '.join(f'{r:.2f}' for r in s['round_ratios'])}); host load average "
-          f"{s['loadavg_1min']:.1f} on {os.cpu_count()} cores")
+    print(
+        f"ratio 2/1 : {s['ratio_rps']:.2f}x (median of the rounds' "
+        f"{', '.join(f'{r:.2f}' for r in s['round_ratios'])}); host load average "
+        f"{s['loadavg_1min']:.1f} on {os.cpu_count()} cores"
+    )
     print(json.dumps(result["summary"]))
 
 

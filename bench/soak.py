@@ -9,6 +9,7 @@ requests uploading at ~64 KB/s and 1% reading their answer at ~64 KB/s. Counts: 
 body decodes at the sent size, other statuses, and lost requests (transport errors). Exits 1
 when any request was lost or answered 5xx.
 """
+
 import argparse
 import asyncio
 import io
@@ -27,8 +28,12 @@ from PIL import Image
 from .http_bench import RssSampler, ServerProcess, tree_rss
 from .video_clips import default_shared
 
-MIX = ((0.60, (600, 400), "JPEG"), (0.28, (1200, 900), "JPEG"), (0.08, (1920, 1080), "PNG"),
-       (0.02, (3840, 2160), "JPEG"))
+MIX = (
+    (0.60, (600, 400), "JPEG"),
+    (0.28, (1200, 900), "JPEG"),
+    (0.08, (1920, 1080), "PNG"),
+    (0.02, (3840, 2160), "JPEG"),
+)
 SLOW_SHARE = 0.01  # of the requests, for each of slow upload and slow read
 SLOW_CHUNK, SLOW_PAUSE = 16 * 1024, 0.25  # ~64 KB/s
 
@@ -47,7 +52,7 @@ def images(shared: Path) -> list[tuple[float, tuple, str, bytes]]:
 
 async def trickle(data: bytes):
     for i in range(0, len(data), SLOW_CHUNK):
-        yield data[i:i + SLOW_CHUNK]
+        yield data[i : i + SLOW_CHUNK]
         await asyncio.sleep(SLOW_PAUSE)
 
 
@@ -58,8 +63,9 @@ async def one(client, url, item, rng, tally, latencies):
     body = trickle(data) if kind < SLOW_SHARE else data
     start = time.perf_counter()
     try:
-        async with client.stream("POST", url + "/enhance?format=jpeg", content=body,
-                                 headers={"Content-Type": mime}) as r:
+        async with client.stream(
+            "POST", url + "/enhance?format=jpeg", content=body, headers={"Content-Type": mime}
+        ) as r:
             chunks = []
             async for chunk in r.aiter_bytes(SLOW_CHUNK):
                 chunks.append(chunk)
@@ -83,21 +89,30 @@ async def soak(url: str, items, requests: int, concurrency: int, seed: int) -> d
     queue = iter(picks)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(limits=limits, timeout=600) as client:
+
         async def worker():
             for item in queue:
                 await one(client, url, item, rng, tally, latencies)
+
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         seconds = time.perf_counter() - start
     latencies.sort()
-    return {"tally": dict(tally), "seconds": seconds, "per_s": requests / seconds,
-            "p50_s": latencies[len(latencies) // 2] if latencies else None,
-            "p99_s": latencies[int(len(latencies) * 0.99)] if latencies else None}
+    return {
+        "tally": dict(tally),
+        "seconds": seconds,
+        "per_s": requests / seconds,
+        "p50_s": latencies[len(latencies) // 2] if latencies else None,
+        "p99_s": latencies[int(len(latencies) * 0.99)] if latencies else None,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.soak",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--requests", type=int, default=10_000)
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--shared", type=Path, default=default_shared())
@@ -105,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="also write the results as JSON")
     a = ap.parse_args(argv)
     from model import DEFAULT_CHECKPOINT
+
     items = images(a.shared)
     with tempfile.TemporaryDirectory(prefix="sgz-soak-") as logs:
         server = ServerProcess("sgz", str(DEFAULT_CHECKPOINT), Path(logs))
@@ -114,14 +130,19 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(3)
             idle = tree_rss(psutil.Process(server.proc.pid))
             with RssSampler(server.proc.pid) as rss:
-                result = asyncio.run(soak(server.url, items, a.requests, a.concurrency,
-                                          a.seed))
+                result = asyncio.run(soak(server.url, items, a.requests, a.concurrency, a.seed))
             after = tree_rss(rss.proc)
             time.sleep(5)  # SGZ_TRIM_IDLE_S (2 s) and a check
-            result.update(requests=a.requests, concurrency=a.concurrency,
-                          rss_mb={"idle": idle / 2**20, "peak": rss.peak / 2**20,
-                                  "after": after / 2**20,
-                                  "after_idle": tree_rss(rss.proc) / 2**20})
+            result.update(
+                requests=a.requests,
+                concurrency=a.concurrency,
+                rss_mb={
+                    "idle": idle / 2**20,
+                    "peak": rss.peak / 2**20,
+                    "after": after / 2**20,
+                    "after_idle": tree_rss(rss.proc) / 2**20,
+                },
+            )
         finally:
             server.stop()
     print(json.dumps(result, indent=2))

@@ -16,6 +16,7 @@ disturb the next), once per round, the order rotating from round to round; each 
 runs its path untimed over a short clip of the same size (numba's cache, x264's start-up, the
 allocator). Figures are medians over the rounds; ratios are taken within each round.
 """
+
 import argparse
 import json
 import shutil
@@ -33,24 +34,35 @@ PATHS = ("transcode", "transcode-out", "temporal", "frames", "loop")
 WARM_FRAMES = 8  # the untimed warm-up clip: two batches of the pipeline
 
 
-def run_video_bench(checkpoint: str, shared: Path, sizes, frames: int, rounds: int = 3,
-                    log=print, device: str = "cpu") -> dict:
+def run_video_bench(
+    checkpoint: str,
+    shared: Path,
+    sizes,
+    frames: int,
+    rounds: int = 3,
+    log=print,
+    device: str = "cpu",
+) -> dict:
     from model.video import EncoderOptions
 
     from .video_clips import LEVEL, PHOTO, bench_clip
+
     clips = {}
     for w, h in sizes:
         start = time.perf_counter()
         clips[w, h] = (bench_clip(w, h, frames, shared), bench_clip(w, h, WARM_FRAMES, shared))
-        log(f"  clip {w}x{h}, {frames} frames: {clips[w, h][0]} "
-            f"({time.perf_counter() - start:.0f} s)")
+        log(
+            f"  clip {w}x{h}, {frames} frames: {clips[w, h][0]} "
+            f"({time.perf_counter() - start:.0f} s)"
+        )
     with tempfile.TemporaryDirectory(prefix="sgz-video-bench-") as kept:
         _time_in_child("temporal", checkpoint, clips, device, keep=kept)
-        enhanced = {(w, h): (Path(kept) / f"{w}x{h}.mp4", warm)
-                    for (w, h), (_, warm) in clips.items()}
+        enhanced = {
+            (w, h): (Path(kept) / f"{w}x{h}.mp4", warm) for (w, h), (_, warm) in clips.items()
+        }
         runs: dict[tuple, list[dict]] = {}
         for r in range(rounds):
-            for name in PATHS[r % len(PATHS):] + PATHS[:r % len(PATHS)]:
+            for name in PATHS[r % len(PATHS) :] + PATHS[: r % len(PATHS)]:
                 src = enhanced if name == "transcode-out" else clips
                 for cell in _time_in_child(name, checkpoint, src, device):
                     runs.setdefault((name, cell["width"], cell["height"]), []).append(cell)
@@ -61,35 +73,73 @@ def run_video_bench(checkpoint: str, shared: Path, sizes, frames: int, rounds: i
         out_base = runs["transcode-out", w, h]
         for name in PATHS:
             got = runs[name, w, h]
-            med = {k: statistics.median(c[k] for c in got)
-                   for k in ("seconds", "decode_s", "model_s", "encode_s", "out_bytes")}
+            med = {
+                k: statistics.median(c[k] for c in got)
+                for k in ("seconds", "decode_s", "model_s", "encode_s", "out_bytes")
+            }
             x = [c["seconds"] / b["seconds"] for c, b in zip(got, base)]
             x_out = [c["seconds"] / b["seconds"] for c, b in zip(got, out_base)]
             vs_loop = [lp["seconds"] / c["seconds"] for c, lp in zip(got, loop)]
-            rows.append({"path": name, "width": w, "height": h, "frames": got[0]["frames"],
-                         **med, "fps": got[0]["frames"] / med["seconds"],
-                         "min_seconds": min(c["seconds"] for c in got),
-                         "x_transcode": statistics.median(x), "x_transcode_rounds": x,
-                         "x_transcode_out": statistics.median(x_out),
-                         "x_transcode_out_rounds": x_out,
-                         "speedup_vs_loop": statistics.median(vs_loop),
-                         "speedup_vs_loop_rounds": vs_loop,
-                         "scene_cuts": got[0].get("scene_cuts"), "rounds": got})
-        log(f"  {w}x{h}: " + ", ".join(f"{r['path']} {r['fps']:.1f} fps"
-                                       for r in rows[-len(PATHS):]))
+            rows.append(
+                {
+                    "path": name,
+                    "width": w,
+                    "height": h,
+                    "frames": got[0]["frames"],
+                    **med,
+                    "fps": got[0]["frames"] / med["seconds"],
+                    "min_seconds": min(c["seconds"] for c in got),
+                    "x_transcode": statistics.median(x),
+                    "x_transcode_rounds": x,
+                    "x_transcode_out": statistics.median(x_out),
+                    "x_transcode_out_rounds": x_out,
+                    "speedup_vs_loop": statistics.median(vs_loop),
+                    "speedup_vs_loop_rounds": vs_loop,
+                    "scene_cuts": got[0].get("scene_cuts"),
+                    "rounds": got,
+                }
+            )
+        log(
+            f"  {w}x{h}: "
+            + ", ".join(f"{r['path']} {r['fps']:.1f} fps" for r in rows[-len(PATHS) :])
+        )
     enc = EncoderOptions()
-    return {"rows": rows, "rounds": rounds, "device": device,
-            "encoder": {"codec": enc.codec, "crf": enc.crf, "preset": enc.preset},
-            "clip": {"frames": frames, "fps": 30, "photo": PHOTO, "level": LEVEL,
-                     "codec": "h264 yuv420p", "crf": 18}}
+    return {
+        "rows": rows,
+        "rounds": rounds,
+        "device": device,
+        "encoder": {"codec": enc.codec, "crf": enc.crf, "preset": enc.preset},
+        "clip": {
+            "frames": frames,
+            "fps": 30,
+            "photo": PHOTO,
+            "level": LEVEL,
+            "codec": "h264 yuv420p",
+            "crf": 18,
+        },
+    }
 
 
-def _time_in_child(name: str, checkpoint: str, clips: dict, device: str,
-                   keep: str | None = None) -> list[dict]:
+def _time_in_child(
+    name: str, checkpoint: str, clips: dict, device: str, keep: str | None = None
+) -> list[dict]:
     spec = json.dumps([[w, h, str(main), str(warm)] for (w, h), (main, warm) in clips.items()])
-    cmd = [sys.executable, "-m", "bench.video_bench", "--path", name, "--checkpoint",
-           str(checkpoint), "--device", device, "--threads", str(torch.get_num_threads()),
-           "--clips", spec, *(["--keep", keep] if keep else [])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.video_bench",
+        "--path",
+        name,
+        "--checkpoint",
+        str(checkpoint),
+        "--device",
+        device,
+        "--threads",
+        str(torch.get_num_threads()),
+        "--clips",
+        spec,
+        *(["--keep", keep] if keep else []),
+    ]
     root = Path(__file__).resolve().parent.parent  # so `-m bench...` imports this checkout
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
     if done.returncode != 0:
@@ -103,14 +153,16 @@ def image_loop(enhancer, src, dst, encoder) -> dict:
     import av
 
     from model.videoio import CODECS
+
     start = time.perf_counter()
     busy = {"decode_s": 0.0, "model_s": 0.0, "encode_s": 0.0}
     n = 0
     with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
         vs = inp.streams.video[0]
         vs.thread_type = "AUTO"  # FFmpeg's frame threads, as the pipeline decodes
-        st = out.add_stream(CODECS[encoder.codec][0], rate=vs.average_rate,
-                            options=encoder.stream_options())
+        st = out.add_stream(
+            CODECS[encoder.codec][0], rate=vs.average_rate, options=encoder.stream_options()
+        )
         st.width, st.height, st.pix_fmt = vs.codec_context.width, vs.codec_context.height, "yuv420p"
         st.time_base = st.codec_context.time_base = vs.time_base
         frames = inp.decode(vs)
@@ -140,6 +192,7 @@ def image_loop(enhancer, src, dst, encoder) -> dict:
 def run_path(name: str, src, dst, enhancer=None) -> dict:
     """One path over one clip, in this process: frames, wall and busy seconds, bytes out."""
     from model.video import EncoderOptions, enhance_video, transcode
+
     enc = EncoderOptions()  # h264, crf 18, medium: the product's default
     if name.startswith("transcode"):
         s = transcode(src, dst, encoder=enc)
@@ -148,9 +201,15 @@ def run_path(name: str, src, dst, enhancer=None) -> dict:
         return {**got, "out_bytes": Path(dst).stat().st_size}
     else:
         s = enhance_video(enhancer, src, dst, temporal=name == "temporal", encoder=enc)
-    return {"frames": s.frames, "seconds": s.seconds, "decode_s": s.decode_s,
-            "model_s": s.model_s, "encode_s": s.encode_s, "scene_cuts": s.scene_cuts,
-            "out_bytes": Path(dst).stat().st_size}
+    return {
+        "frames": s.frames,
+        "seconds": s.seconds,
+        "decode_s": s.decode_s,
+        "model_s": s.model_s,
+        "encode_s": s.encode_s,
+        "scene_cuts": s.scene_cuts,
+        "out_bytes": Path(dst).stat().st_size,
+    }
 
 
 def main() -> None:
@@ -167,14 +226,16 @@ def main() -> None:
     enhancer = None
     if not a.path.startswith("transcode"):
         from model import load_model
+
         enhancer = load_model(a.checkpoint, device=a.device)
         enhancer.warmup()
     out = []
     with tempfile.TemporaryDirectory(prefix="sgz-video-bench-") as tmp:
         for w, h, clip, warm in json.loads(a.clips):
             run_path(a.path, warm, Path(tmp) / "warm.mp4", enhancer)
-            out.append({"width": w, "height": h,
-                        **run_path(a.path, clip, Path(tmp) / "out.mp4", enhancer)})
+            out.append(
+                {"width": w, "height": h, **run_path(a.path, clip, Path(tmp) / "out.mp4", enhancer)}
+            )
             if a.keep:
                 shutil.copyfile(Path(tmp) / "out.mp4", Path(a.keep) / f"{w}x{h}.mp4")
     print(json.dumps(out))

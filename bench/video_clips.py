@@ -9,6 +9,7 @@ one generator seeded with `seed`: the same arguments give the same clip.
 
     python -m bench.video_clips OUT.mp4 --size 1280x720 --frames 120 [--gt OUT.npy]
 """
+
 import argparse
 import os
 import sys
@@ -48,8 +49,9 @@ def _photo(path: Path) -> Image.Image:
         return im.convert("RGB")
 
 
-def clean_frames(width: int, height: int, frames: int, *, shared: Path | None = None,
-                 photo: str = PHOTO) -> Iterator[np.ndarray]:
+def clean_frames(
+    width: int, height: int, frames: int, *, shared: Path | None = None, photo: str = PHOTO
+) -> Iterator[np.ndarray]:
     """The ground truth: (H, W, 3) uint8 frames of a camera moving over the photo, left to
     right with a slow vertical drift while zooming in from ZOOM[0] to ZOOM[1]. The window is
     placed with sub-pixel precision (PIL's resize box), so the motion is smooth."""
@@ -69,8 +71,13 @@ def clean_frames(width: int, height: int, frames: int, *, shared: Path | None = 
         yield np.asarray(im.resize((width, height), Image.Resampling.BILINEAR, box=box))
 
 
-def darken(frame: np.ndarray, t: int, rng: np.random.Generator, level: float = LEVEL,
-           flicker: float = FLICKER) -> np.ndarray:
+def darken(
+    frame: np.ndarray,
+    t: int,
+    rng: np.random.Generator,
+    level: float = LEVEL,
+    flicker: float = FLICKER,
+) -> np.ndarray:
     """One frame of the recipe in the module docstring; frame t of the clip (the flicker's
     phase). Draws from `rng` in a fixed order (exposure, shot noise, read noise)."""
     k = level * (1 + flicker * np.sin(2 * np.pi * t / 30) + JITTER * rng.standard_normal())
@@ -81,10 +88,23 @@ def darken(frame: np.ndarray, t: int, rng: np.random.Generator, level: float = L
     return (np.power(e, np.float32(1 / 2.2)) * 255 + 0.5).astype(np.uint8)
 
 
-def make_clip(path, width: int, height: int, frames: int, fps: float = 30, dark: bool = True,
-              seed: int = 0, *, shared: Path | None = None, photo: str = PHOTO, gt=None,
-              crf: int = 18, preset: str = "medium", level: float = LEVEL,
-              flicker: float = FLICKER) -> Path:
+def make_clip(
+    path,
+    width: int,
+    height: int,
+    frames: int,
+    fps: float = 30,
+    dark: bool = True,
+    seed: int = 0,
+    *,
+    shared: Path | None = None,
+    photo: str = PHOTO,
+    gt=None,
+    crf: int = 18,
+    preset: str = "medium",
+    level: float = LEVEL,
+    flicker: float = FLICKER,
+) -> Path:
     """Write the clip to `path` (H.264 yuv420p MP4 at `fps`, CRF `crf`): the clean frames
     (clean_frames), made dark (darken) unless `dark=False`. `gt`: also save the clean frames
     there as .npy, (T, H, W, 3) uint8, written frame by frame (a 1080p clip of 120 frames is
@@ -95,8 +115,9 @@ def make_clip(path, width: int, height: int, frames: int, fps: float = 30, dark:
     path.parent.mkdir(parents=True, exist_ok=True)
     truth = None
     if gt is not None:
-        truth = np.lib.format.open_memmap(gt, mode="w+", dtype=np.uint8,
-                                          shape=(frames, height, width, 3))
+        truth = np.lib.format.open_memmap(
+            gt, mode="w+", dtype=np.uint8, shape=(frames, height, width, 3)
+        )
     rng = np.random.default_rng(seed)
     tmp = path.with_name(path.name + ".part.mp4")  # a cache never sees half a clip
     with av.open(str(tmp), "w") as out:
@@ -116,8 +137,9 @@ def make_clip(path, width: int, height: int, frames: int, fps: float = 30, dark:
     return path
 
 
-def bench_clip(width: int, height: int, frames: int, shared: Path | None = None,
-               cache: Path | None = None) -> Path:
+def bench_clip(
+    width: int, height: int, frames: int, shared: Path | None = None, cache: Path | None = None
+) -> Path:
     """The benchmark's dark clip, made once and kept in the temp dir (1080p takes a minute
     on two cores); the name holds every argument, so a different clip gets its own file."""
     cache = cache or Path(tempfile.gettempdir()) / "sgz-bench-clips"
@@ -128,8 +150,11 @@ def bench_clip(width: int, height: int, frames: int, shared: Path | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.video_clips", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.video_clips",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("out", help="the .mp4 to write")
     p.add_argument("--size", default="1280x720", help="WxH, both even (default 1280x720)")
     p.add_argument("--frames", type=int, default=120)
@@ -140,22 +165,44 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--crf", type=int, default=18)
     p.add_argument("--preset", default="medium", help="x264 preset (default medium)")
     p.add_argument("--level", type=float, default=LEVEL, help=f"mean exposure (default {LEVEL})")
-    p.add_argument("--flicker", type=float, default=FLICKER,
-                   help=f"exposure pumping amplitude (default {FLICKER})")
-    p.add_argument("--shared", default=str(default_shared()),
-                   help="the shared folder with data/sice-real (default: $SGZ_SHARED or ../shared)")
+    p.add_argument(
+        "--flicker",
+        type=float,
+        default=FLICKER,
+        help=f"exposure pumping amplitude (default {FLICKER})",
+    )
+    p.add_argument(
+        "--shared",
+        default=str(default_shared()),
+        help="the shared folder with data/sice-real (default: $SGZ_SHARED or ../shared)",
+    )
     p.add_argument("--photo", default=PHOTO, help=f"photo in sice-real (default {PHOTO})")
     a = p.parse_args(argv)
     try:
         w, h = (int(v) for v in a.size.lower().split("x"))
-        make_clip(a.out, w, h, a.frames, a.fps, not a.clean, a.seed, shared=Path(a.shared),
-                  photo=a.photo, gt=a.gt, crf=a.crf, preset=a.preset, level=a.level,
-                  flicker=a.flicker)
+        make_clip(
+            a.out,
+            w,
+            h,
+            a.frames,
+            a.fps,
+            not a.clean,
+            a.seed,
+            shared=Path(a.shared),
+            photo=a.photo,
+            gt=a.gt,
+            crf=a.crf,
+            preset=a.preset,
+            level=a.level,
+            flicker=a.flicker,
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"bench.video_clips: {e}", file=sys.stderr)
         return 2
-    print(f"{a.out}: {a.frames} frames {w}x{h} at {a.fps:g} fps"
-          + (f"; clean frames in {a.gt}" if a.gt else ""))
+    print(
+        f"{a.out}: {a.frames} frames {w}x{h} at {a.fps:g} fps"
+        + (f"; clean frames in {a.gt}" if a.gt else "")
+    )
     return 0
 
 

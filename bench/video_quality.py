@@ -11,6 +11,7 @@ output frame's mean level (so brightness does not decide it); frame pairs with u
 pixels passing (a cut, a fast pan) are skipped. PSNR and GT-mean PSNR as `sgz eval` computes
 them (training/evaluate.py).
 """
+
 import argparse
 import sys
 import tempfile
@@ -36,6 +37,7 @@ class Flow:
 
     def __init__(self, gt: np.ndarray):
         import cv2
+
         self.cv2, self.gt = cv2, gt
         T, H, W, _ = gt.shape
         dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
@@ -55,23 +57,30 @@ class Flow:
         for t, (mx, my, ok) in enumerate(self.pairs, start=1):
             if ok.mean() < 0.5:
                 continue
-            prev = self.cv2.remap(frames[t - 1].astype(np.float32), mx, my,
-                                  self.cv2.INTER_LINEAR)
+            prev = self.cv2.remap(frames[t - 1].astype(np.float32), mx, my, self.cv2.INTER_LINEAR)
             diff = np.abs(frames[t].astype(np.float32) - prev)[ok].mean()
             errors.append(diff / max(float(frames[t].mean()), 1.0))
         return float(np.mean(errors))
 
     def score(self, frames: np.ndarray) -> dict:
         from skimage.metrics import structural_similarity
+
         gt = self.gt
         if frames.shape != gt.shape:
             raise ValueError(f"output {frames.shape} against ground truth {gt.shape}")
-        return {"psnr": float(np.mean([psnr(o, g) for o, g in zip(frames, gt)])),
-                "ssim": float(np.mean([structural_similarity(frames[t], gt[t], channel_axis=2,
-                                                             data_range=255)
-                                       for t in range(0, len(gt), 5)])),
-                "gt_mean_psnr": float(np.mean([gt_mean_psnr(o, g) for o, g in zip(frames, gt)])),
-                "warp": self.warp_error(frames)}
+        return {
+            "psnr": float(np.mean([psnr(o, g) for o, g in zip(frames, gt)])),
+            "ssim": float(
+                np.mean(
+                    [
+                        structural_similarity(frames[t], gt[t], channel_axis=2, data_range=255)
+                        for t in range(0, len(gt), 5)
+                    ]
+                )
+            ),
+            "gt_mean_psnr": float(np.mean([gt_mean_psnr(o, g) for o, g in zip(frames, gt)])),
+            "warp": self.warp_error(frames),
+        }
 
 
 CLIPS = {  # name: (make_clip keyword arguments) or None for the shared dev clip
@@ -91,14 +100,18 @@ def clip(name: str, shared: Path, work: Path) -> tuple[Path, np.ndarray]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.video_quality", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.video_quality",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--shared", type=Path, default=default_shared())
     ap.add_argument("--clips", default=",".join(CLIPS))
     ap.add_argument("--checkpoint", default=None)
     a = ap.parse_args(argv)
     from model import load_model
     from model.video import enhance_video
+
     enhancer = load_model(a.checkpoint, device="cpu")
     print("| clip | mode | PSNR | SSIM | GT-mean PSNR | warping error |")
     print("|---|---|---|---|---|---|")
@@ -113,8 +126,11 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append((mode, read_frames(work / "out.mp4")))
             for mode, frames in rows:
                 s = flow.score(frames)
-                print(f"| {name} | {mode} | {s['psnr']:.2f} | {s['ssim']:.3f} | "
-                      f"{s['gt_mean_psnr']:.2f} | {s['warp']:.4f} |", flush=True)
+                print(
+                    f"| {name} | {mode} | {s['psnr']:.2f} | {s['ssim']:.3f} | "
+                    f"{s['gt_mean_psnr']:.2f} | {s['warp']:.4f} |",
+                    flush=True,
+                )
     return 0
 
 

@@ -4,6 +4,7 @@ SGZ / Zero-DCE++ raw state dicts.
 Files are always read with `torch.load(weights_only=True)`: only tensors and plain containers
 are unpickled, never arbitrary objects.
 """
+
 import hashlib
 import json
 import pickle
@@ -70,12 +71,15 @@ def efe_config(arch: dict | None, state_dict: dict, path=None) -> EFEConfig:
     try:
         config = EFEConfig.from_dict(arch)
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path}: architecture {arch!r} is not one this build "
-                              f"runs ({e})") from None
+        raise CheckpointError(
+            f"checkpoint {path}: architecture {arch!r} is not one this build runs ({e})"
+        ) from None
     if config.level != ("level" in state_dict):
-        raise CheckpointError(f"checkpoint {path}: architecture {arch!r} does not match its "
-                              f"weights (level gain "
-                              f"{'present' if 'level' in state_dict else 'absent'})")
+        raise CheckpointError(
+            f"checkpoint {path}: architecture {arch!r} does not match its "
+            f"weights (level gain "
+            f"{'present' if 'level' in state_dict else 'absent'})"
+        )
     return config
 
 
@@ -90,20 +94,27 @@ def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(path: str | Path, efe: EFE, scale_factor: int, steps: int = STEPS,
-                    recipe: dict | None = None) -> str:
+def save_checkpoint(
+    path: str | Path, efe: EFE, scale_factor: int, steps: int = STEPS, recipe: dict | None = None
+) -> str:
     """Write our format; returns the content hash. `recipe` must be JSON-serialisable."""
     recipe = dict(recipe or {})
     recipe = json.loads(json.dumps(recipe))  # plain data only: str subclasses would not unpickle
     # plain layout whatever the module's (training keeps EFE channels-last)
-    state_dict = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
-                  for k, v in efe.state_dict().items()}
+    state_dict = {
+        k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
+        for k, v in efe.state_dict().items()
+    }
     digest = state_dict_sha256(state_dict)
     payload = {
-        "format": FORMAT, "version": VERSION,
+        "format": FORMAT,
+        "version": VERSION,
         "arch": efe.config.to_dict(),
-        "scale_factor": int(scale_factor), "steps": int(steps),
-        "recipe": recipe, "sha256": digest, "state_dict": state_dict,
+        "scale_factor": int(scale_factor),
+        "steps": int(steps),
+        "recipe": recipe,
+        "sha256": digest,
+        "state_dict": state_dict,
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -125,11 +136,17 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if obj.get("format") == FORMAT:
         ckpt = _from_ours(obj, path)
     elif obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        ckpt = Checkpoint(state_dict=dict(obj), source="published", path=str(path),
-                          recipe={"note": "published raw state dict"})
+        ckpt = Checkpoint(
+            state_dict=dict(obj),
+            source="published",
+            path=str(path),
+            recipe={"note": "published raw state dict"},
+        )
     else:
-        raise CheckpointError(f"checkpoint {path}: neither an sgz-serve checkpoint nor a raw "
-                              f"EFE state dict (keys: {[str(k) for k in obj][:6]})")
+        raise CheckpointError(
+            f"checkpoint {path}: neither an sgz-serve checkpoint nor a raw "
+            f"EFE state dict (keys: {[str(k) for k in obj][:6]})"
+        )
     assert ckpt.efe is not None  # set in Checkpoint.__post_init__
     check_state_dict(ckpt.state_dict, path, ckpt.efe)
     return ckpt
@@ -145,44 +162,62 @@ def _torch_load(path: Path):
     except pickle.UnpicklingError as e:
         refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         if refused:  # weights_only met a Python object it will not construct
-            raise CheckpointError(f"checkpoint {path}: refused to unpickle {refused.group(1)}: "
-                                  f"only tensors and plain containers are loaded, never "
-                                  f"arbitrary Python objects") from None
-        raise CheckpointError(f"checkpoint {path}: not a PyTorch checkpoint (a pickle "
-                              f"torch.load cannot read)") from None
+            raise CheckpointError(
+                f"checkpoint {path}: refused to unpickle {refused.group(1)}: "
+                f"only tensors and plain containers are loaded, never "
+                f"arbitrary Python objects"
+            ) from None
+        raise CheckpointError(
+            f"checkpoint {path}: not a PyTorch checkpoint (a pickle torch.load cannot read)"
+        ) from None
     except Exception as e:  # zip, storage and pickle-opcode errors from a damaged file
         first_line = (str(e).strip().splitlines() or [""])[0][:160]
-        raise CheckpointError(f"checkpoint {path}: not a readable PyTorch file (corrupt, "
-                              f"truncated, or not a checkpoint): {type(e).__name__}: "
-                              f"{first_line}") from None
+        raise CheckpointError(
+            f"checkpoint {path}: not a readable PyTorch file (corrupt, "
+            f"truncated, or not a checkpoint): {type(e).__name__}: "
+            f"{first_line}"
+        ) from None
 
 
 def _from_ours(obj: dict, path: Path) -> Checkpoint:
     if obj.get("version") != VERSION:
-        raise CheckpointError(f"checkpoint {path}: format version {obj.get('version')!r}, "
-                              f"this build reads version {VERSION}")
+        raise CheckpointError(
+            f"checkpoint {path}: format version {obj.get('version')!r}, "
+            f"this build reads version {VERSION}"
+        )
     state_dict = obj.get("state_dict")
     if not isinstance(state_dict, dict) or not all(
-            isinstance(v, torch.Tensor) for v in state_dict.values()):
+        isinstance(v, torch.Tensor) for v in state_dict.values()
+    ):
         raise CheckpointError(f"checkpoint {path}: missing state_dict, or it holds non-tensors")
     config = efe_config(obj.get("arch") or {}, state_dict, path)
     for name in ("scale_factor", "steps"):
         value = obj.get(name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise CheckpointError(f"checkpoint {path}: {name} must be a positive integer, "
-                                  f"found {value!r}")
+            raise CheckpointError(
+                f"checkpoint {path}: {name} must be a positive integer, found {value!r}"
+            )
     recipe = obj.get("recipe") or {}
     if not isinstance(recipe, dict):
-        raise CheckpointError(f"checkpoint {path}: recipe must be a dict, found "
-                              f"{type(recipe).__name__}")
+        raise CheckpointError(
+            f"checkpoint {path}: recipe must be a dict, found {type(recipe).__name__}"
+        )
     digest = state_dict_sha256(state_dict)
     if digest != obj.get("sha256"):
-        raise CheckpointError(f"checkpoint {path}: content hash mismatch (file says "
-                              f"{str(obj.get('sha256'))[:12]}, weights hash to {digest[:12]}): "
-                              f"the file is corrupt or was edited")
-    return Checkpoint(state_dict=state_dict, scale_factor=obj["scale_factor"],
-                      steps=obj["steps"], recipe=dict(recipe), source="sgz-serve",
-                      path=str(path), efe=config)
+        raise CheckpointError(
+            f"checkpoint {path}: content hash mismatch (file says "
+            f"{str(obj.get('sha256'))[:12]}, weights hash to {digest[:12]}): "
+            f"the file is corrupt or was edited"
+        )
+    return Checkpoint(
+        state_dict=state_dict,
+        scale_factor=obj["scale_factor"],
+        steps=obj["steps"],
+        recipe=dict(recipe),
+        source="sgz-serve",
+        path=str(path),
+        efe=config,
+    )
 
 
 def check_state_dict(state_dict: dict, path, config: EFEConfig) -> None:
@@ -190,14 +225,19 @@ def check_state_dict(state_dict: dict, path, config: EFEConfig) -> None:
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"checkpoint {path}: not an EFE state dict "
-                              f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
+        raise CheckpointError(
+            f"checkpoint {path}: not an EFE state dict "
+            f"(missing {missing[:4]}, unexpected {unexpected[:4]})"
+        )
     for k, v in expected.items():
         if not isinstance(state_dict[k], torch.Tensor):
-            raise CheckpointError(f"checkpoint {path}: {k} is a {type(state_dict[k]).__name__}, "
-                                  f"not a tensor")
+            raise CheckpointError(
+                f"checkpoint {path}: {k} is a {type(state_dict[k]).__name__}, not a tensor"
+            )
         if tuple(state_dict[k].shape) != tuple(v.shape):
-            raise CheckpointError(f"checkpoint {path}: {k} has shape "
-                                  f"{tuple(state_dict[k].shape)}, expected {tuple(v.shape)}")
+            raise CheckpointError(
+                f"checkpoint {path}: {k} has shape "
+                f"{tuple(state_dict[k].shape)}, expected {tuple(v.shape)}"
+            )
         if not torch.isfinite(state_dict[k]).all():
             raise CheckpointError(f"checkpoint {path}: {k} holds NaN or inf")

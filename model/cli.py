@@ -1,4 +1,5 @@
 """`sgz`: one console script, one subcommand per job. Each package registers its own."""
+
 import argparse
 import sys
 
@@ -7,6 +8,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sgz", description="SGZ low-light enhancement")
     sub = parser.add_subparsers(dest="command", required=True)
     from . import enhance_cli, export
+
     enhance_cli.register(sub)
     export.register(sub)
     for module in ("service.cli", "training.cli", "bench.cli"):

@@ -22,6 +22,7 @@ kernels (model/kernels_dn.py, kernels_guided.py) and the Triton backend (torch o
 triton_kernels.denoise_apply) compute exactly this; tests/test_denoise.py and
 tests/test_triton.py check them against this file.
 """
+
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -34,10 +35,10 @@ from .rie import STEPS, to_uint8
 
 @dataclass(frozen=True)
 class DenoiseConfig:
-    cell: int = 4            # pixels per side of a statistics cell (even)
-    radius_luma: int = 1     # window radius in cells: (2 r + 1) cell pixels a side
+    cell: int = 4  # pixels per side of a statistics cell (even)
+    radius_luma: int = 1  # window radius in cells: (2 r + 1) cell pixels a side
     radius_chroma: int = 1
-    k_luma: float = 3.0      # eps = k * denoise * (g^2 - 1) sigma^2
+    k_luma: float = 3.0  # eps = k * denoise * (g^2 - 1) sigma^2
     k_chroma: float = 16.0
     max_sigma: float = 0.05  # noise estimates above this (in [0, 1] units) are texture, not noise
     noise_quantile: float = 0.25  # of the local noise estimates (see noise_sigma)
@@ -48,8 +49,8 @@ class DenoiseConfig:
 
 
 IMMERKAER = np.sqrt(np.pi / 2) / 6  # Immerkaer 1996, Eq. 3: sigma = sqrt(pi/2) / (6 n) sum |I * N|
-NOISE_BLOCK = 64                    # columns per local noise estimate (one row of a cell row)
-TINY_VAR = 1e-30                    # keeps var / (var + eps) finite (where eps = 0 it is unused)
+NOISE_BLOCK = 64  # columns per local noise estimate (one row of a cell row)
+TINY_VAR = 1e-30  # keeps var / (var + eps) finite (where eps = 0 it is unused)
 
 
 @lru_cache(maxsize=256)
@@ -66,13 +67,14 @@ def noise_sigma(images: torch.Tensor, cell: int, quantile: float = 0.25) -> torc
     n, _, H, W = images.shape
     if H < 3 or W < 3:
         return torch.zeros(n, device=images.device)
-    lum = images.float().sum(1) / (3 * 255)                        # (N, H, W)
+    lum = images.float().sum(1) / (3 * 255)  # (N, H, W)
     rows = torch.from_numpy(noise_rows(H, cell)).to(images.device)
     up, mid, down = (lum.index_select(1, rows + d) for d in (-1, 0, 1))
     k = torch.tensor([1.0, -2.0, 1.0], device=images.device)
     c_up, c_mid, c_down = (
         k[i] * F.conv1d(t.reshape(-1, 1, W), k.view(1, 1, 3)).reshape(n, len(rows), W - 2)
-        for i, t in enumerate((up, mid, down)))
+        for i, t in enumerate((up, mid, down))
+    )
     conv = F.pad((c_up + c_mid + c_down).abs(), (1, 1 + (-W) % NOISE_BLOCK))  # x = 0..W-1, zeros
     blocks = conv.reshape(n, len(rows), -1, NOISE_BLOCK).sum(3) * IMMERKAER
     return _block_quantile(blocks, W, quantile)
@@ -144,19 +146,22 @@ def _box(p: torch.Tensor, radius: int) -> torch.Tensor:
 
 def _upsample(p: torch.Tensor, H: int, W: int, cell: int) -> torch.Tensor:
     (y0, y1, ly), (x0, x1, lx) = (
-        tuple(torch.from_numpy(t).to(p.device) for t in cell_taps(n, cell)) for n in (H, W))
+        tuple(torch.from_numpy(t).to(p.device) for t in cell_taps(n, cell)) for n in (H, W)
+    )
     p = p.index_select(2, y0) * (1 - ly[:, None]) + p.index_select(2, y1) * ly[:, None]
     return p.index_select(3, x0) * (1 - lx) + p.index_select(3, x1) * lx
 
 
-def cell_gain(lum_mean: torch.Tensor, r_low: torch.Tensor, H: int, W: int, cell: int,
-              steps: int) -> torch.Tensor:
+def cell_gain(
+    lum_mean: torch.Tensor, r_low: torch.Tensor, H: int, W: int, cell: int, steps: int
+) -> torch.Tensor:
     """g per cell (N, 1, hc, wc): the curve's slope at the cell's mean input luma, for the
     factor map (averaged over channels) at the cell's centre."""
     r = r_low.float().mean(1, keepdim=True)
-    (y0, y1, ly), (x0, x1, lx) = (tuple(torch.from_numpy(t).to(r.device) for t in
-                                        centre_taps(n, m, cell))
-                                  for n, m in ((H, r.shape[2]), (W, r.shape[3])))
+    (y0, y1, ly), (x0, x1, lx) = (
+        tuple(torch.from_numpy(t).to(r.device) for t in centre_taps(n, m, cell))
+        for n, m in ((H, r.shape[2]), (W, r.shape[3]))
+    )
     r = r.index_select(2, y0) * (1 - ly[:, None]) + r.index_select(2, y1) * ly[:, None]
     r = (r.index_select(3, x0) * (1 - lx) + r.index_select(3, x1) * lx).expand_as(lum_mean)
     return curve_gain(lum_mean, r, steps)
@@ -169,9 +174,14 @@ def _planes(enhanced: torch.Tensor) -> torch.Tensor:
     return torch.cat([lum, y[:, :1] - lum, y[:, 2:] - lum], 1)
 
 
-def coefficients(images: torch.Tensor, enhanced: torch.Tensor, r_low: torch.Tensor,
-                 strength: float, cfg: DenoiseConfig = DenoiseConfig(),
-                 steps: int = STEPS) -> torch.Tensor:
+def coefficients(
+    images: torch.Tensor,
+    enhanced: torch.Tensor,
+    r_low: torch.Tensor,
+    strength: float,
+    cfg: DenoiseConfig = DenoiseConfig(),
+    steps: int = STEPS,
+) -> torch.Tensor:
     """The guided filter's (A, B) of L, R - L and B - L per cell: (N, 6, hc, wc)."""
     s, (n, _, H, W) = cfg.cell, images.shape
     planes = _planes(enhanced)
@@ -184,11 +194,14 @@ def coefficients(images: torch.Tensor, enhanced: torch.Tensor, r_low: torch.Tens
     # the noise the curve added: (g^2 - 1) sigma^2 (the input's own noise, where g = 1, stays)
     noise = (gain * gain - 1).clamp(min=0) * sigma[:, None, None, None] ** 2  # (N, 1, hc, wc)
     coef = []
-    for ch, radius, k in ((0, cfg.radius_luma, cfg.k_luma), (1, cfg.radius_chroma, cfg.k_chroma),
-                          (2, cfg.radius_chroma, cfg.k_chroma)):
+    for ch, radius, k in (
+        (0, cfg.radius_luma, cfg.k_luma),
+        (1, cfg.radius_chroma, cfg.k_chroma),
+        (2, cfg.radius_chroma, cfg.k_chroma),
+    ):
         c = _box(count, radius)
-        m = _box(sums[:, ch:ch + 1], radius) / c
-        var = (_box(sums[:, 3 + ch:4 + ch], radius) / c - m * m).clamp(min=0)
+        m = _box(sums[:, ch : ch + 1], radius) / c
+        var = (_box(sums[:, 3 + ch : 4 + ch], radius) / c - m * m).clamp(min=0)
         eps = k * strength * noise
         a = torch.where(eps > 0, var / (var + eps).clamp(min=TINY_VAR), 1.0)  # 1: identity
         b = m - a * m
@@ -200,15 +213,21 @@ def coefficients(images: torch.Tensor, enhanced: torch.Tensor, r_low: torch.Tens
 def apply_coefficients(enhanced: torch.Tensor, coef: torch.Tensor, cell: int) -> torch.Tensor:
     """q = A p + B on L, R - L, B - L, (A, B) upsampled from the cells; back to uint8 RGB."""
     H, W = enhanced.shape[-2:]
-    A_B = _upsample(coef, H, W, cell)                                   # (N, 6, H, W)
-    q = A_B[:, 0::2] * _planes(enhanced) + A_B[:, 1::2]                 # L', (R-L)', (B-L)'
+    A_B = _upsample(coef, H, W, cell)  # (N, 6, H, W)
+    q = A_B[:, 0::2] * _planes(enhanced) + A_B[:, 1::2]  # L', (R-L)', (B-L)'
     L, u, v = q[:, :1], q[:, 1:2], q[:, 2:]
     out = torch.cat([L + u, L - u - v, L + v], 1)
     return to_uint8(out)
 
 
-def denoise(images: torch.Tensor, enhanced: torch.Tensor, r_low: torch.Tensor, strength: float,
-            cfg: DenoiseConfig = DenoiseConfig(), steps: int = STEPS) -> torch.Tensor:
+def denoise(
+    images: torch.Tensor,
+    enhanced: torch.Tensor,
+    r_low: torch.Tensor,
+    strength: float,
+    cfg: DenoiseConfig = DenoiseConfig(),
+    steps: int = STEPS,
+) -> torch.Tensor:
     """images: the uint8 input (N, 3, H, W); enhanced: RIE's uint8 output of it with the factor
     map r_low (N or 1, 3, h, w); strength > 0 scales eps. Returns the denoised uint8 output."""
     coef = coefficients(images, enhanced, r_low, strength, cfg, steps)

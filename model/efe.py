@@ -14,6 +14,7 @@ is `level=False`, and `level=True` starts training where the paper's network doe
 `EFEConfig` is the architecture as data: checkpoints store it (model/checkpoint.py) and the
 network is rebuilt from it on load.
 """
+
 from dataclasses import asdict, dataclass
 
 import torch
@@ -22,20 +23,24 @@ from torch import nn
 
 FEATURES = 32  # paper Sec. 3.1: 32 feature maps per block
 LEVEL_EPS = 1 / 255  # one grey level: a black frame's log-brightness stays finite
-LEVEL_REF = 0.5      # mid-grey: centres the log-brightness, so the gain's two parameters
-                     # (log-gain at mid-grey, its slope) are not learned against each other
+LEVEL_REF = 0.5  # mid-grey: centres the log-brightness, so the gain's two parameters
+# (log-gain at mid-grey, its slope) are not learned against each other
 
 
 @dataclass(frozen=True)
 class EFEConfig:
     """EFE's architecture: what a checkpoint needs besides its weights to rebuild the network."""
+
     features: int = FEATURES  # feature maps per block
-    level: bool = False       # our level gain (two more parameters)
-    blocks: int = 7           # paper Fig. 2; fixed: stored so that a file says what it holds
+    level: bool = False  # our level gain (two more parameters)
+    blocks: int = 7  # paper Fig. 2; fixed: stored so that a file says what it holds
 
     def __post_init__(self):
-        if isinstance(self.features, bool) or not isinstance(self.features, int) \
-                or self.features < 1:
+        if (
+            isinstance(self.features, bool)
+            or not isinstance(self.features, int)
+            or self.features < 1
+        ):
             raise ValueError(f"EFE features must be a positive integer, got {self.features!r}")
         if not isinstance(self.level, bool):
             raise ValueError(f"EFE level must be true or false, got {self.level!r}")

@@ -5,6 +5,7 @@ the current one and a writer thread encodes the previous one, with at most a few
 flight, so memory stays bounded whatever the folder size. Folders are walked lazily, one
 directory listing at a time.
 """
+
 import argparse
 import os
 import sys
@@ -39,40 +40,79 @@ IN_FLIGHT = 2  # images decoded ahead of the model, and encoded behind it
 EXIT_FAILED_FILES = 1
 EXIT_USAGE = 2
 
-EPILOG = """\
+EPILOG = (
+    """\
 outputs: a file INPUT is written as OUTDIR/<stem>.<format>; the images of a folder INPUT keep
 their subfolders under OUTDIR. With several INPUTs, each folder gets its own OUTDIR/<folder
 name>/. Two images of one folder sharing a stem (a.jpg, a.png) keep their extension in the name
 (a.jpg.png, a.png.png). Hidden files and folders are skipped; any other file that is not a
 readable image is reported and the exit status is 1.
 
-""" + video_cli.VIDEO_HELP + """
+"""
+    + video_cli.VIDEO_HELP
+    + """
 exit status: 0 all written, 1 some inputs failed (listed on stderr), 2 bad usage or checkpoint.
 """
+)
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "enhance", help="enhance image and video files and folders",
+        "enhance",
+        help="enhance image and video files and folders",
         description="Brighten low-light images and videos with SGZ (EFE + RIE).",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", metavar="INPUT", type=ray_enhance.path_or_uri,
-                   help="image and video files and folders (walked recursively)")
-    p.add_argument("-o", "--output", required=True, type=ray_enhance.path_or_uri,
-                   metavar="OUTDIR",
-                   help="folder for the enhanced images and videos (created if missing)")
-    p.add_argument("--checkpoint", type=Path, default=None, metavar="PATH",
-                   help="an sgz-serve checkpoint or a published raw state dict "
-                        "(default: the project's own checkpoint)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                   help="default: cuda when available, else cpu")
-    p.add_argument("--format", choices=("png", "jpeg", "webp"), default="png",
-                   help="output format (default png; jpeg drops alpha)")
-    p.add_argument("--quality", type=_quality, default=90, metavar="1-100",
-                   help="jpeg / webp quality (default 90)")
-    p.add_argument("--factor-dir", type=ray_enhance.path_or_uri, default=None, metavar="DIR",
-                   help="also write each factor map x_r as a picture (darker = lower factor)")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        type=ray_enhance.path_or_uri,
+        help="image and video files and folders (walked recursively)",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        type=ray_enhance.path_or_uri,
+        metavar="OUTDIR",
+        help="folder for the enhanced images and videos (created if missing)",
+    )
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="an sgz-serve checkpoint or a published raw state dict "
+        "(default: the project's own checkpoint)",
+    )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="default: cuda when available, else cpu",
+    )
+    p.add_argument(
+        "--format",
+        choices=("png", "jpeg", "webp"),
+        default="png",
+        help="output format (default png; jpeg drops alpha)",
+    )
+    p.add_argument(
+        "--quality",
+        type=_quality,
+        default=90,
+        metavar="1-100",
+        help="jpeg / webp quality (default 90)",
+    )
+    p.add_argument(
+        "--factor-dir",
+        type=ray_enhance.path_or_uri,
+        default=None,
+        metavar="DIR",
+        help="also write each factor map x_r as a picture (darker = lower factor)",
+    )
     add_quality_options(p)
     video_cli.add_video_options(p)
     ray_enhance.add_options(p)
@@ -82,12 +122,13 @@ def register(subparsers) -> None:
 @dataclass
 class Job:
     source: Path
-    name: Path              # output path relative to OUTDIR, without the format's suffix
+    name: Path  # output path relative to OUTDIR, without the format's suffix
     error: str | None = None
 
 
-def iter_jobs(inputs: list[Path], skip: set[str],
-              on_error: Callable[[OSError], None] | None = None) -> Iterator[Job]:
+def iter_jobs(
+    inputs: list[Path], skip: set[str], on_error: Callable[[OSError], None] | None = None
+) -> Iterator[Job]:
     """One Job per file to enhance, in INPUT order; folders walked lazily, each sorted."""
     files = [i for i, p in enumerate(inputs) if not p.is_dir()]
     folders = [i for i, p in enumerate(inputs) if p.is_dir()]
@@ -106,15 +147,20 @@ def iter_jobs(inputs: list[Path], skip: set[str],
             yield Job(p, Path(), error=reason)
 
 
-def _walk(root: Path, base: Path, skip: set[str],
-          on_error: Callable[[OSError], None] | None) -> Iterator[Job]:
+def _walk(
+    root: Path, base: Path, skip: set[str], on_error: Callable[[OSError], None] | None
+) -> Iterator[Job]:
     for dirpath, dirnames, filenames in os.walk(root, onerror=on_error):
         here = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
-                             and os.path.realpath(here / d) not in skip)
+        dirnames[:] = sorted(
+            d for d in dirnames if not d.startswith(".") and os.path.realpath(here / d) not in skip
+        )
         # isfile: regular files only; reading a FIFO or a device would hang or never end
-        paths = [here / f for f in sorted(filenames)
-                 if not f.startswith(".") and os.path.isfile(here / f)]
+        paths = [
+            here / f
+            for f in sorted(filenames)
+            if not f.startswith(".") and os.path.isfile(here / f)
+        ]
         rel = base / here.relative_to(root)
         for path, name in zip(paths, _file_names(paths)):
             yield Job(path, rel / name)
@@ -125,8 +171,9 @@ def _file_names(paths: list[Path]) -> list[str]:
     name when two images or videos share a stem."""
     media = IMAGE_SUFFIXES | video_cli.VIDEO_SUFFIXES
     stems = Counter(p.stem for p in paths if p.suffix.lower() in media)
-    return _dedupe([p.name if stems[p.stem] > 1 and p.suffix.lower() in media
-                    else p.stem for p in paths])
+    return _dedupe(
+        [p.name if stems[p.stem] > 1 and p.suffix.lower() in media else p.stem for p in paths]
+    )
 
 
 def _dedupe(names: list[str]) -> list[str]:
@@ -139,8 +186,9 @@ def _dedupe(names: list[str]) -> list[str]:
     return out
 
 
-def prefetch(pool: ThreadPoolExecutor, items: Iterable, fn: Callable,
-             depth: int = IN_FLIGHT) -> Iterator[tuple]:
+def prefetch(
+    pool: ThreadPoolExecutor, items: Iterable, fn: Callable, depth: int = IN_FLIGHT
+) -> Iterator[tuple]:
     """(item, fn(item)) in order, with up to `depth` calls running ahead in `pool`."""
     queue: deque[tuple] = deque()
     for item in items:
@@ -209,22 +257,34 @@ class Run:
         else:
             out, r_low = self.enhancer.enhance(images, return_factor=True, **self.options)
         rgb = tensor_to_rgb(out)
-        writes = [(self.outdir / (str(job.name) + self.suffix),
-                   lambda: encode_image(rgb, image.alpha, image.gray, self.fmt, self.quality))]
+        writes = [
+            (
+                self.outdir / (str(job.name) + self.suffix),
+                lambda: encode_image(rgb, image.alpha, image.gray, self.fmt, self.quality),
+            )
+        ]
         if self.factor_dir is not None:
             picture = factor_to_picture(upsample_factor(r_low, tuple(images.shape[-2:]))[0])
-            writes.append((self.factor_dir / (str(job.name) + self.suffix),
-                           lambda: encode_image(picture, None, False, self.fmt, self.quality)))
+            writes.append(
+                (
+                    self.factor_dir / (str(job.name) + self.suffix),
+                    lambda: encode_image(picture, None, False, self.fmt, self.quality),
+                )
+            )
         return writes
 
     def summary(self, seconds: float, inputs: list[Path]) -> int:
         """Print the outcome; return the exit status."""
         if self.written == 0 and self.failed == 0:
-            print(f"sgz enhance: no image or video found in {', '.join(map(str, inputs))}",
-                  file=sys.stderr)
+            print(
+                f"sgz enhance: no image or video found in {', '.join(map(str, inputs))}",
+                file=sys.stderr,
+            )
             return EXIT_FAILED_FILES
-        line = (f"sgz enhance: {self.written} file(s) written to {self.outdir} "
-                f"in {seconds:.1f} s on {self.enhancer.device}")
+        line = (
+            f"sgz enhance: {self.written} file(s) written to {self.outdir} "
+            f"in {seconds:.1f} s on {self.enhancer.device}"
+        )
         if self.failed:
             more = f" and {self.failed - 10} more" if self.failed > 10 else ""
             line += f"; {self.failed} input(s) failed: {', '.join(self.first_failed)}{more}"
@@ -250,8 +310,10 @@ class Run:
 
     def process(self, jobs: Iterable[Job]) -> None:
         pending: deque[tuple[Job, list[Future]]] = deque()
-        with ThreadPoolExecutor(1, "sgz-read") as reader, \
-                ThreadPoolExecutor(1, "sgz-write") as writer:
+        with (
+            ThreadPoolExecutor(1, "sgz-read") as reader,
+            ThreadPoolExecutor(1, "sgz-write") as writer,
+        ):
             for job, image in prefetch(reader, jobs, read):
                 if image is VIDEO:
                     self.video(job)
@@ -298,8 +360,7 @@ def run(args: argparse.Namespace) -> int:
     skip = {os.path.realpath(d) for d in (args.output, args.factor_dir) if d is not None}
     total = sum(1 for _ in iter_jobs(args.inputs, skip))
     walk_errors: list[OSError] = []
-    with tqdm(total=total, unit="file", desc="enhance", file=sys.stderr,
-              dynamic_ncols=True) as bar:
+    with tqdm(total=total, unit="file", desc="enhance", file=sys.stderr, dynamic_ncols=True) as bar:
         state = Run(args, enhancer, bar)
         try:
             state.process(iter_jobs(args.inputs, skip, on_error=walk_errors.append))

@@ -5,6 +5,7 @@ Images are uint8 (N, 3, H, W) tensors; outputs have exactly the input's size, an
 and Triton backends the input's memory layout too (channels-last in, channels-last out). The
 arithmetic runs in one of the backends of model/backends/ (`load_model(backend=...)`).
 """
+
 import time
 import warnings
 from pathlib import Path
@@ -41,8 +42,10 @@ def parse_exposure(text: str) -> float | str | None:
     try:
         value = float(text)
     except ValueError:
-        raise ValueError(f"exposure must be 'auto', 'model' or a mean brightness in "
-                         f"[{EXPOSURE_RANGE[0]}, {EXPOSURE_RANGE[1]}], got {text!r}") from None
+        raise ValueError(
+            f"exposure must be 'auto', 'model' or a mean brightness in "
+            f"[{EXPOSURE_RANGE[0]}, {EXPOSURE_RANGE[1]}], got {text!r}"
+        ) from None
     check_options(1.0, 0.0, value)
     return value
 
@@ -57,8 +60,10 @@ def check_options(strength: float, denoise: float, exposure) -> None:
         return
     lo, hi = EXPOSURE_RANGE
     if isinstance(exposure, (str, bool)) or not lo <= float(exposure) <= hi:
-        raise ValueError(f"exposure must be 'auto', None (the model's level) or a mean "
-                         f"brightness in [{lo}, {hi}], got {exposure!r}")
+        raise ValueError(
+            f"exposure must be 'auto', None (the model's level) or a mean "
+            f"brightness in [{lo}, {hi}], got {exposure!r}"
+        )
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -66,8 +71,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for, but PyTorch sees no CUDA GPU "
-                         "(is this the CPU build of torch?)")
+        raise ValueError(
+            "device 'cuda' was asked for, but PyTorch sees no CUDA GPU "
+            "(is this the CPU build of torch?)"
+        )
     return device
 
 
@@ -96,8 +103,7 @@ class Enhancer:
         self.efe = EFE.from_config(checkpoint.efe)
         self.efe.load_state_dict(checkpoint.state_dict)
         self.efe.eval().requires_grad_(False).to(device)
-        self.engine = backends.build(backend, self.efe, device, self.scale_factor,
-                                     checkpoint.steps)
+        self.engine = backends.build(backend, self.efe, device, self.scale_factor, checkpoint.steps)
         self.backend = self.engine.name
         self.denoise_config = DenoiseConfig()
 
@@ -128,9 +134,15 @@ class Enhancer:
         return upsample_factor(r_low, tuple(images.shape[-2:]))
 
     @torch.inference_mode()
-    def enhance(self, images: torch.Tensor, strength: float = 1.0,
-                return_factor: bool = False, *, denoise: float = DENOISE,
-                exposure: float | str | None = "auto"):
+    def enhance(
+        self,
+        images: torch.Tensor,
+        strength: float = 1.0,
+        return_factor: bool = False,
+        *,
+        denoise: float = DENOISE,
+        exposure: float | str | None = "auto",
+    ):
         """uint8 (N,3,H,W) -> uint8 (N,3,H,W), on the enhancer's device.
 
         `strength` in [0, 1] scales the factor map (1 = the model, 0 = identity). `denoise`
@@ -150,25 +162,29 @@ class Enhancer:
         return (out, r_low) if return_factor else out
 
     @torch.inference_mode()
-    def expose(self, images: torch.Tensor, r_low: torch.Tensor,
-               exposure: float | str | None) -> torch.Tensor:
+    def expose(
+        self, images: torch.Tensor, r_low: torch.Tensor, exposure: float | str | None
+    ) -> torch.Tensor:
         """The factor map shifted to the asked exposure (see `enhance`)."""
         if exposure is None:
             return r_low
         auto = exposure == "auto"
         if auto:
-            return apply_exposure(images, r_low, AUTO_EXPOSURE, self.steps, floor=True,
-                                  max_lift=AUTO_MAX_LIFT)
+            return apply_exposure(
+                images, r_low, AUTO_EXPOSURE, self.steps, floor=True, max_lift=AUTO_MAX_LIFT
+            )
         return apply_exposure(images, r_low, float(exposure), self.steps)
 
     @torch.inference_mode()
-    def apply_factor(self, images: torch.Tensor, r_low: torch.Tensor,
-                     denoise: float = 0.0) -> torch.Tensor:
+    def apply_factor(
+        self, images: torch.Tensor, r_low: torch.Tensor, denoise: float = 0.0
+    ) -> torch.Tensor:
         """Upsample x_r, run the RIE steps and round to uint8, then denoise (strength
         `denoise`, 0 = off): the full-resolution part."""
         check_images(images)
-        return self.engine.apply_factor(images.to(self.device), r_low, float(denoise),
-                                        self.denoise_config)
+        return self.engine.apply_factor(
+            images.to(self.device), r_low, float(denoise), self.denoise_config
+        )
 
     def warmup(self) -> float:
         """Compile (or load from numba's or Triton's on-disk cache) the backend's kernels and
@@ -180,17 +196,24 @@ class Enhancer:
             for denoise in (0.0, DENOISE):
                 self.enhance(images, strength=0.5, denoise=denoise)
                 # decoded images come channels-last (DecodedImage.to_tensor): its own kernels
-                self.enhance(images.to(memory_format=torch.channels_last), strength=0.5,
-                             denoise=denoise)
+                self.enhance(
+                    images.to(memory_format=torch.channels_last), strength=0.5, denoise=denoise
+                )
         from .video import VideoEnhancer  # video's temporal kernels: two frames of one stream
+
         VideoEnhancer(self).process(torch.zeros(2, 3, 37, 53, dtype=torch.uint8))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
 
 
-def load_model(checkpoint: str | Path | None = None, *, backend: str = "auto",
-               device: str | torch.device | None = None, fast: bool | None = None) -> Enhancer:
+def load_model(
+    checkpoint: str | Path | None = None,
+    *,
+    backend: str = "auto",
+    device: str | torch.device | None = None,
+    fast: bool | None = None,
+) -> Enhancer:
     """Load EFE+RIE for inference.
 
     checkpoint: a path to our checkpoint format or a published raw state dict; None loads the
@@ -206,7 +229,8 @@ def load_model(checkpoint: str | Path | None = None, *, backend: str = "auto",
         if not DEFAULT_CHECKPOINT.is_file():
             raise CheckpointError(
                 f"the default checkpoint {DEFAULT_CHECKPOINT} is not in this build yet; "
-                "pass checkpoint=PATH (or --checkpoint PATH) to one you trained with `sgz train`")
+                "pass checkpoint=PATH (or --checkpoint PATH) to one you trained with `sgz train`"
+            )
         checkpoint = DEFAULT_CHECKPOINT
     return Enhancer(load_checkpoint(checkpoint), resolve_device(device), backend=backend)
 
@@ -216,9 +240,12 @@ def _deprecated_fast(fast: bool | None, backend: str) -> str:
     contradicts `backend` (fast=False with a fused backend was once silently the eager one)."""
     if fast is None:
         return backend
-    warnings.warn("load_model(fast=...) is deprecated: use backend='eager' for the reference, "
-                  "backend='auto' (the default) for the fastest one", DeprecationWarning,
-                  stacklevel=3)
+    warnings.warn(
+        "load_model(fast=...) is deprecated: use backend='eager' for the reference, "
+        "backend='auto' (the default) for the fastest one",
+        DeprecationWarning,
+        stacklevel=3,
+    )
     if fast or backend == "eager":
         return backend
     if backend != backends.AUTO:

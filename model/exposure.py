@@ -11,13 +11,14 @@ as computed), at most `MAX_SAMPLES` pixels per image, on the CPU (numba): the sa
 every backend (`mean_after` and `solve` are numba kernels, model/kernels_exposure.py, imported
 on first use).
 """
+
 import numpy as np
 import torch
 
 from .rie import STEPS
 
 MAX_SAMPLES = 1024  # pixels per image the mean is estimated on (its error: ~0.2 / 32 = 0.006)
-ITERATIONS = 16     # bisection on [-2, 2]: resolution 6e-5 in the offset
+ITERATIONS = 16  # bisection on [-2, 2]: resolution 6e-5 in the offset
 
 
 def samples(images: torch.Tensor, h: int, w: int) -> tuple[np.ndarray, int]:
@@ -35,11 +36,11 @@ def samples(images: torch.Tensor, h: int, w: int) -> tuple[np.ndarray, int]:
     return px.astype(np.float32) / np.float32(255), step
 
 
-def mean_after(x: np.ndarray, r: np.ndarray, offset: float, steps: int,
-               work: np.ndarray) -> float:
+def mean_after(x: np.ndarray, r: np.ndarray, offset: float, steps: int, work: np.ndarray) -> float:
     """Mean of RIE(x, clamp(r + offset)) for one image's samples x, r (flat float32); work:
     two scratch arrays of x's length (a numba kernel: model/kernels_exposure.py)."""
     from . import kernels_exposure
+
     return kernels_exposure.mean_after(x, r, offset, steps, work)
 
 
@@ -47,12 +48,18 @@ def solve(x: np.ndarray, r: np.ndarray, target: float, steps: int, floor: bool) 
     """Bisection for one image: the offset whose mean output is `target` (with `floor`, 0 when
     the output is already at least that bright)."""
     from . import kernels_exposure
+
     return kernels_exposure.solve(x, r, target, steps, floor)
 
 
-def exposure_offset(images: torch.Tensor, r_low: torch.Tensor, target: float,
-                    steps: int = STEPS, floor: bool = False, max_lift: float = 2.0
-                    ) -> torch.Tensor:
+def exposure_offset(
+    images: torch.Tensor,
+    r_low: torch.Tensor,
+    target: float,
+    steps: int = STEPS,
+    floor: bool = False,
+    max_lift: float = 2.0,
+) -> torch.Tensor:
     """The offset per image (N,) that brings the mean output to `target` in [0, 1]; with
     `floor`, 0 for images whose output is already at least that bright. A target beyond the
     curve's reach (a black frame cannot reach 0.4 in eight steps) gets the nearest end. The
@@ -61,14 +68,27 @@ def exposure_offset(images: torch.Tensor, r_low: torch.Tensor, target: float,
     h, w = r_low.shape[-2:]
     x, step = samples(images, h, w)
     r = r_low.detach().float().cpu().expand(n, -1, -1, -1).numpy()[:, :, ::step, ::step]
-    offset = [solve(np.ascontiguousarray(x[i]).ravel(), np.ascontiguousarray(r[i]).ravel(),
-                    float(target), steps, floor) for i in range(n)]
+    offset = [
+        solve(
+            np.ascontiguousarray(x[i]).ravel(),
+            np.ascontiguousarray(r[i]).ravel(),
+            float(target),
+            steps,
+            floor,
+        )
+        for i in range(n)
+    ]
     return torch.tensor(offset, dtype=torch.float32).clamp(min=-max_lift)
 
 
-def apply_exposure(images: torch.Tensor, r_low: torch.Tensor, target: float,
-                   steps: int = STEPS, floor: bool = False, max_lift: float = 2.0
-                   ) -> torch.Tensor:
+def apply_exposure(
+    images: torch.Tensor,
+    r_low: torch.Tensor,
+    target: float,
+    steps: int = STEPS,
+    floor: bool = False,
+    max_lift: float = 2.0,
+) -> torch.Tensor:
     """r_low (N or 1, 3, h, w) shifted per image to reach `target`: (N, 3, h, w)."""
     offset = exposure_offset(images, r_low, target, steps, floor, max_lift)
     r = r_low.expand(images.shape[0], -1, -1, -1)

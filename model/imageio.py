@@ -4,6 +4,7 @@ Decoding applies EXIF orientation and turns every mode Pillow reads (grayscale, 
 16-bit, CMYK, with or without alpha) into 8-bit RGB plus an optional alpha plane, remembering
 what the source was so the output can be written back in a sensible mode.
 """
+
 import io
 from dataclasses import dataclass
 
@@ -36,10 +37,10 @@ class ImageTooLarge(ValueError):
 
 @dataclass
 class DecodedImage:
-    rgb: np.ndarray            # (H, W, 3) uint8
-    alpha: np.ndarray | None   # (H, W) uint8, kept untouched
-    gray: bool                 # the source had no colour: write back as L / LA
-    format: str                # Pillow's name of the source format ("PNG", "JPEG", ...)
+    rgb: np.ndarray  # (H, W, 3) uint8
+    alpha: np.ndarray | None  # (H, W) uint8, kept untouched
+    gray: bool  # the source had no colour: write back as L / LA
+    format: str  # Pillow's name of the source format ("PNG", "JPEG", ...)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -71,8 +72,10 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> DecodedImage:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageTooLarge(f"decompression bomb refused: {e}") from None
     except UnidentifiedImageError:
-        raise ImageDecodeError("not an image, or not in a format Pillow reads here "
-                               "(PNG, JPEG, WebP, BMP, TIFF, GIF are)") from None
+        raise ImageDecodeError(
+            "not an image, or not in a format Pillow reads here "
+            "(PNG, JPEG, WebP, BMP, TIFF, GIF are)"
+        ) from None
     except (OSError, SyntaxError, ValueError) as e:
         if isinstance(e, ImageTooLarge):
             raise
@@ -116,8 +119,12 @@ def _decode_png(img: Image.Image, data: bytes) -> DecodedImage | None:
         return None
     if pixels.shape[2] == 3:
         return DecodedImage(rgb=pixels, alpha=None, gray=False, format="PNG")
-    return DecodedImage(rgb=np.ascontiguousarray(pixels[:, :, :3]),
-                        alpha=np.ascontiguousarray(pixels[:, :, 3]), gray=False, format="PNG")
+    return DecodedImage(
+        rgb=np.ascontiguousarray(pixels[:, :, :3]),
+        alpha=np.ascontiguousarray(pixels[:, :, 3]),
+        gray=False,
+        format="PNG",
+    )
 
 
 def _split_modes(img: Image.Image, fmt: str) -> DecodedImage:
@@ -150,8 +157,9 @@ def _high_depth_to_rgb(img: Image.Image) -> np.ndarray:
 def _palette_is_gray(img: Image.Image) -> bool:
     pal = img.getpalette() or []
     rgb = np.asarray(pal[: len(pal) // 3 * 3]).reshape(-1, 3)
-    return bool(len(rgb)) and bool((rgb[:, 0] == rgb[:, 1]).all()
-                                   and (rgb[:, 1] == rgb[:, 2]).all())
+    return bool(len(rgb)) and bool(
+        (rgb[:, 0] == rgb[:, 1]).all() and (rgb[:, 1] == rgb[:, 2]).all()
+    )
 
 
 def tensor_to_rgb(t: torch.Tensor) -> np.ndarray:
@@ -183,15 +191,17 @@ def output_format(name: str | None, source_format: str) -> str:
         raise ValueError(f"unsupported output format {name!r}; use png, jpeg or webp") from None
 
 
-def encode_image(rgb: np.ndarray, alpha: np.ndarray | None, gray: bool, fmt: str,
-                 quality: int = 90) -> bytes:
+def encode_image(
+    rgb: np.ndarray, alpha: np.ndarray | None, gray: bool, fmt: str, quality: int = 90
+) -> bytes:
     """Write the enhanced picture back: grayscale sources as L, alpha re-attached where the
     format can hold it (JPEG cannot: alpha is dropped there)."""
     if fmt == "JPEG" and not gray and simplejpeg is not None:
         # Pillow's JPEG encoder holds the GIL throughout, this one does not; the same
         # libjpeg-turbo, with Pillow's default 4:2:0 chroma subsampling
-        return simplejpeg.encode_jpeg(np.ascontiguousarray(rgb), quality=quality,
-                                      colorspace="RGB", colorsubsampling="420")
+        return simplejpeg.encode_jpeg(
+            np.ascontiguousarray(rgb), quality=quality, colorspace="RGB", colorsubsampling="420"
+        )
     if fmt == "PNG":
         return encode_png(_png_pixels(rgb, alpha, gray))
     img = Image.fromarray(rgb, "RGB")

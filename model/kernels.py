@@ -7,6 +7,7 @@ the numba backend and the shared CPU stages (exposure, video) import it, lazily,
 `import model` does not. Without numba installed it still imports (the decorators become
 no-ops) and `numba` is None.
 """
+
 import os
 
 import numpy as np
@@ -22,6 +23,7 @@ except ImportError:  # the numba backend then reports itself unavailable
 
     def njit(*args, **kwargs):
         return lambda f: f
+
 
 if numba is not None and "NUMBA_THREADING_LAYER" not in os.environ:
     # numba's own thread pool, not OpenMP: OpenMP's waiting threads spin and starve the busy
@@ -42,11 +44,13 @@ if numba is not None and "NUMBA_CPU_FEATURES" not in os.environ:
 def _compile(parallel: bool, fastmath=False):
     """numba-compiled, releasing the GIL, cached on disk (next to this file, or in
     NUMBA_CACHE_DIR); with nowhere writable to cache, compiled at every start instead."""
+
     def wrap(f):
         try:
             return njit(parallel=parallel, fastmath=fastmath, cache=True, nogil=True)(f)
         except RuntimeError:  # numba: "cannot cache function ...: no locator available"
             return njit(parallel=parallel, fastmath=fastmath, nogil=True)(f)
+
     return wrap
 
 
@@ -104,15 +108,37 @@ def _block(a, b, dw, pw, bias, out, tanh, r0, r1):
         n = min(CHUNK, stop - c0)
         for i in range(cin):
             src, k, di = (fa[i] if i < ca else fb[i - ca]), dw[i], d[i]
-            r0, r1, r2 = src[c0 - wp - 1:], src[c0 - 1:], src[c0 + wp - 1:]
+            r0, r1, r2 = src[c0 - wp - 1 :], src[c0 - 1 :], src[c0 + wp - 1 :]
             for j in range(n):
-                di[j] = (k[0, 0] * r0[j] + k[0, 1] * r0[j + 1] + k[0, 2] * r0[j + 2]
-                         + k[1, 0] * r1[j] + k[1, 1] * r1[j + 1] + k[1, 2] * r1[j + 2]
-                         + k[2, 0] * r2[j] + k[2, 1] * r2[j + 1] + k[2, 2] * r2[j + 2])
+                di[j] = (
+                    k[0, 0] * r0[j]
+                    + k[0, 1] * r0[j + 1]
+                    + k[0, 2] * r0[j + 2]
+                    + k[1, 0] * r1[j]
+                    + k[1, 1] * r1[j + 1]
+                    + k[1, 2] * r1[j + 2]
+                    + k[2, 0] * r2[j]
+                    + k[2, 1] * r2[j + 1]
+                    + k[2, 2] * r2[j + 2]
+                )
         for o in range(0, cout, 4):  # a last group of fewer than 4 repeats its last row
             a, b, c, e = o, min(o + 1, cout - 1), min(o + 2, cout - 1), min(o + 3, cout - 1)
-            _pointwise4(pw[a], pw[b], pw[c], pw[e], d, bias[a], bias[b], bias[c], bias[e],
-                        acc[0], acc[1], acc[2], acc[3], n)
+            _pointwise4(
+                pw[a],
+                pw[b],
+                pw[c],
+                pw[e],
+                d,
+                bias[a],
+                bias[b],
+                bias[c],
+                bias[e],
+                acc[0],
+                acc[1],
+                acc[2],
+                acc[3],
+                n,
+            )
             for k in range(min(4, cout - o)):
                 _activate(acc[k], fo[o + k, c0:], n, tanh)
     _zero_border(out)
@@ -140,22 +166,66 @@ def _pointwise4(p, q, r, t, d, bp, bq, br, bt, ap, aq, ar, at, n):
         ap[j], aq[j], ar[j], at[j] = bp, bq, br, bt
     i = 0
     while i + 8 <= cin:
-        d0, d1, d2, d3, d4, d5, d6, d7 = d[i], d[i + 1], d[i + 2], d[i + 3], \
-            d[i + 4], d[i + 5], d[i + 6], d[i + 7]
-        p0, p1, p2, p3, p4, p5, p6, p7 = p[i:i + 8]
-        q0, q1, q2, q3, q4, q5, q6, q7 = q[i:i + 8]
-        r0, r1, r2, r3, r4, r5, r6, r7 = r[i:i + 8]
-        t0, t1, t2, t3, t4, t5, t6, t7 = t[i:i + 8]
+        d0, d1, d2, d3, d4, d5, d6, d7 = (
+            d[i],
+            d[i + 1],
+            d[i + 2],
+            d[i + 3],
+            d[i + 4],
+            d[i + 5],
+            d[i + 6],
+            d[i + 7],
+        )
+        p0, p1, p2, p3, p4, p5, p6, p7 = p[i : i + 8]
+        q0, q1, q2, q3, q4, q5, q6, q7 = q[i : i + 8]
+        r0, r1, r2, r3, r4, r5, r6, r7 = r[i : i + 8]
+        t0, t1, t2, t3, t4, t5, t6, t7 = t[i : i + 8]
         for j in range(n):
             e0, e1, e2, e3, e4, e5, e6, e7 = d0[j], d1[j], d2[j], d3[j], d4[j], d5[j], d6[j], d7[j]
-            ap[j] = (ap[j] + p0 * e0 + p1 * e1 + p2 * e2 + p3 * e3
-                     + p4 * e4 + p5 * e5 + p6 * e6 + p7 * e7)
-            aq[j] = (aq[j] + q0 * e0 + q1 * e1 + q2 * e2 + q3 * e3
-                     + q4 * e4 + q5 * e5 + q6 * e6 + q7 * e7)
-            ar[j] = (ar[j] + r0 * e0 + r1 * e1 + r2 * e2 + r3 * e3
-                     + r4 * e4 + r5 * e5 + r6 * e6 + r7 * e7)
-            at[j] = (at[j] + t0 * e0 + t1 * e1 + t2 * e2 + t3 * e3
-                     + t4 * e4 + t5 * e5 + t6 * e6 + t7 * e7)
+            ap[j] = (
+                ap[j]
+                + p0 * e0
+                + p1 * e1
+                + p2 * e2
+                + p3 * e3
+                + p4 * e4
+                + p5 * e5
+                + p6 * e6
+                + p7 * e7
+            )
+            aq[j] = (
+                aq[j]
+                + q0 * e0
+                + q1 * e1
+                + q2 * e2
+                + q3 * e3
+                + q4 * e4
+                + q5 * e5
+                + q6 * e6
+                + q7 * e7
+            )
+            ar[j] = (
+                ar[j]
+                + r0 * e0
+                + r1 * e1
+                + r2 * e2
+                + r3 * e3
+                + r4 * e4
+                + r5 * e5
+                + r6 * e6
+                + r7 * e7
+            )
+            at[j] = (
+                at[j]
+                + t0 * e0
+                + t1 * e1
+                + t2 * e2
+                + t3 * e3
+                + t4 * e4
+                + t5 * e5
+                + t6 * e6
+                + t7 * e7
+            )
         i += 8
     tail = i  # the channels left over from the blocks of 8
     for i in range(tail, cin):
@@ -203,7 +273,7 @@ def efe_one(img, y0, y1, ly, x0, x1, lx, dws, pws, biases, out, lo, hi):
     _block(maps[2], none, dws[3], pws[3], biases[3], maps[3], False, r0[3], r1[3])
     _block(maps[2], maps[3], dws[4], pws[4], biases[4], maps[4], False, r0[4], r1[4])  # [x3, x4]
     _block(maps[1], maps[4], dws[5], pws[5], biases[5], maps[5], False, r0[5], r1[5])  # [x2, x5]
-    _block(maps[0], maps[5], dws[6], pws[6], biases[6], out, True, r0[6], r1[6])       # [x1, x6]
+    _block(maps[0], maps[5], dws[6], pws[6], biases[6], out, True, r0[6], r1[6])  # [x1, x6]
 
 
 @kernel
@@ -213,8 +283,9 @@ def efe_items(img, which, y0, y1, ly, x0, x1, lx, dws, pws, biases, out, lo, hi)
     (whole images for a batch, overlapping bands of one image; see NumbaBackend.factor_lowres),
     exact on its rows lo[k] to hi[k] - 1."""
     for k in prange(which.shape[0]):
-        efe_one(img[which[k]], y0[k], y1[k], ly[k], x0, x1, lx, dws, pws, biases, out[k],
-                lo[k], hi[k])
+        efe_one(
+            img[which[k]], y0[k], y1[k], ly[k], x0, x1, lx, dws, pws, biases, out[k], lo[k], hi[k]
+        )
 
 
 @kernel

@@ -7,6 +7,7 @@ the guided filter at cell resolution (1/16 of the pixels); `apply` upsamples the
 (A, B) and rewrites the output in place, q = A p + B on L, R - L, B - L. Images are
 channels-last rows, (N, H, 3 W) uint8.
 """
+
 import threading
 from functools import lru_cache
 
@@ -58,8 +59,18 @@ def rie_stats(img, r_low, y0, y1, ly, x0, x1, lx, steps, out, cell, sums, noise)
     bands = (hc + STATS_BAND - 1) // STATS_BAND
     for job in prange(n_img * bands):  # the body is its own function: kept out of numba's
         n, band = job // bands, job % bands  # parfor passes
-        rie_rows(img, rows, y0, y1, ly, steps, out, n, band * STATS_BAND * cell,
-                 min(img.shape[1], (band + 1) * STATS_BAND * cell))
+        rie_rows(
+            img,
+            rows,
+            y0,
+            y1,
+            ly,
+            steps,
+            out,
+            n,
+            band * STATS_BAND * cell,
+            min(img.shape[1], (band + 1) * STATS_BAND * cell),
+        )
         _stats_job(img, out, cell, sums, noise, n, band)
 
 
@@ -90,7 +101,7 @@ def _stats_job(img, out, cell, sums, noise, n, band):
             _luma(f, lum[2])
             _immerkaer(lum[0], lum[2], lum[1], planes[0])
             for b in range(noise.shape[2]):
-                noise[n, i, b] = _sum(planes[0, b * NOISE_BLOCK:(b + 1) * NOISE_BLOCK])
+                noise[n, i, b] = _sum(planes[0, b * NOISE_BLOCK : (b + 1) * NOISE_BLOCK])
 
 
 @fused
@@ -99,9 +110,15 @@ def _immerkaer(up, mid, down, dst):
     W = mid.shape[0]
     dst[0], dst[W - 1] = np.float32(0), np.float32(0)
     for x in range(1, W - 1):
-        c = (up[x - 1] - 2 * up[x] + up[x + 1]
-             - 2 * (mid[x - 1] - 2 * mid[x] + mid[x + 1])
-             + down[x - 1] - 2 * down[x] + down[x + 1])
+        c = (
+            up[x - 1]
+            - 2 * up[x]
+            + up[x + 1]
+            - 2 * (mid[x - 1] - 2 * mid[x] + mid[x + 1])
+            + down[x - 1]
+            - 2 * down[x]
+            + down[x + 1]
+        )
         dst[x] = abs(c)
 
 
@@ -234,8 +251,15 @@ def _geometry(H: int, W: int, cell: int, radius_luma: int, radius_chroma: int):
     return count, windows
 
 
-def denoise_numba(img: np.ndarray, out: np.ndarray, r_low: np.ndarray, strength: float,
-                  cfg: DenoiseConfig, steps: int, run) -> None:
+def denoise_numba(
+    img: np.ndarray,
+    out: np.ndarray,
+    r_low: np.ndarray,
+    strength: float,
+    cfg: DenoiseConfig,
+    steps: int,
+    run,
+) -> None:
     """RIE (as kernels.rie_uint8) and model/denoise.py's `denoise` on channels-last (N, H, 3 W)
     uint8 arrays into `out`; r_low (n_r, 3, h, w) float32; `run(kernel, *args)` launches a
     parallel kernel (the numba backend's `launch`: one at a time)."""
@@ -244,8 +268,8 @@ def denoise_numba(img: np.ndarray, out: np.ndarray, r_low: np.ndarray, strength:
     s = cfg.cell
     hc, wc = -(-H // s), -(-W // s)
     buf = _scratch(n, hc, wc)
-    sums = buf[:n * PLANES].reshape(n, PLANES, hc, wc)
-    coef = buf[n * PLANES:n * (PLANES + 6)].reshape(n, 6, hc, wc)
+    sums = buf[: n * PLANES].reshape(n, PLANES, hc, wc)
+    coef = buf[n * PLANES : n * (PLANES + 6)].reshape(n, 6, hc, wc)
     noise = np.empty((n, hc, -(-W // NOISE_BLOCK)), np.float32)
     h, w = r_low.shape[-2:]
     run(rie_stats, img, r_low, *_taps(h, H), *_taps(w, W), steps, out, s, sums, noise)
@@ -257,8 +281,21 @@ def denoise_numba(img: np.ndarray, out: np.ndarray, r_low: np.ndarray, strength:
         sigma = np.array([_quantile(m, cfg.noise_quantile) for m in means])
     sigma = np.minimum(sigma, cfg.max_sigma).astype(np.float32)
     count, windows = _geometry(H, W, s, cfg.radius_luma, cfg.radius_chroma)
-    run(coefficients, sums, count, windows, sigma, r_low, *centre_taps(H, h, s),
+    run(
+        coefficients,
+        sums,
+        count,
+        windows,
+        sigma,
+        r_low,
+        *centre_taps(H, h, s),
         *centre_taps(W, w, s),
-        np.float32(cfg.k_luma * strength), np.float32(cfg.k_chroma * strength),
-        cfg.radius_luma, cfg.radius_chroma, steps, coef, buf[n * (PLANES + 6):])
+        np.float32(cfg.k_luma * strength),
+        np.float32(cfg.k_chroma * strength),
+        cfg.radius_luma,
+        cfg.radius_chroma,
+        steps,
+        coef,
+        buf[n * (PLANES + 6) :],
+    )
     run(apply, out, coef, s, *cell_taps(H, s), *cell_taps(W, s))

@@ -1,5 +1,6 @@
 """The exposure bisection's numba kernels (model/exposure.py's `mean_after` and `solve`):
 imported on first use, so that `import model` does not import numba."""
+
 import numpy as np
 
 from .exposure import ITERATIONS

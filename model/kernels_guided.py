@@ -2,6 +2,7 @@
 window sums, the guided filter's (a, b) and their window means, the noise the curve added per
 cell. One launch per call; model/kernels_dn.py runs the passes over the pixels around it.
 """
+
 import numpy as np
 
 from .kernels import prange
@@ -33,7 +34,7 @@ def _window_sums(p, radius, out, tmp):
         for d in range(-radius, radius + 1):
             lo, hi = max(0, -d), min(w, w - d)  # j with 0 <= j + d < w
             if lo < hi:
-                _add(out[i, lo:hi], tmp[i, lo + d:hi + d])
+                _add(out[i, lo:hi], tmp[i, lo + d : hi + d])
 
 
 @serial
@@ -74,7 +75,7 @@ def _noise2(sums, count, sigma, r, cy0, cy1, cly, cx0, cx1, clx, steps, out, i0,
     cell's mean input luma, for the factor map (mean of the channels) at the cell's centre."""
     wc = out.shape[1]
     h = r.shape[1]
-    rm = (r[0] + r[1] + r[2]) * THIRD                                  # (h, w)
+    rm = (r[0] + r[1] + r[2]) * THIRD  # (h, w)
     cols = np.empty((h, wc), np.float32)
     for i in range(h):
         for j in range(wc):
@@ -104,22 +105,64 @@ def _slope_step(g, x, r):
 
 
 @kernel
-def coefficients(sums, count, windows, sigma, r_low, cy0, cy1, cly, cx0, cx1, clx, k_luma,
-                 k_chroma, radius_luma, radius_chroma, steps, coef, work):
+def coefficients(
+    sums,
+    count,
+    windows,
+    sigma,
+    r_low,
+    cy0,
+    cy1,
+    cly,
+    cx0,
+    cx1,
+    clx,
+    k_luma,
+    k_chroma,
+    radius_luma,
+    radius_chroma,
+    steps,
+    coef,
+    work,
+):
     """coef (N, 6, hc, wc): (A, B) of L, R - L, B - L. r_low (n_r, 3, h, w): image n uses map
     n % n_r, read at each cell's centre (taps cy*, cx*). windows: `window_reciprocals`. Per
     image, the noise in two halves of rows, then one job per plane. work: (N, 3, 5, hc, wc) +
     (1, hc, wc) float32 scratch, passed in so that it is not page-faulted afresh every call."""
     n_img, _, hc, wc = sums.shape
-    scratch, noise2 = work[:n_img * 15].reshape(n_img, 3, 5, hc, wc), work[n_img * 15]
+    scratch, noise2 = work[: n_img * 15].reshape(n_img, 3, 5, hc, wc), work[n_img * 15]
     for n in range(n_img):
         for half in prange(2):
-            _noise2(sums[n, 6], count, sigma[n], r_low[n % r_low.shape[0]], cy0, cy1, cly, cx0,
-                    cx1, clx, steps, noise2, half * hc // 2, (half + 1) * hc // 2)
+            _noise2(
+                sums[n, 6],
+                count,
+                sigma[n],
+                r_low[n % r_low.shape[0]],
+                cy0,
+                cy1,
+                cly,
+                cx0,
+                cx1,
+                clx,
+                steps,
+                noise2,
+                half * hc // 2,
+                (half + 1) * hc // 2,
+            )
         for p in prange(3):
             k, radius, q = (k_luma, radius_luma, 0) if p == 0 else (k_chroma, radius_chroma, 1)
-            _guided(windows[2 * q], windows[2 * q + 1], sums[n, p], sums[n, 3 + p], noise2,
-                    k, radius, coef[n, 2 * p], coef[n, 2 * p + 1], scratch[n, p])
+            _guided(
+                windows[2 * q],
+                windows[2 * q + 1],
+                sums[n, p],
+                sums[n, 3 + p],
+                noise2,
+                k,
+                radius,
+                coef[n, 2 * p],
+                coef[n, 2 * p + 1],
+                scratch[n, p],
+            )
 
 
 def scratch_size(n_img: int) -> int:

@@ -4,6 +4,7 @@ Every inner loop is a function of its own over 1-D arrays: numba then vectorises
 loop written inline over rows of 2-D arrays was not vectorised: docs/performance.md, "The
 denoising stage").
 """
+
 import numpy as np
 
 from .kernels import _compile
@@ -94,8 +95,6 @@ def _cell_reduce(acc, cell, dst):
         dst[full] = np.float32(0)
         for x in range(full * cell, W):
             dst[full] += acc[x]
-
-
 
 
 @fused

@@ -1,5 +1,6 @@
 """The recursive filter of model/temporal.py as numba kernels (temporal.filter_reference is the
 torch reference they are tested against). Channels-last rows: (H, 3 W)."""
+
 import numpy as np
 
 from .denoise import NOISE_BLOCK, noise_rows
@@ -25,8 +26,7 @@ def recursive_filter(frame, acc, new, out, k, radius, min_weight):
     for x in range(W):
         inv[x] = np.float32(1) / (k * np.float32(min(x + radius + 1, W) - max(x - radius, 0)))
     for band in prange((H + BAND - 1) // BAND):
-        _band(frame, acc, new, out, radius, min_weight, inv, band * BAND,
-              min(H, (band + 1) * BAND))
+        _band(frame, acc, new, out, radius, min_weight, inv, band * BAND, min(H, (band + 1) * BAND))
 
 
 @serial
@@ -54,8 +54,14 @@ def _band(frame, acc, new, out, radius, min_weight, inv, y0, y1):
 def _difference(f, a, d):
     """d = mean over the 3 channels of (frame - acc)."""
     for x in range(d.shape[0]):
-        d[x] = (np.float32(f[3 * x]) - a[3 * x] + np.float32(f[3 * x + 1]) - a[3 * x + 1]
-                + np.float32(f[3 * x + 2]) - a[3 * x + 2]) * THIRD
+        d[x] = (
+            np.float32(f[3 * x])
+            - a[3 * x]
+            + np.float32(f[3 * x + 1])
+            - a[3 * x + 1]
+            + np.float32(f[3 * x + 2])
+            - a[3 * x + 2]
+        ) * THIRD
 
 
 @fused
@@ -126,4 +132,4 @@ def _immerkaer_job(img, rows, sums, n, i):
         _luma(f, lum[k])
     _immerkaer(lum[0], lum[1], lum[2], lum[3])
     for b in range(sums.shape[2]):
-        sums[n, i, b] = _sum(lum[3, b * NOISE_BLOCK:(b + 1) * NOISE_BLOCK])
+        sums[n, i, b] = _sum(lum[3, b * NOISE_BLOCK : (b + 1) * NOISE_BLOCK])

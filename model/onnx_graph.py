@@ -9,6 +9,7 @@ a tensor op on the input's shape, so the tracer records it instead of baking in 
 The taps are those of `resample.downscale` (align_corners=False) and `resample.upsample_factor`
 (align_corners=True); tests/test_export.py checks the graph against `Enhancer` under ONNX Runtime.
 """
+
 from typing import cast
 
 import torch
@@ -42,16 +43,22 @@ def _taps(n_in: torch.Tensor, n_out: torch.Tensor, align_corners: bool):
     return i0.long(), i1.long(), src - i0
 
 
-def resize(x: torch.Tensor, size: tuple[torch.Tensor, torch.Tensor], align_corners: bool,
-           divisor: float = 1.0) -> torch.Tensor:
+def resize(
+    x: torch.Tensor,
+    size: tuple[torch.Tensor, torch.Tensor],
+    align_corners: bool,
+    divisor: float = 1.0,
+) -> torch.Tensor:
     """x (N, C, h, w), any dtype, bilinearly resized to `size` as float32 / `divisor`: rows
     first, gathered in x's own dtype (uint8 images: 4x less memory before the float)."""
     h_in, w_in = _hw(x)
     y0, y1, ly = _taps(h_in, size[0], align_corners)
     x0, x1, lx = _taps(w_in, size[1], align_corners)
     ly = ly[:, None]
-    t = (x.index_select(2, y0).float() / divisor * (1 - ly)
-         + x.index_select(2, y1).float() / divisor * ly)
+    t = (
+        x.index_select(2, y0).float() / divisor * (1 - ly)
+        + x.index_select(2, y1).float() / divisor * ly
+    )
     return t.index_select(3, x0) * (1 - lx) + t.index_select(3, x1) * lx
 
 
@@ -92,8 +99,7 @@ class ApplyFactor(nn.Module):
         x = x.clamp(0, 1)
         if self.denoise is not None:  # on 0..255 values: the reference's uint8 arithmetic
             y = torch.round(x * 255)  # enhance denoises the rounded output, --float too
-            x = self.denoise(images.float() * 255 if self.float_io else images.float(), y,
-                             r_low)
+            x = self.denoise(images.float() * 255 if self.float_io else images.float(), y, r_low)
         return x if self.float_io else torch.round(x * 255).to(torch.uint8)
 
 
@@ -103,9 +109,16 @@ class EnhanceGraph(nn.Module):
     `enhance(images, denoise=..., exposure=...)`; or with `factor_only` `factor(images)` (x_r
     at full size, float32 in [-1, 1])."""
 
-    def __init__(self, efe: EFE, scale_factor: float, steps: int, factor_only: bool = False,
-                 float_io: bool = False, expose: nn.Module | None = None,
-                 denoise: nn.Module | None = None):
+    def __init__(
+        self,
+        efe: EFE,
+        scale_factor: float,
+        steps: int,
+        factor_only: bool = False,
+        float_io: bool = False,
+        expose: nn.Module | None = None,
+        denoise: nn.Module | None = None,
+    ):
         super().__init__()
         self.lowres = FactorLowres(efe, scale_factor, float_io)
         self.rie = ApplyFactor(steps, float_io, denoise)

@@ -14,6 +14,7 @@ times). model/onnx_graph.py chains them; tests/test_export.py checks the graph a
   reference does; the cell sums are average pools, the window sums grouped convolutions, the
   cell-centre taps computed in float64 as the reference's numpy does.
 """
+
 from typing import cast
 
 import torch
@@ -43,8 +44,14 @@ class ExposureShift(nn.Module):
     """(images, r_low) -> r_low shifted per image so that the mean output reaches `target`
     (`exposure.apply_exposure`): images uint8 (or float in [0, 1] with `float_input`)."""
 
-    def __init__(self, target: float, steps: int, floor: bool = False, max_lift: float = 2.0,
-                 float_input: bool = False):
+    def __init__(
+        self,
+        target: float,
+        steps: int,
+        floor: bool = False,
+        max_lift: float = 2.0,
+        float_input: bool = False,
+    ):
         super().__init__()
         self.target, self.steps, self.floor, self.max_lift = target, steps, floor, max_lift
         self.divisor = 1.0 if float_input else 255.0
@@ -111,10 +118,13 @@ def _cell_taps(n_full: torch.Tensor, cell: int):
 def _centre_taps(n_full: torch.Tensor, n_low: torch.Tensor, cell: int):
     """`denoise.centre_taps`, in float64 as its numpy, the weight then float32."""
     n_full, n_low = n_full.double(), n_low.double()
-    centre = torch.minimum(traced_arange(torch.ceil(n_full / cell).long(), torch.float64)
-                           * cell + (cell - 1) / 2, n_full - 1)
-    scale = torch.where((n_full > 1) & (n_low > 1),
-                        (n_low - 1) / (n_full - 1).clamp(min=1), n_full * 0)
+    centre = torch.minimum(
+        traced_arange(torch.ceil(n_full / cell).long(), torch.float64) * cell + (cell - 1) / 2,
+        n_full - 1,
+    )
+    scale = torch.where(
+        (n_full > 1) & (n_low > 1), (n_low - 1) / (n_full - 1).clamp(min=1), n_full * 0
+    )
     src = (centre * scale).float()
     i0 = torch.minimum(src.floor(), n_low.float() - 1)
     i1 = torch.minimum(i0 + 1, n_low.float() - 1)
@@ -132,22 +142,25 @@ def noise_sigma(images255: torch.Tensor, cell: int, quantile: float) -> torch.Te
     """`denoise.noise_sigma` on images in 0..255 (float): (N,), 0 under 3 pixels a side."""
     n = images255.shape[0]
     H, W = _hw(images255)
-    lum = images255.sum(1, keepdim=True) / (3 * 255)                # (N, 1, H, W)
-    rows = _arange(H - 2, cell) + 1                                  # 1, 1 + cell, .. < H - 1
-    lum = F.pad(lum, (1, 1))                                         # x = -1 .. W: conv at 0..W-1
+    lum = images255.sum(1, keepdim=True) / (3 * 255)  # (N, 1, H, W)
+    rows = _arange(H - 2, cell) + 1  # 1, 1 + cell, .. < H - 1
+    lum = F.pad(lum, (1, 1))  # x = -1 .. W: conv at 0..W-1
     stack = torch.cat([lum.index_select(2, rows + d) for d in (-1, 0, 1)], 1)  # (N, 3, R, W+2)
     # [1, -2, 1] along the row of each of the three rows, then [1, -2, 1] across them; as
     # slices, not a convolution: no empty convolution under 3 rows
-    row = stack[..., :-2] - 2 * stack[..., 1:-1] + stack[..., 2:]   # (N, 3, R, W): x = 0 .. W-1
-    conv = (row[:, 0] - 2 * row[:, 1] + row[:, 2]).abs()            # (N, R, W)
+    row = stack[..., :-2] - 2 * stack[..., 1:-1] + stack[..., 2:]  # (N, 3, R, W): x = 0 .. W-1
+    conv = (row[:, 0] - 2 * row[:, 1] + row[:, 2]).abs()  # (N, R, W)
     # blocks of NOISE_BLOCK columns as a one-hot matrix over the interior x = 1 .. W - 2
     x = traced_arange(W.long(), torch.float32)
     nb = torch.ceil(W / NOISE_BLOCK)
     blocks = traced_arange(nb.long(), torch.float32)
-    member = ((torch.floor(x / NOISE_BLOCK)[:, None] == blocks)
-              & (x >= 1)[:, None] & (x <= W - 2)[:, None]).float()  # (W, nb)
-    counts = member.sum(0)                                           # (nb,)
-    means = conv.matmul(member) * IMMERKAER / counts.clamp(min=1)    # (N, R, nb)
+    member = (
+        (torch.floor(x / NOISE_BLOCK)[:, None] == blocks)
+        & (x >= 1)[:, None]
+        & (x <= W - 2)[:, None]
+    ).float()  # (W, nb)
+    counts = member.sum(0)  # (nb,)
+    means = conv.matmul(member) * IMMERKAER / counts.clamp(min=1)  # (N, R, nb)
     means = torch.where(counts > 0, means, BIG).reshape(n, -1)
     valid = (counts > 0).float().sum() * torch._shape_as_tensor(rows)[0].float()  # per image
     # the quantile as torch.quantile's 'linear': sorted[lo] + (sorted[hi] - sorted[lo]) w
@@ -185,8 +198,9 @@ class Denoise(nn.Module):
         super().__init__()
         self.strength, self.steps, self.cfg = strength, steps, cfg
 
-    def forward(self, images: torch.Tensor, enhanced: torch.Tensor,
-                r_low: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, images: torch.Tensor, enhanced: torch.Tensor, r_low: torch.Tensor
+    ) -> torch.Tensor:
         cfg, s = self.cfg, self.cfg.cell
         H, W = _hw(images)
         planes = _planes(enhanced)
@@ -200,12 +214,14 @@ class Denoise(nn.Module):
         gain = curve_gain(sums[:, 6:] / count, r, self.steps)
         noise = (gain * gain - 1).clamp(min=0) * sigma[:, None, None, None] ** 2
         coef = []
-        for ch, radius, k in ((0, cfg.radius_luma, cfg.k_luma),
-                              (1, cfg.radius_chroma, cfg.k_chroma),
-                              (2, cfg.radius_chroma, cfg.k_chroma)):
+        for ch, radius, k in (
+            (0, cfg.radius_luma, cfg.k_luma),
+            (1, cfg.radius_chroma, cfg.k_chroma),
+            (2, cfg.radius_chroma, cfg.k_chroma),
+        ):
             c = _box(count, radius)
-            m = _box(sums[:, ch:ch + 1], radius) / c
-            var = (_box(sums[:, 3 + ch:4 + ch], radius) / c - m * m).clamp(min=0)
+            m = _box(sums[:, ch : ch + 1], radius) / c
+            var = (_box(sums[:, 3 + ch : 4 + ch], radius) / c - m * m).clamp(min=0)
             eps = k * self.strength * noise
             a = torch.where(eps > 0, var / (var + eps).clamp(min=TINY_VAR), var * 0 + 1)
             b = m - a * m

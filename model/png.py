@@ -6,6 +6,7 @@ reader ~2x libpng's; the choices and their measurements are in docs/performance.
 ("PNG and WebP"). Anything unusual (palette, 16-bit, interlaced, EXIF, colour-keyed) is left to
 Pillow by returning None, so behaviour there is unchanged.
 """
+
 import zlib
 from types import ModuleType
 
@@ -51,7 +52,7 @@ def encode_png(pixels: np.ndarray, level: int = 1) -> bytes:
     np.subtract(flat[1:], flat[:-1], out=rows[1:, 1:])  # uint8 arithmetic wraps mod 256, as PNG's
     data = memoryview(_deflate.compress(rows, level))
     ihdr = w.to_bytes(4, "big") + h.to_bytes(4, "big") + bytes([8, COLOUR_TYPES[c], 0, 0, 0])
-    idat = [_chunk(b"IDAT", data[i:i + IDAT_BYTES]) for i in range(0, len(data), IDAT_BYTES)]
+    idat = [_chunk(b"IDAT", data[i : i + IDAT_BYTES]) for i in range(0, len(data), IDAT_BYTES)]
     return b"".join([SIGNATURE, _chunk(b"IHDR", ihdr), *idat, _chunk(b"IEND", b"")])
 
 

@@ -10,6 +10,7 @@ bad file comes back as a reason, never as an exception that would stop the job.
 
 Ray and pyarrow are imported only here and only when --ray is used (the `ray` extra).
 """
+
 import argparse
 import logging
 import os
@@ -41,13 +42,26 @@ Put --ray after the INPUTs, or write --ray=ADDRESS.
 
 def add_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("bulk jobs on Ray", RAY_HELP)
-    g.add_argument("--ray", nargs="?", const=LOCAL, default=None, metavar="ADDRESS",
-                   help="run on Ray Data: a local instance, or the cluster at ADDRESS")
-    g.add_argument("--overwrite", action="store_true",
-                   help="with --ray: enhance again the files whose outputs exist")
-    g.add_argument("--ray-actors", type=int, default=None, metavar="N",
-                   help="with --ray: model actors (default: one per GPU, else one per "
-                        f"{MAX_THREADS} CPUs)")
+    g.add_argument(
+        "--ray",
+        nargs="?",
+        const=LOCAL,
+        default=None,
+        metavar="ADDRESS",
+        help="run on Ray Data: a local instance, or the cluster at ADDRESS",
+    )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="with --ray: enhance again the files whose outputs exist",
+    )
+    g.add_argument(
+        "--ray-actors",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"with --ray: model actors (default: one per GPU, else one per {MAX_THREADS} CPUs)",
+    )
 
 
 def path_or_uri(text: str) -> Path | str:
@@ -84,9 +98,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         started = start_ray(args.ray)
     except (ConnectionError, RuntimeError) as e:
-        print(f"sgz enhance: error: cannot connect to Ray at {args.ray}: "
-              f"{str(e).splitlines()[0]} (a cluster with token authentication needs "
-              "RAY_AUTH_MODE=token and its token here: docs/bulk.md)", file=sys.stderr)
+        print(
+            f"sgz enhance: error: cannot connect to Ray at {args.ray}: "
+            f"{str(e).splitlines()[0]} (a cluster with token authentication needs "
+            "RAY_AUTH_MODE=token and its token here: docs/bulk.md)",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     try:
         pool = _actors(args)
@@ -100,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if started:
             import ray
+
             ray.shutdown()
     return _summary(plan, done, start, args, pool[2])
 
@@ -108,8 +126,10 @@ def _check_usage(args) -> str | None:
     if args.ray is None:
         return "URIs (s3://, gs://, file://...) are read only with --ray; see docs/bulk.md"
     if not ADDRESS.match(args.ray):
-        return (f"--ray ADDRESS must be auto, ray://HOST:PORT or HOST:PORT, got {args.ray!r} "
-                "(put --ray after the INPUTs, or write --ray=ADDRESS)")
+        return (
+            f"--ray ADDRESS must be auto, ray://HOST:PORT or HOST:PORT, got {args.ray!r} "
+            "(put --ray after the INPUTs, or write --ray=ADDRESS)"
+        )
     if args.ray_actors is not None and args.ray_actors < 1:
         return "--ray-actors must be at least 1"
     try:
@@ -120,6 +140,7 @@ def _check_usage(args) -> str | None:
     from . import video_cli
     from .checkpoint import CheckpointError
     from .enhancer import load_model
+
     try:
         video_cli.encoder_options(args)
         load_model(args.checkpoint, device="cpu")  # a bad checkpoint: one error, not N actors'
@@ -132,13 +153,15 @@ def start_ray(address: str) -> bool:
     """Connect to Ray (or start our own); True when this call started it."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # nothing leaves the machine
     import ray
+
     if ray.is_initialized():
         return False
     # ERROR: Ray's start-up warnings (token auth on, ...) are not the user's business here
     quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
     if address == LOCAL:
-        ray.init(address="local", object_store_memory=OBJECT_STORE, include_dashboard=False,
-                 **quiet)
+        ray.init(
+            address="local", object_store_memory=OBJECT_STORE, include_dashboard=False, **quiet
+        )
     else:
         ray.init(address=address, **quiet)
     return True
@@ -152,6 +175,7 @@ def _actors(args) -> tuple[int, dict, str]:
     """(actors, ray resources of one, a description): one per GPU, else CPU actors whose numba
     threads together fill the CPUs without oversubscribing them."""
     import ray
+
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
     if gpus and args.device != "cpu":
@@ -161,8 +185,11 @@ def _actors(args) -> tuple[int, dict, str]:
         raise _NoGPU("--device cuda: the Ray cluster has no GPU")
     n = args.ray_actors or max(1, cpus // MAX_THREADS)
     threads = max(1, cpus // n)
-    return n, {"num_gpus": 0, "num_cpus": threads, "threads": threads}, \
-        f"{n} CPU actor(s) x {threads} thread(s)"
+    return (
+        n,
+        {"num_gpus": 0, "num_cpus": threads, "threads": threads},
+        f"{n} CPU actor(s) x {threads} thread(s)",
+    )
 
 
 def _execute(plan, places, out, factor, args, pool: tuple[int, dict, str]) -> int:
@@ -170,6 +197,7 @@ def _execute(plan, places, out, factor, args, pool: tuple[int, dict, str]) -> in
     import ray.data
     import ray.exceptions
     from tqdm import tqdm
+
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # a plan, progress lines, hints
     n, res, where = pool
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours below: one bar
@@ -178,18 +206,38 @@ def _execute(plan, places, out, factor, args, pool: tuple[int, dict, str]) -> in
     blocks = max(1, min(blocks, MAX_BLOCKS))
     ds = ray.data.from_items(plan.jobs, override_num_blocks=blocks)
     # reading holds no CPU: it waits on storage, while the actors own the cores
-    ds = ds.map(ray_jobs.read_row, fn_kwargs={"places": places}, num_cpus=0,
-                compute=ray.data.TaskPoolStrategy(size=min(READ_TASKS, blocks)))
-    worker = {"checkpoint": args.checkpoint, "device": "cuda" if res["num_gpus"] else "cpu",
-              "threads": res["threads"], "options": ray_jobs.worker_options(args),
-              "places": places, "out": out, "factor": factor}
-    ds = ds.map_batches(ray_jobs.Worker, batch_size=ray_jobs.BATCH,
-                        compute=ray.data.ActorPoolStrategy(size=n), num_cpus=res["num_cpus"],
-                        num_gpus=res["num_gpus"], fn_constructor_kwargs=worker,
-                        batch_format="pyarrow")
+    ds = ds.map(
+        ray_jobs.read_row,
+        fn_kwargs={"places": places},
+        num_cpus=0,
+        compute=ray.data.TaskPoolStrategy(size=min(READ_TASKS, blocks)),
+    )
+    worker = {
+        "checkpoint": args.checkpoint,
+        "device": "cuda" if res["num_gpus"] else "cpu",
+        "threads": res["threads"],
+        "options": ray_jobs.worker_options(args),
+        "places": places,
+        "out": out,
+        "factor": factor,
+    }
+    ds = ds.map_batches(
+        ray_jobs.Worker,
+        batch_size=ray_jobs.BATCH,
+        compute=ray.data.ActorPoolStrategy(size=n),
+        num_cpus=res["num_cpus"],
+        num_gpus=res["num_gpus"],
+        fn_constructor_kwargs=worker,
+        batch_format="pyarrow",
+    )
     done = 0
-    with tqdm(total=len(plan.jobs), unit="file", desc=f"enhance on Ray ({where})",
-              file=sys.stderr, dynamic_ncols=True) as bar:
+    with tqdm(
+        total=len(plan.jobs),
+        unit="file",
+        desc=f"enhance on Ray ({where})",
+        file=sys.stderr,
+        dynamic_ncols=True,
+    ) as bar:
         try:
             for row in ds.iter_rows():
                 if row["error"]:
@@ -200,8 +248,11 @@ def _execute(plan, places, out, factor, args, pool: tuple[int, dict, str]) -> in
                 bar.update(1)
         except ray.exceptions.RayError as e:  # an actor died (killed, out of memory), ...
             bar.clear()
-            _fail(plan, "the Ray job", f"stopped: {str(e).splitlines()[0]}; what was written "
-                  "stays, and a rerun resumes")
+            _fail(
+                plan,
+                "the Ray job",
+                f"stopped: {str(e).splitlines()[0]}; what was written stays, and a rerun resumes",
+            )
     return done
 
 
@@ -214,12 +265,16 @@ def _summary(plan, done: int, start: float, args, where: str) -> int:
     """`sgz enhance`'s policy: 1 if any input failed or nothing was found, else 0."""
     failed = plan.failures
     if done == 0 and not failed and plan.skipped == 0:
-        print(f"sgz enhance: no image or video found in {', '.join(map(str, args.inputs))}",
-              file=sys.stderr)
+        print(
+            f"sgz enhance: no image or video found in {', '.join(map(str, args.inputs))}",
+            file=sys.stderr,
+        )
         return EXIT_FAILED_FILES
-    line = (f"sgz enhance: {done} file(s) written to {args.output}, {plan.skipped} skipped "
-            f"(already there), {len(failed)} failed, in {time.perf_counter() - start:.1f} s"
-            + (f" on Ray, {where}" if where else ""))
+    line = (
+        f"sgz enhance: {done} file(s) written to {args.output}, {plan.skipped} skipped "
+        f"(already there), {len(failed)} failed, in {time.perf_counter() - start:.1f} s"
+        + (f" on Ray, {where}" if where else "")
+    )
     if failed:
         more = f" and {len(failed) - 10} more" if len(failed) > 10 else ""
         line += f"; failed: {', '.join(failed[:10])}{more}"

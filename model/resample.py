@@ -6,6 +6,7 @@ every backend and the eager reference (model/rie.py) use.
 - up: the factor map back at the image's exact size (bilinear, align_corners=True, as the
   published `UpsamplingBilinear2d`).
 """
+
 from collections.abc import Sequence
 from functools import lru_cache
 

@@ -6,6 +6,7 @@ The same x_r is used at every step (Order = 2 quadratic curve, applied recurrent
 x_r in [-1, 1] and x in [0, 1] every step stays in [0, 1]. The resampling between the image
 and EFE's grid (`downscale`, `upsample_factor`) lives in model/resample.py.
 """
+
 import torch
 
 from .resample import downscale, upsample_factor  # noqa: F401 (re-exported: model.rie's API)

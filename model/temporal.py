@@ -18,6 +18,7 @@ The recursive filter and the noise estimate run through the enhancer's backend
 (model/backends/base.py: `frame_noise`, `temporal_filter`): numba kernels on the numba
 backend, the torch reference (`filter_reference`) on the others.
 """
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,13 +33,13 @@ NOISE_QUANTILE = DenoiseConfig().noise_quantile  # as the spatial denoiser reads
 
 @dataclass(frozen=True)
 class TemporalConfig:
-    factor_weight: float = 0.5   # a new frame's share of the smoothed factor map
-    level_weight: float = 0.15   # ... of the smoothed output brightness (~7 frames' memory)
-    cut: float = 0.5             # scene cut: change of the coarse luma above this (_cut)
-    noise_k: float = 3.5         # motion threshold of the recursive filter, in output noise stds
-    radius: int = 2              # window (2 radius + 1)^2 the frame difference is averaged over
-    min_weight: float = 0.1      # a new frame's least share where nothing moves
-    cell: int = 4                # rows of the noise estimate (denoise.noise_rows)
+    factor_weight: float = 0.5  # a new frame's share of the smoothed factor map
+    level_weight: float = 0.15  # ... of the smoothed output brightness (~7 frames' memory)
+    cut: float = 0.5  # scene cut: change of the coarse luma above this (_cut)
+    noise_k: float = 3.5  # motion threshold of the recursive filter, in output noise stds
+    radius: int = 2  # window (2 radius + 1)^2 the frame difference is averaged over
+    min_weight: float = 0.1  # a new frame's least share where nothing moves
+    cell: int = 4  # rows of the noise estimate (denoise.noise_rows)
 
 
 class TemporalState:
@@ -104,8 +105,9 @@ class TemporalState:
 
     # ---- 2. noise -------------------------------------------------------------------------
 
-    def denoise(self, frames: torch.Tensor, out: torch.Tensor, r_low: torch.Tensor,
-                strength: float) -> torch.Tensor:
+    def denoise(
+        self, frames: torch.Tensor, out: torch.Tensor, r_low: torch.Tensor, strength: float
+    ) -> torch.Tensor:
         """out (N, 3, H, W) uint8, RIE's output of `frames` with maps r_low -> filtered
         (channels-last)."""
         if strength <= 0:
@@ -135,8 +137,9 @@ class TemporalState:
                 self.acc = frames[i].float()  # new size) starts the running average as it is
                 result[i] = frames[i]
                 continue
-            new = engine.temporal_filter(self.acc, frames[i], result[i], float(k[i]),
-                                         cfg.radius, cfg.min_weight, self.spare)
+            new = engine.temporal_filter(
+                self.acc, frames[i], result[i], float(k[i]), cfg.radius, cfg.min_weight, self.spare
+            )
             self.acc, self.spare = new, self.acc
         return result.permute(0, 3, 1, 2)
 
@@ -154,13 +157,14 @@ def curve_slope(x: np.ndarray, r: np.ndarray, steps: int) -> np.ndarray:
     return g
 
 
-def filter_reference(acc: torch.Tensor, frame: torch.Tensor, k: float, radius: int,
-                     min_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+def filter_reference(
+    acc: torch.Tensor, frame: torch.Tensor, k: float, radius: int, min_weight: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One step of the recursive filter in torch ops (CUDA, and the numba kernel's reference).
     acc (H, W, 3) float32 running average, frame (H, W, 3) uint8 -> (new acc, uint8 output)."""
-    d = (frame.float() - acc).mean(-1)                                     # (H, W)
+    d = (frame.float() - acc).mean(-1)  # (H, W)
     size = 2 * radius + 1
     d = F.avg_pool2d(d[None, None], size, 1, radius, count_include_pad=False)[0, 0]
-    w = (d.abs() / k).clamp_(min_weight, 1)[..., None]                     # (H, W, 1)
+    w = (d.abs() / k).clamp_(min_weight, 1)[..., None]  # (H, W, 1)
     acc = acc + w * (frame.float() - acc)
     return acc, (acc + 0.5).clamp_(0, 255).to(torch.uint8)

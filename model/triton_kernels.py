@@ -10,6 +10,7 @@ Without triton installed this module still imports and `triton` is None. On a ma
 a GPU the same kernel runs in Triton's interpreter (`TRITON_INTERPRET=1` set before this
 module is imported), which is how tests/test_triton.py checks it on CPU.
 """
+
 try:
     import triton
     import triton.language as tl
@@ -20,15 +21,51 @@ BLOCK = 1024  # values per program: a few row segments per 1200-pixel row
 
 # Every size and stride is a runtime argument: Triton otherwise compiles a new variant for each
 # combination of "divisible by 16" / "equal to 1" among them, i.e. at run time for new sizes.
-_RUNTIME_INTS = ["H", "W", "blocks", "s_in_n", "s_in_y", "s_in_c", "s_out_n", "s_out_y",
-                 "s_out_c", "s_r_n", "s_r_c", "s_r_y"]
+_RUNTIME_INTS = [
+    "H",
+    "W",
+    "blocks",
+    "s_in_n",
+    "s_in_y",
+    "s_in_c",
+    "s_out_n",
+    "s_out_y",
+    "s_out_c",
+    "s_r_n",
+    "s_r_c",
+    "s_r_y",
+]
 
 
 if triton is not None:
+
     @triton.jit(do_not_specialize=_RUNTIME_INTS)
-    def rie_uint8(img, out, r, y0, y1, ly, x0, x1, lx, H, W, blocks,
-                  s_in_n, s_in_y, s_in_c, s_out_n, s_out_y, s_out_c, s_r_n, s_r_c, s_r_y,
-                  STEPS: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
+    def rie_uint8(
+        img,
+        out,
+        r,
+        y0,
+        y1,
+        ly,
+        x0,
+        x1,
+        lx,
+        H,
+        W,
+        blocks,
+        s_in_n,
+        s_in_y,
+        s_in_c,
+        s_out_n,
+        s_out_y,
+        s_out_c,
+        s_r_n,
+        s_r_c,
+        s_r_y,
+        STEPS: tl.constexpr,
+        CHANNELS_LAST: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         """out = round(255 * RIE(img / 255, upsample(r))) for one segment of one image row.
 
         Channels-last (N, H, W, 3): a program covers BLOCK consecutive values of row (n, y), i.e.
@@ -59,10 +96,14 @@ if triton is not None:
         xb = tl.load(x1 + x, mask=mask, other=0)
         wx = tl.load(lx + x, mask=mask, other=0.0)
         plane = r + n * s_r_n + c * s_r_c
-        top = tl.load(plane + ra * s_r_y + xa, mask=mask, other=0.0) * (1 - wx) + \
-            tl.load(plane + ra * s_r_y + xb, mask=mask, other=0.0) * wx
-        bot = tl.load(plane + rb * s_r_y + xa, mask=mask, other=0.0) * (1 - wx) + \
-            tl.load(plane + rb * s_r_y + xb, mask=mask, other=0.0) * wx
+        top = (
+            tl.load(plane + ra * s_r_y + xa, mask=mask, other=0.0) * (1 - wx)
+            + tl.load(plane + ra * s_r_y + xb, mask=mask, other=0.0) * wx
+        )
+        bot = (
+            tl.load(plane + rb * s_r_y + xa, mask=mask, other=0.0) * (1 - wx)
+            + tl.load(plane + rb * s_r_y + xb, mask=mask, other=0.0) * wx
+        )
         f = top * (1 - wb) + bot * wb
         v = tl.load(src, mask=mask, other=0).to(tl.float32) / 255.0
         for _ in tl.static_range(STEPS):  # Eq. 1: x_t = x_{t-1} + x_r * (x_{t-1}^2 - x_{t-1})
@@ -74,21 +115,44 @@ else:
     rie_uint8 = None
 
 
-
 if triton is not None:
+
     @triton.jit
     def _cell_value(plane, ca, cb, wb, xa, xb, wx, wc, mask):
         """One coefficient map (hc, wc) at the pixels: bilinear from the cell centres, rows
         first as `denoise._upsample` computes it."""
-        va = tl.load(plane + ca * wc + xa, mask=mask, other=0.0) * (1 - wb) + \
-            tl.load(plane + cb * wc + xa, mask=mask, other=0.0) * wb
-        vb = tl.load(plane + ca * wc + xb, mask=mask, other=0.0) * (1 - wb) + \
-            tl.load(plane + cb * wc + xb, mask=mask, other=0.0) * wb
+        va = (
+            tl.load(plane + ca * wc + xa, mask=mask, other=0.0) * (1 - wb)
+            + tl.load(plane + cb * wc + xa, mask=mask, other=0.0) * wb
+        )
+        vb = (
+            tl.load(plane + ca * wc + xb, mask=mask, other=0.0) * (1 - wb)
+            + tl.load(plane + cb * wc + xb, mask=mask, other=0.0) * wb
+        )
         return va * (1 - wx) + vb * wx
 
     @triton.jit(do_not_specialize=["H", "W", "blocks", "hc", "wc", "s_n", "s_y", "s_x", "s_c"])
-    def denoise_apply(img, out, coef, y0, y1, ly, x0, x1, lx, H, W, blocks, hc, wc,
-                      s_n, s_y, s_x, s_c, BLOCK: tl.constexpr):
+    def denoise_apply(
+        img,
+        out,
+        coef,
+        y0,
+        y1,
+        ly,
+        x0,
+        x1,
+        lx,
+        H,
+        W,
+        blocks,
+        hc,
+        wc,
+        s_n,
+        s_y,
+        s_x,
+        s_c,
+        BLOCK: tl.constexpr,
+    ):
         """The denoising stage's last pass (model/denoise.py, `apply_coefficients`) for BLOCK
         pixels of one image row: L, R - L, B - L of the pixel, q = A p + B with (A, B) from the
         cell grid coef (N, 6, hc, wc), contiguous (taps y*, x*: `denoise.cell_taps`), back to
@@ -109,12 +173,15 @@ if triton is not None:
         wx = tl.load(lx + x, mask=mask, other=0.0)
         size = hc * wc
         plane = coef + n * 6 * size
-        q_l = _cell_value(plane, ca, cb, wb, xa, xb, wx, wc, mask) * lum + \
-            _cell_value(plane + size, ca, cb, wb, xa, xb, wx, wc, mask)
-        q_u = _cell_value(plane + 2 * size, ca, cb, wb, xa, xb, wx, wc, mask) * (r - lum) + \
-            _cell_value(plane + 3 * size, ca, cb, wb, xa, xb, wx, wc, mask)
-        q_v = _cell_value(plane + 4 * size, ca, cb, wb, xa, xb, wx, wc, mask) * (b - lum) + \
-            _cell_value(plane + 5 * size, ca, cb, wb, xa, xb, wx, wc, mask)
+        q_l = _cell_value(plane, ca, cb, wb, xa, xb, wx, wc, mask) * lum + _cell_value(
+            plane + size, ca, cb, wb, xa, xb, wx, wc, mask
+        )
+        q_u = _cell_value(plane + 2 * size, ca, cb, wb, xa, xb, wx, wc, mask) * (
+            r - lum
+        ) + _cell_value(plane + 3 * size, ca, cb, wb, xa, xb, wx, wc, mask)
+        q_v = _cell_value(plane + 4 * size, ca, cb, wb, xa, xb, wx, wc, mask) * (
+            b - lum
+        ) + _cell_value(plane + 5 * size, ca, cb, wb, xa, xb, wx, wc, mask)
         # round half up (torch: half to even): differs only on exact .5, within 1 level
         r = tl.minimum(tl.maximum(q_l + q_u, 0.0), 1.0) * 255.0 + 0.5
         g = tl.minimum(tl.maximum(q_l - q_u - q_v, 0.0), 1.0) * 255.0 + 0.5

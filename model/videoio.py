@@ -10,6 +10,7 @@ Decided for 10-bit input: SDR video of 10 or 12 bits is decoded to 8-bit RGB (th
 input) and written as 8-bit; HDR video (PQ or HLG transfer) is refused with a message, because
 the model was trained on 8-bit sRGB and would need a tone-mapping step we do not guess.
 """
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,17 +20,32 @@ except ImportError:  # pragma: no cover - a dependency; the message says what to
     av = None
 
 # codec name -> (FFmpeg encoder, crf range, presets)
-X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow",
-                "slower", "veryslow")
+X264_PRESETS = (
+    "ultrafast",
+    "superfast",
+    "veryfast",
+    "faster",
+    "fast",
+    "medium",
+    "slow",
+    "slower",
+    "veryslow",
+)
 CODECS = {
     "h264": ("libx264", 51, X264_PRESETS),
     "hevc": ("libx265", 51, X264_PRESETS),
-    "vp9": ("libvpx-vp9", 63, X264_PRESETS),   # presets map to cpu-used (SPEEDS)
-    "av1": ("libsvtav1", 63, X264_PRESETS),    # presets map to SVT-AV1's 0-13
+    "vp9": ("libvpx-vp9", 63, X264_PRESETS),  # presets map to cpu-used (SPEEDS)
+    "av1": ("libsvtav1", 63, X264_PRESETS),  # presets map to SVT-AV1's 0-13
 }
 SPEEDS = {"vp9": (8, 8, 7, 6, 5, 4, 3, 2, 1), "av1": (12, 11, 10, 9, 8, 7, 5, 4, 2)}
-CONTAINERS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska",
-              ".webm": "webm", ".avi": "avi"}
+CONTAINERS = {
+    ".mp4": "mp4",
+    ".m4v": "mp4",
+    ".mov": "mov",
+    ".mkv": "matroska",
+    ".webm": "webm",
+    ".avi": "avi",
+}
 HDR_TRANSFERS = {16: "PQ (SMPTE 2084)", 18: "HLG (ARIB STD-B67)"}
 
 
@@ -44,7 +60,7 @@ class Cancelled(Exception):
 @dataclass(frozen=True)
 class EncoderOptions:
     codec: str = "h264"
-    crf: int = 18          # x264's "visually lossless" end: the output is someone's archive
+    crf: int = 18  # x264's "visually lossless" end: the output is someone's archive
     preset: str = "medium"
 
     def __post_init__(self):
@@ -52,18 +68,19 @@ class EncoderOptions:
             raise ValueError(f"codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
         top = CODECS[self.codec][1]
         if isinstance(self.crf, bool) or not isinstance(self.crf, int) or not 0 <= self.crf <= top:
-            raise ValueError(f"crf for {self.codec} must be an integer in [0, {top}], "
-                             f"got {self.crf!r}")
+            raise ValueError(
+                f"crf for {self.codec} must be an integer in [0, {top}], got {self.crf!r}"
+            )
         if self.preset not in CODECS[self.codec][2]:
-            raise ValueError(f"preset must be one of {', '.join(X264_PRESETS)}, "
-                             f"got {self.preset!r}")
+            raise ValueError(
+                f"preset must be one of {', '.join(X264_PRESETS)}, got {self.preset!r}"
+            )
 
     def stream_options(self) -> dict[str, str]:
         if self.codec in SPEEDS:
             speed = SPEEDS[self.codec][X264_PRESETS.index(self.preset)]
             if self.codec == "vp9":  # constant quality: crf with b:v 0
-                return {"crf": str(self.crf), "b:v": "0", "cpu-used": str(speed),
-                        "row-mt": "1"}
+                return {"crf": str(self.crf), "b:v": "0", "cpu-used": str(speed), "row-mt": "1"}
             return {"crf": str(self.crf), "preset": str(speed)}
         return {"crf": str(self.crf), "preset": self.preset}
 
@@ -72,14 +89,14 @@ class EncoderOptions:
 class VideoInfo:
     width: int
     height: int
-    frames: int | None      # as the container says (None: it does not)
+    frames: int | None  # as the container says (None: it does not)
     fps: float
     duration: float | None  # seconds
     codec: str
     pix_fmt: str
     bit_depth: int
-    rotation: int           # degrees, as the display matrix says
-    audio: int              # audio streams
+    rotation: int  # degrees, as the display matrix says
+    audio: int  # audio streams
     subtitles: int
 
 
@@ -121,8 +138,20 @@ def is_video(path) -> bool:
 
 # FFmpeg renders text files as video (the tty demuxer takes any .txt): not videos to enhance
 TEXT_CODECS = {"ansi", "bintext", "xbin", "idf"}
-STILL_FORMATS = {"image2", "png_pipe", "jpeg_pipe", "webp_pipe", "bmp_pipe", "tiff_pipe",
-                 "gif", "gif_pipe", "pgm_pipe", "ppm_pipe", "pam_pipe", "qoi_pipe"}
+STILL_FORMATS = {
+    "image2",
+    "png_pipe",
+    "jpeg_pipe",
+    "webp_pipe",
+    "bmp_pipe",
+    "tiff_pipe",
+    "gif",
+    "gif_pipe",
+    "pgm_pipe",
+    "ppm_pipe",
+    "pam_pipe",
+    "qoi_pipe",
+}
 
 
 def _depth(stream) -> int:
@@ -144,18 +173,32 @@ def _info(c, name: str) -> VideoInfo:
     if cc.name in TEXT_CODECS:
         raise VideoError(f"{name}: text ({c.format.name}), not a video")
     if cc.width <= 0 or cc.height <= 0:
-        raise VideoError(f"{name}: the video stream has no frame size (unsupported codec "
-                         f"{cc.name!r}?)")
+        raise VideoError(
+            f"{name}: the video stream has no frame size (unsupported codec {cc.name!r}?)"
+        )
     trc = cc.color_trc
     if int(trc or 0) in HDR_TRANSFERS:
-        raise VideoError(f"{name}: HDR video ({HDR_TRANSFERS[int(trc)]}) is not supported: "
-                         "the model works on SDR; tone-map it to SDR first")
+        raise VideoError(
+            f"{name}: HDR video ({HDR_TRANSFERS[int(trc)]}) is not supported: "
+            "the model works on SDR; tone-map it to SDR first"
+        )
     rate = s.average_rate or s.guessed_rate or s.base_rate
-    duration = (float(s.duration * s.time_base) if s.duration else
-                c.duration / 1e6 if c.duration else None)
-    return VideoInfo(cc.width, cc.height, s.frames or None, float(rate) if rate else 0.0,
-                     duration, cc.name, cc.pix_fmt or "?", _depth(s), 0,
-                     len(c.streams.audio), len(c.streams.subtitles))
+    duration = (
+        float(s.duration * s.time_base) if s.duration else c.duration / 1e6 if c.duration else None
+    )
+    return VideoInfo(
+        cc.width,
+        cc.height,
+        s.frames or None,
+        float(rate) if rate else 0.0,
+        duration,
+        cc.name,
+        cc.pix_fmt or "?",
+        _depth(s),
+        0,
+        len(c.streams.audio),
+        len(c.streams.subtitles),
+    )
 
 
 def expected_frames(info: VideoInfo) -> int | None:

@@ -4,6 +4,7 @@ Bounded queues of QUEUE batches between the stages keep memory flat whatever the
 length; the decoder and the encoder are FFmpeg's (they release the GIL), the model step is
 numba or torch (it does too), so the three overlap on separate cores.
 """
+
 import os
 import queue
 import threading
@@ -28,6 +29,8 @@ from .videoio import (
 )
 
 QUEUE = 2  # batches in flight between two stages: bounded memory, enough to overlap
+
+
 class _Stop(Exception):
     """Another stage failed or the caller cancelled: this stage stops quietly."""
 
@@ -70,8 +73,17 @@ class _Stages:
         self.failed.set()
 
 
-def pipeline(src, dst, process, *, encoder: EncoderOptions | None = None, batch: int = 4,
-             progress=None, cancel: threading.Event | None = None, run_model=None) -> dict:
+def pipeline(
+    src,
+    dst,
+    process,
+    *,
+    encoder: EncoderOptions | None = None,
+    batch: int = 4,
+    progress=None,
+    cancel: threading.Event | None = None,
+    run_model=None,
+) -> dict:
     """Decode `src`, run `process(frames uint8 (N, 3, H, W)) -> same` on batches of frames
     (None: no model, a plain transcode), encode into `dst`. Returns the counts and seconds
     for `VideoStats`."""
@@ -95,10 +107,12 @@ def pipeline(src, dst, process, *, encoder: EncoderOptions | None = None, batch:
         info.rotation = first.rotation
         with av.open(str(part), "w", format=fmt) as sink:
             writer = _Writer(sink, source, info, encoder)
-            threads = [threading.Thread(target=_guard, args=(stages, f, *a), daemon=True,
-                                        name=f"sgz-video-{f.__name__}")
-                       for f, *a in ((reader.run, stages, first),
-                                     (_model, stages, process, run_model))]
+            threads = [
+                threading.Thread(
+                    target=_guard, args=(stages, f, *a), daemon=True, name=f"sgz-video-{f.__name__}"
+                )
+                for f, *a in ((reader.run, stages, first), (_model, stages, process, run_model))
+            ]
             for t in threads:
                 t.start()
             try:
@@ -117,16 +131,23 @@ def pipeline(src, dst, process, *, encoder: EncoderOptions | None = None, batch:
         if stages.cancel.is_set():
             raise Cancelled("cancelled")
         if reader.short_by(frames):
-            raise VideoError(f"{Path(src).name}: truncated or corrupt: {frames} of the "
-                             f"~{expected_frames(info)} frames it lists could be decoded")
+            raise VideoError(
+                f"{Path(src).name}: truncated or corrupt: {frames} of the "
+                f"~{expected_frames(info)} frames it lists could be decoded"
+            )
         os.replace(part, dst)
     except _Stop:
         raise stages.error if stages.error is not None else Cancelled("cancelled") from None
     finally:
         source.close()
         part.unlink(missing_ok=True)
-    return dict(frames=frames, seconds=time.perf_counter() - start, info=info,
-                dropped_streams=writer.dropped, **stages.busy)
+    return dict(
+        frames=frames,
+        seconds=time.perf_counter() - start,
+        info=info,
+        dropped_streams=writer.dropped,
+        **stages.busy,
+    )
 
 
 def _guard(stages: _Stages, fn, *args) -> None:
@@ -194,8 +215,9 @@ class _Reader:
                 stages.put(stages.decoded, ("packets", [item]))
                 continue
             pts.append(self._pts(item))
-            frames.append(item.to_ndarray(format="rgb24", width=self.info.width,
-                                          height=self.info.height))  # size changes: rescaled
+            frames.append(
+                item.to_ndarray(format="rgb24", width=self.info.width, height=self.info.height)
+            )  # size changes: rescaled
             self.decoded += 1
             stages.busy["decode_s"] += time.perf_counter() - start
             if len(frames) == self.batch:
@@ -220,6 +242,7 @@ class _Reader:
 
 def _model(stages: _Stages, process, run_model) -> None:
     import torch
+
     while True:
         kind, item = stages.get(stages.decoded)
         if kind == "frames" and process is not None:
@@ -258,8 +281,9 @@ class _Writer:
         vs = source.streams.video[0]
         rate = vs.average_rate or vs.guessed_rate or Fraction(25)
         self.sink = sink
-        self.stream = sink.add_stream(CODECS[encoder.codec][0], rate=rate,
-                                      options=encoder.stream_options())
+        self.stream = sink.add_stream(
+            CODECS[encoder.codec][0], rate=rate, options=encoder.stream_options()
+        )
         self.stream.width, self.stream.height = info.width, info.height
         even = info.width % 2 == 0 and info.height % 2 == 0  # 4:2:0 needs even sizes
         self.stream.pix_fmt = "yuv420p" if even else "yuv444p"
@@ -270,14 +294,17 @@ class _Writer:
         kept = copyable(source, sink.format.name.split(",")[0])
         self.copies = {s.index: sink.add_stream_from_template(s) for s in kept}
         self.skipped = 0
-        self.dropped = [f"{s.type} #{s.index} ({s.codec_context.name})"
-                        for s in copyable(source) if s.index not in self.copies]
+        self.dropped = [
+            f"{s.type} #{s.index} ({s.codec_context.name})"
+            for s in copyable(source)
+            if s.index not in self.copies
+        ]
 
     def _copy(self, packet) -> None:
         try:
             self.sink.mux(packet)
         except av.FFmpegError:  # a damaged packet (timestamps out of order): skipped, the
-            self.skipped += 1   # video's own damage is what decides the error
+            self.skipped += 1  # video's own damage is what decides the error
 
     def run(self, stages: _Stages, total: int | None, progress) -> int:
         done = 0

@@ -2,6 +2,7 @@
 
 `sgz serve` runs it; `create_app(Settings(...))` builds it for embedding or tests.
 """
+
 from .app import create_app
 from .settings import Settings
 

@@ -8,6 +8,7 @@ shutdown  (uvicorn has stopped accepting and let in-flight requests finish) refu
 API docs: Swagger UI at /docs and the schema at /openapi.json, served from files installed with
 fastapi-offline, so they work without internet (FastAPI's own /docs loads from a CDN).
 """
+
 import asyncio
 import contextlib
 import logging
@@ -42,8 +43,7 @@ def create_app(settings: Settings | None = None, *, enhancer: Enhancer | None = 
     async def lifespan(app: FastAPI):
         model = enhancer
         if model is None:
-            model = await asyncio.to_thread(load_model, settings.checkpoint,
-                                            device=settings.device)
+            model = await asyncio.to_thread(load_model, settings.checkpoint, device=settings.device)
         logs.startup(settings, model)
         runtime = Runtime(settings, model, metrics)
         app.state.runtime = runtime
@@ -52,8 +52,11 @@ def create_app(settings: Settings | None = None, *, enhancer: Enhancer | None = 
         try:
             yield
         finally:
-            log.info("shutting down: finishing %d queued images", runtime.batcher.depth,
-                     extra={"event": "shutdown", "queued": runtime.batcher.depth})
+            log.info(
+                "shutting down: finishing %d queued images",
+                runtime.batcher.depth,
+                extra={"event": "shutdown", "queued": runtime.batcher.depth},
+            )
             await runtime.close()
             if not warm_up.done():
                 warm_up.cancel()
@@ -62,9 +65,14 @@ def create_app(settings: Settings | None = None, *, enhancer: Enhancer | None = 
             await runtime.factors.close()
             log.info("stopped", extra={"event": "stopped"})
 
-    app = FastAPIOffline(title="sgz-serve", version=__version__, description=DESCRIPTION,
-                         redoc_url=None, lifespan=lifespan,
-                         swagger_ui_parameters={"validatorUrl": None})  # no call-out either
+    app = FastAPIOffline(
+        title="sgz-serve",
+        version=__version__,
+        description=DESCRIPTION,
+        redoc_url=None,
+        lifespan=lifespan,
+        swagger_ui_parameters={"validatorUrl": None},
+    )  # no call-out either
     app.state.settings = settings
     app.state.metrics = metrics
     errors.install(app, settings.retry_after_s)
@@ -74,8 +82,13 @@ def create_app(settings: Settings | None = None, *, enhancer: Enhancer | None = 
     # the routes to name requests by in metrics: the app's own (docs) and ours
     named = [r for r in app.router.routes if isinstance(getattr(r, "path", None), str)]
     ours = [*routes.router.routes, *job_routes.router.routes]
-    app.add_middleware(ServiceMiddleware, metrics=metrics, routes=named + ours, api_key=api_key,
-                       log_requests=settings.log_format == "json")
+    app.add_middleware(
+        ServiceMiddleware,
+        metrics=metrics,
+        routes=named + ours,
+        api_key=api_key,
+        log_requests=settings.log_format == "json",
+    )
     page.install(app)  # / and /static/: public, outside the key check, inside security
     security.install(app, settings)  # outside ServiceMiddleware: headers on its 401s too
     return app

@@ -18,6 +18,7 @@ batches grow on their own.
 - An exception while running a batch fails that batch's jobs only (BatchFailed); the loop goes
   on. Anything else going wrong in the loop fails the jobs at hand, never the loop.
 """
+
 import asyncio
 import logging
 import time
@@ -56,8 +57,8 @@ class BatchFailed(BatchingError):
 
 @dataclass(frozen=True)
 class Result:
-    value: Any          # what run_batch returned for this job
-    queue_s: float      # queued -> its batch started
+    value: Any  # what run_batch returned for this job
+    queue_s: float  # queued -> its batch started
     inference_s: float  # the batch's run time
     batch_size: int
 
@@ -67,8 +68,8 @@ class _Job:
     payload: Any
     key: Hashable
     pixels: int
-    arrival: float   # when the request arrived: starts the max_wait timer
-    queued: float    # when it was queued: starts its queue wait
+    arrival: float  # when the request arrived: starts the max_wait timer
+    queued: float  # when it was queued: starts its queue wait
     deadline: float
     is_disconnected: Callable[[], Awaitable[bool]] | None
     future: asyncio.Future
@@ -84,13 +85,19 @@ class Batcher:
     waiting for.
     """
 
-    def __init__(self, run_batch: Callable[[list[Any]], Sequence[Any]], *,
-                 max_batch_size: int = 16, max_batch_pixels: int = 1 << 24,
-                 max_wait_s: float = 0.005, max_queue_size: int = 256,
-                 on_batch: Callable[[int, int, float], None] | None = None,
-                 on_drop: Callable[[str], None] | None = None,
-                 worker_initializer: Callable[[], None] | None = None,
-                 coming: Callable[[], int] | None = None):
+    def __init__(
+        self,
+        run_batch: Callable[[list[Any]], Sequence[Any]],
+        *,
+        max_batch_size: int = 16,
+        max_batch_pixels: int = 1 << 24,
+        max_wait_s: float = 0.005,
+        max_queue_size: int = 256,
+        on_batch: Callable[[int, int, float], None] | None = None,
+        on_drop: Callable[[str], None] | None = None,
+        worker_initializer: Callable[[], None] | None = None,
+        coming: Callable[[], int] | None = None,
+    ):
         self.run_batch = run_batch
         self.coming = coming
         self.max_batch_size = max_batch_size
@@ -102,11 +109,12 @@ class Batcher:
         self._groups: dict[Hashable, deque[_Job]] = {}
         self._depth = 0
         self._wakeup = asyncio.Event()
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sgz-inference",
-                                          initializer=worker_initializer)
+        self._worker = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="sgz-inference", initializer=worker_initializer
+        )
         self._task: asyncio.Task | None = None
         self._closing = False
-        self.batches = 0                   # batches run so far
+        self.batches = 0  # batches run so far
         self.last_done = time.monotonic()  # when the last one finished (memory.Trimmer)
 
     @property
@@ -133,22 +141,38 @@ class Batcher:
         """Run `fn` in the inference thread, outside the queue (warm-up)."""
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
-    async def submit(self, payload: Any, *, key: Hashable = None, pixels: int = 1,
-                     arrival: float | None = None, deadline: float = float("inf"),
-                     is_disconnected: Callable[[], Awaitable[bool]] | None = None) -> Result:
+    async def submit(
+        self,
+        payload: Any,
+        *,
+        key: Hashable = None,
+        pixels: int = 1,
+        arrival: float | None = None,
+        deadline: float = float("inf"),
+        is_disconnected: Callable[[], Awaitable[bool]] | None = None,
+    ) -> Result:
         """Queue one job and wait for its result. `arrival` and `deadline` are
         `time.monotonic()` times; `arrival` defaults to now."""
         if self._closing or self._task is None or self._task.done():
             raise BatcherClosed("the service is shutting down")
         if self.full:
-            raise QueueFull(f"{self._depth} images are already waiting "
-                            f"(max_queue_size={self.max_queue_size})")
+            raise QueueFull(
+                f"{self._depth} images are already waiting (max_queue_size={self.max_queue_size})"
+            )
         now = time.monotonic()
         if now >= deadline:
             self._dropped("deadline")
             raise DeadlineExceeded("the request's deadline passed before it was queued")
-        job = _Job(payload, key, pixels, now if arrival is None else arrival, now, deadline,
-                   is_disconnected, asyncio.get_running_loop().create_future())
+        job = _Job(
+            payload,
+            key,
+            pixels,
+            now if arrival is None else arrival,
+            now,
+            deadline,
+            is_disconnected,
+            asyncio.get_running_loop().create_future(),
+        )
         self._groups.setdefault(key, deque()).append(job)
         self._depth += 1
         self._wakeup.set()
@@ -159,8 +183,10 @@ class Batcher:
             queued = self._withdraw(job)
             if queued:
                 self._dropped("deadline")
-            raise DeadlineExceeded("the request's deadline passed while it was " + (
-                "queued; it was not computed" if queued else "being computed")) from None
+            raise DeadlineExceeded(
+                "the request's deadline passed while it was "
+                + ("queued; it was not computed" if queued else "being computed")
+            ) from None
         except asyncio.CancelledError:
             self._withdraw(job)
             raise
@@ -212,9 +238,13 @@ class Batcher:
 
         def due(group: deque[_Job]) -> tuple[float, float]:
             head = group[0].arrival
-            full = (nothing_coming or len(group) >= self.max_batch_size
-                    or sum(j.pixels for j in group) >= self.max_batch_pixels)
+            full = (
+                nothing_coming
+                or len(group) >= self.max_batch_size
+                or sum(j.pixels for j in group) >= self.max_batch_pixels
+            )
             return (head if full else head + self.max_wait_s), head
+
         key = min(self._groups, key=lambda k: due(self._groups[k]))
         return key, due(self._groups[key])[0]
 
@@ -248,8 +278,9 @@ class Batcher:
             if job.future.done():  # withdrawn by its submitter
                 continue
             if now >= job.deadline:
-                job.future.set_exception(DeadlineExceeded("the request's deadline passed "
-                                                          "while it was queued"))
+                job.future.set_exception(
+                    DeadlineExceeded("the request's deadline passed while it was queued")
+                )
                 self._dropped("deadline")
             elif job.is_disconnected is not None and await job.is_disconnected():
                 job.future.set_exception(ClientDisconnected("the client disconnected"))
@@ -265,10 +296,10 @@ class Batcher:
         payloads = [job.payload for job in jobs]
         try:
             values, seconds = await asyncio.get_running_loop().run_in_executor(
-                self._worker, _timed, self.run_batch, payloads)
+                self._worker, _timed, self.run_batch, payloads
+            )
             if len(values) != len(jobs):
-                raise RuntimeError(f"run_batch returned {len(values)} values "
-                                   f"for {len(jobs)} jobs")
+                raise RuntimeError(f"run_batch returned {len(values)} values for {len(jobs)} jobs")
         except Exception as e:
             log.exception("batch of %d failed", len(jobs))
             self._fail(jobs, e)

@@ -1,4 +1,5 @@
 """`sgz serve`: run the HTTP service. Flags override SGZ_* environment variables."""
+
 import argparse
 import logging
 import sys
@@ -10,10 +11,12 @@ FLAGS = ("host", "port", "checkpoint", "device")
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "serve", help="run the HTTP service (POST /enhance, GET /factor/..., /metrics)",
+        "serve",
+        help="run the HTTP service (POST /enhance, GET /factor/..., /metrics)",
         description="Run the HTTP service. Every setting can also come from the environment "
-                    "(SGZ_HOST, SGZ_PORT, SGZ_CHECKPOINT, SGZ_DEVICE, SGZ_API_KEY, "
-                    "SGZ_MAX_BATCH_SIZE, ...: see the README); flags win.")
+        "(SGZ_HOST, SGZ_PORT, SGZ_CHECKPOINT, SGZ_DEVICE, SGZ_API_KEY, "
+        "SGZ_MAX_BATCH_SIZE, ...: see the README); flags win.",
+    )
     p.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8000)")
     p.add_argument("--checkpoint", help="checkpoint file (default: the built-in checkpoint)")
@@ -32,15 +35,17 @@ def serve(args: argparse.Namespace) -> int:
     try:
         settings = Settings(**overrides)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
-                             for err in e.errors())
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()
+        )
         print(f"sgz serve: invalid setting: {problems}", file=sys.stderr)
         return 2
     level = "DEBUG" if settings.log_level == "trace" else settings.log_level.upper()
     logs.configure(settings.log_format, level)
     if unknown := unknown_variables():  # a typo in a name would otherwise go unnoticed
         logging.getLogger("sgz.service").warning(
-            "ignoring unknown environment variables: %s", ", ".join(unknown))
+            "ignoring unknown environment variables: %s", ", ".join(unknown)
+        )
     try:
         tracing.install(tracing.from_environment(), tracing.wanted())  # OTEL_* variables
     except ValueError as e:

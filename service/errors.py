@@ -3,6 +3,7 @@
 Bad input is always 4xx; 5xx means the service itself is overloaded (503), too slow (504) or
 broken (500).
 """
+
 from http import HTTPStatus
 from typing import Any
 
@@ -24,8 +25,9 @@ class ApiError(Exception):
         self.status, self.error, self.detail, self.headers = status, error, detail, headers
 
 
-def error_response(status: int, error: str, detail: str,
-                   headers: dict | None = None) -> JSONResponse:
+def error_response(
+    status: int, error: str, detail: str, headers: dict | None = None
+) -> JSONResponse:
     return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
 
 
@@ -52,17 +54,22 @@ def install(app: FastAPI, retry_after_s: int) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
-        return error_response(exc.status_code, _code(exc.status_code), str(exc.detail),
-                              getattr(exc, "headers", None))
+        return error_response(
+            exc.status_code, _code(exc.status_code), str(exc.detail), getattr(exc, "headers", None)
+        )
 
     @app.exception_handler(RequestValidationError)
     async def invalid_parameter(request: Request, exc: RequestValidationError):
-        detail = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}"
-                           for e in exc.errors())
+        detail = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()
+        )
         return error_response(422, "invalid_parameter", detail)
 
     for cls, (status, code, headers) in batching_errors.items():
-        async def handler(request: Request, exc: Exception, status=status, code=code,
-                          headers=headers):
+
+        async def handler(
+            request: Request, exc: Exception, status=status, code=code, headers=headers
+        ):
             return error_response(status, code, str(exc), headers)
+
         app.add_exception_handler(cls, handler)

@@ -15,6 +15,7 @@ Two stores with one async interface (`save`, `load`, `status`, `close`), picked 
 A full-size float map is large (4K: 99.5 MB), so it is never built whole: `npy_strips` yields
 it in strips of about STRIP_BYTES, each computed when the client has taken the previous one.
 """
+
 import io
 import secrets
 import time
@@ -34,8 +35,8 @@ STRIP_BYTES = 1 << 20  # what a reader that stops reading pins, besides the sock
 
 @dataclass(frozen=True)
 class StoredFactor:
-    lowres: torch.Tensor    # (3, h, w) float32, CPU
-    size: tuple[int, int]   # (H, W) of the image it belongs to
+    lowres: torch.Tensor  # (3, h, w) float32, CPU
+    size: tuple[int, int]  # (H, W) of the image it belongs to
 
     @property
     def nbytes(self) -> int:
@@ -58,16 +59,27 @@ def open_factor_store(settings, registry=None):
     """The store the settings ask for: Redis when SGZ_REDIS_URL is set, else in-process."""
     if settings.redis_url:
         from .redis_store import RedisFactorStore  # only then is the client imported
+
         return RedisFactorStore.from_settings(settings, registry)
-    return FactorStore(settings.factor_store_items, settings.factor_store_bytes,
-                       ttl_s=settings.factor_ttl_s, max_map_bytes=settings.factor_map_max_bytes)
+    return FactorStore(
+        settings.factor_store_items,
+        settings.factor_store_bytes,
+        ttl_s=settings.factor_ttl_s,
+        max_map_bytes=settings.factor_map_max_bytes,
+    )
 
 
 class FactorStore:
     backend = "memory"
 
-    def __init__(self, max_items: int, max_bytes: int, *, ttl_s: float | None = None,
-                 max_map_bytes: int | None = None):
+    def __init__(
+        self,
+        max_items: int,
+        max_bytes: int,
+        *,
+        ttl_s: float | None = None,
+        max_map_bytes: int | None = None,
+    ):
         self.max_items = max_items
         self.max_bytes = max_bytes
         self.ttl_s = ttl_s
@@ -88,8 +100,9 @@ class FactorStore:
         if self.max_items == 0 or entry.nbytes > min(self.max_bytes, self.max_map_bytes):
             return None
         self._expire()
-        while self._items and (len(self._items) >= self.max_items
-                               or self._bytes + entry.nbytes > self.max_bytes):
+        while self._items and (
+            len(self._items) >= self.max_items or self._bytes + entry.nbytes > self.max_bytes
+        ):
             self._drop(next(iter(self._items)))
         factor_id = new_factor_id()
         expires = time.monotonic() + self.ttl_s if self.ttl_s else float("inf")
@@ -136,14 +149,16 @@ def render_factor(entry: StoredFactor, fmt: str, full: bool) -> bytes:
         buf = io.BytesIO()
         np.save(buf, entry.lowres.permute(1, 2, 0).contiguous().numpy())
         return buf.getvalue()
-    return encode_image(factor_to_picture(entry.full() if full else entry.lowres),
-                        None, False, "PNG")
+    return encode_image(
+        factor_to_picture(entry.full() if full else entry.lowres), None, False, "PNG"
+    )
 
 
 def npy_header(shape: tuple[int, ...]) -> bytes:
     buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False,
-                                               "shape": tuple(shape)})
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": "<f4", "fortran_order": False, "shape": tuple(shape)}
+    )
     return buf.getvalue()
 
 

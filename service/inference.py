@@ -1,5 +1,6 @@
 """What the batcher's worker thread runs: the public `Enhancer` API on a batch of same-size
 images, one stacked tensor per forward pass."""
+
 from dataclasses import dataclass
 
 import torch
@@ -13,9 +14,9 @@ FACTOR = "factor"
 
 @dataclass(frozen=True, eq=False)
 class Work:
-    image: torch.Tensor    # (1, 3, H, W) uint8, on the CPU
+    image: torch.Tensor  # (1, 3, H, W) uint8, on the CPU
     strength: float = 1.0  # scales the factor map; 1 = the model
-    task: str = ENHANCE    # FACTOR: only the factor map, no RIE
+    task: str = ENHANCE  # FACTOR: only the factor map, no RIE
     denoise: float = DENOISE
     exposure: float | str | None = "auto"  # as Enhancer.enhance takes it
     trace: object = None  # the request's span context: the batch span links to it (tracing.py)
@@ -61,8 +62,9 @@ def run_batch(enhancer: Enhancer, works: list[Work]) -> list[Output]:
     strengths = {w.strength for w in works}
     denoise, exposure = works[0].denoise, works[0].exposure  # one value per batch (key)
     if len(strengths) == 1:
-        out, r_low = enhancer.enhance(images, strengths.pop(), return_factor=True,
-                                      denoise=denoise, exposure=exposure)
+        out, r_low = enhancer.enhance(
+            images, strengths.pop(), return_factor=True, denoise=denoise, exposure=exposure
+        )
     else:
         # Per-image strength without splitting the batch: exactly what `enhance` does to each
         # image (exposure, x_r scaled, RIE, denoising), with the EFE pass shared.
@@ -72,7 +74,7 @@ def run_batch(enhancer: Enhancer, works: list[Work]) -> list[Output]:
         out = enhancer.apply_factor(images, r_low, denoise)
     out, r_low = out.cpu(), r_low.cpu()
     # clone: a stored factor map must not keep the whole batch's tensor alive
-    return [Output(out[i:i + 1], r_low[i].clone()) for i in range(len(works))]
+    return [Output(out[i : i + 1], r_low[i].clone()) for i in range(len(works))]
 
 
 def warmup_images() -> list[Work]:

@@ -1,5 +1,6 @@
 """A video job's record: its options, state and progress, and the JSON the API shows of it.
 States: queued -> running -> done | failed | cancelled."""
+
 import threading
 import time
 from concurrent.futures import Future
@@ -30,9 +31,15 @@ class JobOptions:
 
     def view(self) -> dict:
         exposure = "model" if self.exposure is None else self.exposure
-        return {"strength": self.strength, "denoise": self.denoise, "exposure": exposure,
-                "temporal": self.temporal, "codec": self.encoder.codec,
-                "crf": self.encoder.crf, "preset": self.encoder.preset}
+        return {
+            "strength": self.strength,
+            "denoise": self.denoise,
+            "exposure": exposure,
+            "temporal": self.temporal,
+            "codec": self.encoder.codec,
+            "crf": self.encoder.crf,
+            "preset": self.encoder.preset,
+        }
 
 
 @dataclass(eq=False)
@@ -80,17 +87,32 @@ class Job:
         elif self.state == RUNNING and fps and self.frames_total:
             eta = round(max(0, self.frames_total - self.frames_done) / fps, 1)
         i = self.info
-        return {"id": self.id, "state": self.state, "frames_done": self.frames_done,
-                "frames_total": self.frames_total, "fps": fps, "eta_s": eta,
-                "error": self.error, "created": _iso(self.created),
-                "started": _iso(self.started), "finished": _iso(self.finished),
-                "upload_bytes": self.upload_bytes, "output_bytes": self.output_bytes,
-                "dropped_streams": self.dropped_streams,
-                "result": f"/jobs/{self.id}/result" if self.state == DONE else None,
-                "input": {"width": i.width, "height": i.height, "frames": i.frames,
-                          "fps": round(i.fps, 3), "duration_s": i.duration, "codec": i.codec,
-                          "audio_streams": i.audio},
-                "options": self.options.view()}
+        return {
+            "id": self.id,
+            "state": self.state,
+            "frames_done": self.frames_done,
+            "frames_total": self.frames_total,
+            "fps": fps,
+            "eta_s": eta,
+            "error": self.error,
+            "created": _iso(self.created),
+            "started": _iso(self.started),
+            "finished": _iso(self.finished),
+            "upload_bytes": self.upload_bytes,
+            "output_bytes": self.output_bytes,
+            "dropped_streams": self.dropped_streams,
+            "result": f"/jobs/{self.id}/result" if self.state == DONE else None,
+            "input": {
+                "width": i.width,
+                "height": i.height,
+                "frames": i.frames,
+                "fps": round(i.fps, 3),
+                "duration_s": i.duration,
+                "codec": i.codec,
+                "audio_streams": i.audio,
+            },
+            "options": self.options.view(),
+        }
 
 
 def _iso(t: float | None) -> str | None:

@@ -9,6 +9,7 @@ they finish.
 The model steps of a job run in the batcher's inference thread, the one that runs image
 batches, so the two take turns on the model (see `JobManager._run_model`).
 """
+
 import asyncio
 import logging
 import os
@@ -47,17 +48,28 @@ STOP_WAIT_S = 30.0  # how long DELETE waits for a running job to stop before ans
 
 
 class JobManager:
-    def __init__(self, settings: Settings, enhancer: Enhancer, batcher: Batcher,
-                 metrics: Metrics, thread_initializer=None):
-        self.settings, self.enhancer, self.batcher, self.metrics = (settings, enhancer,
-                                                                     batcher, metrics)
+    def __init__(
+        self,
+        settings: Settings,
+        enhancer: Enhancer,
+        batcher: Batcher,
+        metrics: Metrics,
+        thread_initializer=None,
+    ):
+        self.settings, self.enhancer, self.batcher, self.metrics = (
+            settings,
+            enhancer,
+            batcher,
+            metrics,
+        )
         if settings.jobs_dir is not None:
             settings.jobs_dir.mkdir(parents=True, exist_ok=True)
         # our own folder even inside SGZ_JOBS_DIR: removing it at shutdown removes only ours
         self.root = Path(tempfile.mkdtemp(prefix="sgz-jobs-", dir=settings.jobs_dir))
         self.jobs: dict[str, Job] = {}
-        self.pool = ThreadPoolExecutor(settings.max_running_jobs, thread_name_prefix="sgz-job",
-                                       initializer=thread_initializer)
+        self.pool = ThreadPoolExecutor(
+            settings.max_running_jobs, thread_name_prefix="sgz-job", initializer=thread_initializer
+        )
         self.closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.Task | None = None
@@ -74,9 +86,13 @@ class JobManager:
     def get(self, job_id: str) -> Job:
         job = self.jobs.get(job_id)
         if job is None:
-            raise ApiError(404, "unknown_job", f"no job {job_id!r}: unknown, deleted, or "
-                           f"finished more than {self.settings.job_result_ttl_s:g} s ago "
-                           "(SGZ_JOB_RESULT_TTL_S); jobs do not survive a restart")
+            raise ApiError(
+                404,
+                "unknown_job",
+                f"no job {job_id!r}: unknown, deleted, or "
+                f"finished more than {self.settings.job_result_ttl_s:g} s ago "
+                "(SGZ_JOB_RESULT_TTL_S); jobs do not survive a restart",
+            )
         return job
 
     # Creating -----------------------------------------------------------------------------
@@ -92,9 +108,12 @@ class JobManager:
         folder = self.root / job_id
         folder.mkdir()
         try:
-            size = await save_video(request, folder / UPLOAD,
-                                    self.settings.max_video_upload_bytes,
-                                    partial(self._check_disk, used))
+            size = await save_video(
+                request,
+                folder / UPLOAD,
+                self.settings.max_video_upload_bytes,
+                partial(self._check_disk, used),
+            )
             if size == 0:
                 raise ApiError(400, "empty_video", "the upload is empty: no video bytes")
             try:
@@ -109,8 +128,14 @@ class JobManager:
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, folder, True)
             raise
-        log.info("job %s queued: %dx%d, %s frames, %d bytes", job_id, info.width, info.height,
-                 info.frames, size)
+        log.info(
+            "job %s queued: %dx%d, %s frames, %d bytes",
+            job_id,
+            info.width,
+            info.height,
+            info.frames,
+            size,
+        )
         return job
 
     def _check_room(self) -> None:
@@ -118,29 +143,46 @@ class JobManager:
         if self.closing:
             raise ApiError(503, "shutting_down", "the service is shutting down", retry)
         if self.count(QUEUED) >= self.settings.max_queued_jobs:
-            raise ApiError(503, "too_many_jobs", f"{self.count(QUEUED)} video jobs are "
-                           f"already waiting (SGZ_MAX_QUEUED_JOBS); retry later", retry)
+            raise ApiError(
+                503,
+                "too_many_jobs",
+                f"{self.count(QUEUED)} video jobs are "
+                f"already waiting (SGZ_MAX_QUEUED_JOBS); retry later",
+                retry,
+            )
 
     def _check_disk(self, used: int, size: int) -> None:
         limit = self.settings.max_jobs_disk_bytes
         if used + size > limit:
-            raise ApiError(503, "disk_full", f"video jobs already use {used} of the {limit} "
-                           "bytes of disk they may (SGZ_MAX_JOBS_DISK_BYTES); retry once some "
-                           "have been fetched or expired",
-                           {"Retry-After": str(self.settings.retry_after_s)})
+            raise ApiError(
+                503,
+                "disk_full",
+                f"video jobs already use {used} of the {limit} "
+                "bytes of disk they may (SGZ_MAX_JOBS_DISK_BYTES); retry once some "
+                "have been fetched or expired",
+                {"Retry-After": str(self.settings.retry_after_s)},
+            )
 
     def _check_video(self, info: VideoInfo) -> None:
         s = self.settings
         if info.width * info.height > s.max_pixels:
-            raise ApiError(413, "video_too_large", f"frames of {info.width}x{info.height} are "
-                           f"over {s.max_pixels} pixels (SGZ_MAX_PIXELS)")
+            raise ApiError(
+                413,
+                "video_too_large",
+                f"frames of {info.width}x{info.height} are "
+                f"over {s.max_pixels} pixels (SGZ_MAX_PIXELS)",
+            )
         seconds = info.duration
         if seconds is None and info.frames and info.fps:
             seconds = info.frames / info.fps
         if seconds is not None and seconds > s.max_video_duration_s:
-            raise ApiError(413, "video_too_long", f"the video lasts {seconds:.1f} s; this "
-                           f"service takes at most {s.max_video_duration_s:g} s "
-                           "(SGZ_MAX_VIDEO_DURATION_S)")
+            raise ApiError(
+                413,
+                "video_too_long",
+                f"the video lasts {seconds:.1f} s; this "
+                f"service takes at most {s.max_video_duration_s:g} s "
+                "(SGZ_MAX_VIDEO_DURATION_S)",
+            )
 
     # Running (in a pool thread) -------------------------------------------------------------
 
@@ -153,15 +195,27 @@ class JobManager:
         o = job.options
         try:
             stats = enhance_video(
-                self.enhancer, job.upload, job.output, strength=o.strength, denoise=o.denoise,
-                exposure=o.exposure, temporal=o.temporal, encoder=o.encoder,
-                progress=partial(self._progress, job), cancel=job.cancel,
-                run_model=self._run_model)
+                self.enhancer,
+                job.upload,
+                job.output,
+                strength=o.strength,
+                denoise=o.denoise,
+                exposure=o.exposure,
+                temporal=o.temporal,
+                encoder=o.encoder,
+                progress=partial(self._progress, job),
+                cancel=job.cancel,
+                run_model=self._run_model,
+            )
         except Cancelled:
             if job.too_long:
-                job.state, job.error = FAILED, (
-                    f"the video runs past {self.settings.max_video_duration_s:g} s "
-                    "(SGZ_MAX_VIDEO_DURATION_S); stopped")
+                job.state, job.error = (
+                    FAILED,
+                    (
+                        f"the video runs past {self.settings.max_video_duration_s:g} s "
+                        "(SGZ_MAX_VIDEO_DURATION_S); stopped"
+                    ),
+                )
             else:
                 job.state = CANCELLED
         except VideoError as e:
@@ -180,8 +234,14 @@ class JobManager:
             job.upload.unlink(missing_ok=True)  # the disk budget is for results now
             if job.state != DONE:
                 shutil.rmtree(job.folder, ignore_errors=True)
-        log.info("job %s %s: %d frames in %.1f s%s", job.id, job.state, job.frames_done,
-                 job.finished - job.started, f" ({job.error})" if job.error else "")
+        log.info(
+            "job %s %s: %d frames in %.1f s%s",
+            job.id,
+            job.state,
+            job.frames_done,
+            job.finished - job.started,
+            f" ({job.error})" if job.error else "",
+        )
 
     def _progress(self, job: Job, done: int, total: int | None) -> None:
         self.metrics.video_frames.inc(max(0, done - job.frames_done))
@@ -200,8 +260,9 @@ class JobManager:
         end = time.monotonic() + self.settings.job_yield_ms / 1000
         while self.batcher.depth and time.monotonic() < end:
             time.sleep(0.002)
-        return asyncio.run_coroutine_threadsafe(self.batcher.run_in_worker(fn, *args),
-                                                self._loop).result()
+        return asyncio.run_coroutine_threadsafe(
+            self.batcher.run_in_worker(fn, *args), self._loop
+        ).result()
 
     # Deleting, expiring, closing -------------------------------------------------------------
 
@@ -219,8 +280,7 @@ class JobManager:
             job.state, job.finished = CANCELLED, time.time()
         else:
             try:
-                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)),
-                                       STOP_WAIT_S)
+                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), STOP_WAIT_S)
             except TimeoutError:
                 log.warning("job %s still stopping after %.0f s", job.id, STOP_WAIT_S)
         await asyncio.to_thread(shutil.rmtree, job.folder, True)

@@ -7,6 +7,7 @@ soak"). Once no batch has run for `idle_s`, `Trimmer` calls glibc's
 `malloc_trim(0)`, which returns every free page of every heap to the kernel; the next burst
 page-faults its buffers in again, a cost paid once per burst, not per request.
 """
+
 import asyncio
 import ctypes
 import ctypes.util
@@ -35,6 +36,7 @@ def rss_bytes() -> int:
     try:
         with open("/proc/self/statm") as f:
             import os
+
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
@@ -66,7 +68,10 @@ class Trimmer:
         before = rss_bytes()
         await asyncio.to_thread(MALLOC_TRIM, 0)
         after = rss_bytes()
-        log.debug("idle: malloc_trim gave back %.0f MB (RSS %.0f MB)",
-                  (before - after) / 2**20, after / 2**20)
+        log.debug(
+            "idle: malloc_trim gave back %.0f MB (RSS %.0f MB)",
+            (before - after) / 2**20,
+            after / 2**20,
+        )
         if self.on_trim is not None:  # RSS can grow meanwhile (other threads): a counter
             self.on_trim(max(0, before - after))  # only goes up

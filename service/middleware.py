@@ -2,6 +2,7 @@
 count / latency / in-flight metrics. Pure ASGI (not BaseHTTPMiddleware) so the body streams
 through untouched and the disconnect check (uploads.client_gone) sees the real connection.
 """
+
 import hmac
 import re
 import time
@@ -20,8 +21,14 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
 
 class ServiceMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics, routes: list[BaseRoute],
-                 api_key: str | None = None, log_requests: bool = False):
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        routes: list[BaseRoute],
+        api_key: str | None = None,
+        log_requests: bool = False,
+    ):
         self.app = app
         self.log_requests = log_requests  # one JSON line per request (service/logs.py)
         self.metrics = metrics
@@ -58,9 +65,12 @@ class ServiceMiddleware:
         try:
             if not state["authorized"] and scope["path"] not in OPEN_PATHS:
                 response = error_response(
-                    401, "unauthorized", "this service needs an API key: send it as "
+                    401,
+                    "unauthorized",
+                    "this service needs an API key: send it as "
                     "'X-API-Key: KEY' or 'Authorization: Bearer KEY'",
-                    {"WWW-Authenticate": "Bearer"})
+                    {"WWW-Authenticate": "Bearer"},
+                )
                 await response(scope, receive, send_with_id)
             else:
                 await self.app(scope, receive, send_with_id)

@@ -6,6 +6,7 @@ asks for when an answer is 401. It sits inside SecurityMiddleware, so the page g
 security headers and its Content-Security-Policy (no inline script: its JS is /static/page.js).
 Only GET and HEAD of `/` and `/static/...` are answered here; everything else goes on.
 """
+
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -19,20 +20,28 @@ NO_CACHE = {"Cache-Control": "no-cache"}  # revalidate (ETag): a new version sho
 
 
 async def index(request) -> FileResponse:
-    return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8",
-                        headers=NO_CACHE)
+    return FileResponse(
+        STATIC / "index.html", media_type="text/html; charset=utf-8", headers=NO_CACHE
+    )
 
 
 class PageMiddleware:
     def __init__(self, app: ASGIApp):
         self.app = app
-        self.pages = Router([Route("/", index, methods=["GET", "HEAD"]),
-                             Mount("/static", StaticFiles(directory=STATIC), name="static")])
+        self.pages = Router(
+            [
+                Route("/", index, methods=["GET", "HEAD"]),
+                Mount("/static", StaticFiles(directory=STATIC), name="static"),
+            ]
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if (scope["type"] == "http" and scope["method"] in ("GET", "HEAD")
-                and (path == "/" or path.startswith("/static/"))):
+        if (
+            scope["type"] == "http"
+            and scope["method"] in ("GET", "HEAD")
+            and (path == "/" or path.startswith("/static/"))
+        ):
             return await self.pages(scope, receive, send)
         await self.app(scope, receive, send)
 

@@ -16,6 +16,7 @@ Content-Length and Transfer-Encoding, a NUL in the path) get 400/431/501 as JSON
 Closing with unread request bytes makes the kernel send a reset, which can destroy the answer
 before the client reads it, so these closes half-close and discard what comes, briefly.
 """
+
 import asyncio
 import json
 import logging
@@ -32,8 +33,10 @@ from .security import API_CSP, HEADERS
 
 log = logging.getLogger("sgz.service")
 # the headers the app's answers carry (service/security.py), on ours too
-SECURITY_HEADERS = [(name.lower().encode(), value.encode()) for name, value in
-                    [*HEADERS.items(), ("Content-Security-Policy", API_CSP)]]
+SECURITY_HEADERS = [
+    (name.lower().encode(), value.encode())
+    for name, value in [*HEADERS.items(), ("Content-Security-Policy", API_CSP)]
+]
 
 LINGER_S = 2.0  # how long a refused or failed connection may still send before we close it
 MAX_LINGERING = 64  # connections lingering at once; beyond, close at once (fds are the limit)
@@ -64,10 +67,14 @@ class ConnectionState(ServerState):
         self.refused += 1
         now = time.monotonic()
         if now - self.refusal_logged >= REFUSAL_LOG_S:
-            log.warning("refused %d connection(s): %d open, the limit (SGZ_MAX_CONNECTIONS "
-                        "%d); the next refusals are logged in %g s at the earliest",
-                        self.refused, len(self.connections), self.limits.max_connections,
-                        REFUSAL_LOG_S)
+            log.warning(
+                "refused %d connection(s): %d open, the limit (SGZ_MAX_CONNECTIONS "
+                "%d); the next refusals are logged in %g s at the earliest",
+                self.refused,
+                len(self.connections),
+                self.limits.max_connections,
+                REFUSAL_LOG_S,
+            )
             self.refused, self.refusal_logged = 0, now
 
 
@@ -99,21 +106,27 @@ def _check_request(event: h11.Request) -> None:
     names = [name for name, _ in event.headers]
     if b"content-length" in names and b"transfer-encoding" in names:
         # RFC 9112 6.3: a proxy in front may frame it by the other header (request smuggling)
-        raise h11.RemoteProtocolError("both Content-Length and Transfer-Encoding: the body's "
-                                      "length is ambiguous; send one of them")
+        raise h11.RemoteProtocolError(
+            "both Content-Length and Transfer-Encoding: the body's "
+            "length is ambiguous; send one of them"
+        )
     path = event.target.partition(b"?")[0].lower()
     if b"%00" in path:
         raise h11.RemoteProtocolError("a NUL byte (%00) in the path")
 
 
-def raw_error(status: int, error: str, detail: str,
-              headers: Iterable[tuple[bytes, bytes]] = ()) -> bytes:
+def raw_error(
+    status: int, error: str, detail: str, headers: Iterable[tuple[bytes, bytes]] = ()
+) -> bytes:
     """A whole JSON error answer that closes the connection, for when no app runs."""
     body = json.dumps({"error": error, "detail": detail}, separators=(",", ":")).encode()
     lines = [b"HTTP/1.1 %d %s" % (status, HTTPStatus(status).phrase.encode())]
     lines += [name + b": " + value for name, value in [*headers, *SECURITY_HEADERS]]
-    lines += [b"content-type: application/json", b"content-length: %d" % len(body),
-              b"connection: close"]
+    lines += [
+        b"content-type: application/json",
+        b"content-length: %d" % len(body),
+        b"connection: close",
+    ]
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
@@ -138,9 +151,14 @@ class GuardedH11Protocol(H11Protocol):
         if len(self.connections) >= self.limits.max_connections:
             self.transport = transport
             self.server_state.note_refusal()
-            self.answer_and_close(raw_error(
-                503, "overloaded", "too many open connections; retry shortly",
-                [*self.server_state.default_headers, (b"retry-after", b"1")]))
+            self.answer_and_close(
+                raw_error(
+                    503,
+                    "overloaded",
+                    "too many open connections; retry shortly",
+                    [*self.server_state.default_headers, (b"retry-after", b"1")],
+                )
+            )
             return
         super().connection_made(transport)
         # any byte we cannot hand to the kernel at once pauses the app's writes, so no
@@ -203,8 +221,7 @@ class GuardedH11Protocol(H11Protocol):
             if cycle.response_started:
                 self.transport.close()
                 return
-        self.answer_and_close(raw_error(status, error, detail,
-                                        self.server_state.default_headers))
+        self.answer_and_close(raw_error(status, error, detail, self.server_state.default_headers))
 
     # -- reading deadlines
     def on_response_complete(self) -> None:
@@ -219,16 +236,14 @@ class GuardedH11Protocol(H11Protocol):
             phase = "body"
         else:
             phase = None  # read, or idle between requests (uvicorn's keep-alive timeout)
-        if (phase == self.read_phase or self.linger_timer is not None
-                or self.transport.is_closing()):
+        if phase == self.read_phase or self.linger_timer is not None or self.transport.is_closing():
             return
         if self.read_timer is not None:
             self.read_timer.cancel()
             self.read_timer = None
         self.read_phase = phase
         if phase == "headers":
-            self.read_timer = self.loop.call_later(self.limits.header_timeout_s,
-                                                   self.headers_late)
+            self.read_timer = self.loop.call_later(self.limits.header_timeout_s, self.headers_late)
         elif phase == "body":
             self.body_since = self.loop.time()
             self.read_timer = self.loop.call_later(self.limits.body_timeout_s, self.body_late)
@@ -238,24 +253,36 @@ class GuardedH11Protocol(H11Protocol):
         if self.conn.requests == 0 and not self.conn.trailing_data[0]:
             self.transport.close()  # nothing sent at all: nothing to answer
             return
-        self.fail(408, "request_timeout", f"the request's headers took longer than "
-                  f"{self.limits.header_timeout_s:g} s (SGZ_HEADER_TIMEOUT_S)")
+        self.fail(
+            408,
+            "request_timeout",
+            f"the request's headers took longer than "
+            f"{self.limits.header_timeout_s:g} s (SGZ_HEADER_TIMEOUT_S)",
+        )
 
     def body_late(self) -> None:
         self.read_timer = None
         now = self.loop.time()
-        waiting_on_us = self.flow.read_paused or (self.cycle is not None and
-                                                  self.cycle.waiting_for_100_continue)
+        waiting_on_us = self.flow.read_paused or (
+            self.cycle is not None and self.cycle.waiting_for_100_continue
+        )
         if waiting_on_us:  # the app has not read yet (busy, or 100-continue not sent)
             self.body_since = now - self.conn.body_bytes / self.limits.min_transfer_rate
-        deadline = (self.body_since + self.limits.body_timeout_s
-                    + self.conn.body_bytes / self.limits.min_transfer_rate)
+        deadline = (
+            self.body_since
+            + self.limits.body_timeout_s
+            + self.conn.body_bytes / self.limits.min_transfer_rate
+        )
         if now < deadline:
             self.read_timer = self.loop.call_later(deadline - now, self.body_late)
             return
-        self.fail(408, "request_timeout", f"the request's body came too slowly: "
-                  f"{self.conn.body_bytes} bytes in {now - self.body_since:.0f} s "
-                  f"(SGZ_BODY_TIMEOUT_S, SGZ_MIN_TRANSFER_RATE)")
+        self.fail(
+            408,
+            "request_timeout",
+            f"the request's body came too slowly: "
+            f"{self.conn.body_bytes} bytes in {now - self.body_since:.0f} s "
+            f"(SGZ_BODY_TIMEOUT_S, SGZ_MIN_TRANSFER_RATE)",
+        )
 
     # -- writing deadline
     def pause_writing(self) -> None:
@@ -265,8 +292,7 @@ class GuardedH11Protocol(H11Protocol):
         if self.write_timer is None:
             self.write_since = self.loop.time()
             self.write_backlog = self.transport.get_write_buffer_size()
-            self.write_timer = self.loop.call_later(self.limits.write_timeout_s,
-                                                    self.write_late)
+            self.write_timer = self.loop.call_later(self.limits.write_timeout_s, self.write_late)
 
     def resume_writing(self) -> None:
         if self.flow is None:
@@ -287,10 +313,11 @@ class GuardedH11Protocol(H11Protocol):
         taken = max(0, self.write_backlog - backlog)
         if taken >= self.limits.min_transfer_rate * (now - self.write_since):
             self.write_since, self.write_backlog = now, backlog
-            self.write_timer = self.loop.call_later(self.limits.write_timeout_s,
-                                                    self.write_late)
+            self.write_timer = self.loop.call_later(self.limits.write_timeout_s, self.write_late)
             return
-        log.debug("%s stopped reading its answer: connection aborted after %.0f s",
-                 "{}:{}".format(*self.client) if self.client else "a client",
-                 now - self.write_since)
+        log.debug(
+            "%s stopped reading its answer: connection aborted after %.0f s",
+            "{}:{}".format(*self.client) if self.client else "a client",
+            now - self.write_since,
+        )
         self.transport.abort()

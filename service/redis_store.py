@@ -17,6 +17,7 @@ A Redis that is down must never stall requests: every call has a short timeout
 closed), and after a failure the store does not call Redis for BREAKER_S. Meanwhile `save`
 returns None (the answer has no X-Factor-ID), `load` raises FactorStoreUnavailable (503).
 """
+
 import logging
 import struct
 import time
@@ -73,8 +74,14 @@ return total
 
 def pack(entry: StoredFactor) -> bytes:
     _, h, w = entry.lowres.shape
-    body = entry.lowres.detach().to("cpu", torch.float32).contiguous().numpy().astype(
-        "<f4", copy=False).tobytes()
+    body = (
+        entry.lowres.detach()
+        .to("cpu", torch.float32)
+        .contiguous()
+        .numpy()
+        .astype("<f4", copy=False)
+        .tobytes()
+    )
     return HEADER.pack(MAGIC, *entry.size, h, w) + body
 
 
@@ -89,27 +96,47 @@ def unpack(data: bytes) -> StoredFactor:
 class RedisFactorStore:
     backend = "redis"
 
-    def __init__(self, url: str, *, max_items: int, max_bytes: int, max_map_bytes: int,
-                 ttl_s: float, timeout_s: float, registry=None):
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_items: int,
+        max_bytes: int,
+        max_map_bytes: int,
+        ttl_s: float,
+        timeout_s: float,
+        registry=None,
+    ):
         self.max_items, self.max_bytes = max_items, max_bytes
         self.max_map_bytes, self.ttl_ms = max_map_bytes, max(1, int(ttl_s * 1000))
-        self._redis = Redis.from_url(url, socket_timeout=timeout_s,
-                                     socket_connect_timeout=timeout_s,
-                                     retry=Retry(NoBackoff(), 1), decode_responses=False)
+        self._redis = Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 1),
+            decode_responses=False,
+        )
         self._put = self._redis.register_script(PUT)
         self._down_until = 0.0  # monotonic time until which Redis is not called
         self._down = False
-        self.errors = Counter("sgz_factor_store_errors", "Factor store calls that failed "
-                              "(Redis unreachable or too slow), by operation", ["operation"],
-                              registry=registry)
+        self.errors = Counter(
+            "sgz_factor_store_errors",
+            "Factor store calls that failed (Redis unreachable or too slow), by operation",
+            ["operation"],
+            registry=registry,
+        )
 
     @classmethod
     def from_settings(cls, settings, registry=None) -> "RedisFactorStore":
-        return cls(settings.redis_url.get_secret_value(),
-                   max_items=settings.factor_store_items,
-                   max_bytes=settings.factor_store_bytes,
-                   max_map_bytes=settings.factor_map_max_bytes, ttl_s=settings.factor_ttl_s,
-                   timeout_s=settings.redis_timeout_s, registry=registry)
+        return cls(
+            settings.redis_url.get_secret_value(),
+            max_items=settings.factor_store_items,
+            max_bytes=settings.factor_store_bytes,
+            max_map_bytes=settings.factor_map_max_bytes,
+            ttl_s=settings.factor_ttl_s,
+            timeout_s=settings.redis_timeout_s,
+            registry=registry,
+        )
 
     async def save(self, lowres: torch.Tensor, size: tuple[int, int]) -> str | None:
         """Store a map under a new id; None when it can never fit or Redis is unavailable."""
@@ -118,10 +145,20 @@ class RedisFactorStore:
             return None
         factor_id = new_factor_id()
         try:
-            await self._call("save", self._put, keys=[PREFIX + "index", PREFIX + "sizes",
-                                                      PREFIX + "bytes"],
-                             args=[PREFIX, factor_id, pack(entry), entry.nbytes, self.ttl_ms,
-                                   self.max_bytes, self.max_items])
+            await self._call(
+                "save",
+                self._put,
+                keys=[PREFIX + "index", PREFIX + "sizes", PREFIX + "bytes"],
+                args=[
+                    PREFIX,
+                    factor_id,
+                    pack(entry),
+                    entry.nbytes,
+                    self.ttl_ms,
+                    self.max_bytes,
+                    self.max_items,
+                ],
+            )
         except FactorStoreUnavailable:
             return None
         return factor_id
@@ -155,8 +192,11 @@ class RedisFactorStore:
             self.errors.labels(operation).inc()
             self._down_until = time.monotonic() + BREAKER_S
             if not self._down:
-                log.warning("Redis unavailable (%s: %s): factor maps are not kept until it is "
-                            "back", type(e).__name__, e)
+                log.warning(
+                    "Redis unavailable (%s: %s): factor maps are not kept until it is back",
+                    type(e).__name__,
+                    e,
+                )
             self._down = True
             raise FactorStoreUnavailable(f"Redis: {type(e).__name__}") from None
         if self._down:

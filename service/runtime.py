@@ -2,6 +2,7 @@
 the factor store, the video jobs and the metrics. Created in the app's lifespan, reached by
 routes through `request.app.state.runtime`.
 """
+
 import asyncio
 import io
 import logging
@@ -36,14 +37,14 @@ log = logging.getLogger("sgz.service")
 @dataclass
 class Timing:
     """Seconds spent per stage, for the Server-Timing header."""
+
     queue: float = 0.0
     inference: float = 0.0
     decode: float = 0.0
     encode: float = 0.0
 
     def header(self) -> str:
-        return ", ".join(f"{name};dur={seconds * 1000:.1f}"
-                         for name, seconds in vars(self).items())
+        return ", ".join(f"{name};dur={seconds * 1000:.1f}" for name, seconds in vars(self).items())
 
 
 class Runtime:
@@ -57,30 +58,37 @@ class Runtime:
         # Separate pools: under load, the encodes of finished batches do not queue behind the
         # decodes of newly arrived uploads.
         lower = partial(lower_priority, settings.worker_nice)
-        self.decode_pool = ThreadPoolExecutor(settings.io_threads, thread_name_prefix="sgz-decode",
-                                              initializer=lower)
-        self.encode_pool = ThreadPoolExecutor(settings.io_threads, thread_name_prefix="sgz-encode",
-                                              initializer=lower)
+        self.decode_pool = ThreadPoolExecutor(
+            settings.io_threads, thread_name_prefix="sgz-decode", initializer=lower
+        )
+        self.encode_pool = ThreadPoolExecutor(
+            settings.io_threads, thread_name_prefix="sgz-encode", initializer=lower
+        )
         self.batcher = Batcher(
-            tracing.traced_batches(partial(run_batch, enhancer), enhancer.backend,
-                                   str(enhancer.device)), max_batch_size=settings.max_batch_size,
-            max_batch_pixels=settings.max_batch_pixels, max_wait_s=settings.max_wait_ms / 1000,
-            max_queue_size=settings.max_queue_size, on_batch=metrics.observe_batch,
+            tracing.traced_batches(
+                partial(run_batch, enhancer), enhancer.backend, str(enhancer.device)
+            ),
+            max_batch_size=settings.max_batch_size,
+            max_batch_pixels=settings.max_batch_pixels,
+            max_wait_s=settings.max_wait_ms / 1000,
+            max_queue_size=settings.max_queue_size,
+            on_batch=metrics.observe_batch,
             on_drop=lambda reason: metrics.dropped.labels(reason).inc(),
             worker_initializer=lower,
-            coming=(lambda: self.coming) if settings.early_dispatch else None)
+            coming=(lambda: self.coming) if settings.early_dispatch else None,
+        )
         metrics.queue_depth.set_function(lambda: self.batcher.depth)
         self.jobs = JobManager(settings, enhancer, self.batcher, metrics, lower)
         self.trimmer = Trimmer(self.batcher, settings.trim_idle_s, metrics.observe_trim)
         self._trimming: asyncio.Task | None = None
-        metrics.describe_model(enhancer.sha256, enhancer.checkpoint.source,
-                               str(enhancer.device), _versions())
+        metrics.describe_model(
+            enhancer.sha256, enhancer.checkpoint.source, str(enhancer.device), _versions()
+        )
 
     def start(self) -> None:
         self.batcher.start()
         self.jobs.start()
-        self._trimming = asyncio.get_running_loop().create_task(self.trimmer.run(),
-                                                                 name="sgz-trim")
+        self._trimming = asyncio.get_running_loop().create_task(self.trimmer.run(), name="sgz-trim")
 
     async def warm_up(self) -> None:
         """Run the model once, then report ready (a failure leaves /readyz at 503)."""
@@ -97,8 +105,12 @@ class Runtime:
                 return
             log.info("warm-up took %.2f s", time.perf_counter() - start)
         self.ready = True
-        log.info("ready: checkpoint %s on %s", self.enhancer.sha256[:12], self.enhancer.device,
-                 extra={"event": "ready"})
+        log.info(
+            "ready: checkpoint %s on %s",
+            self.enhancer.sha256[:12],
+            self.enhancer.device,
+            extra={"event": "ready"},
+        )
 
     async def close(self) -> None:
         """Cancel the video jobs, finish every queued request, then stop the threads."""
@@ -116,8 +128,12 @@ class Runtime:
 
     def check_ready(self) -> None:
         if not self.ready:
-            raise ApiError(503, "not_ready", "the model is still warming up; retry shortly",
-                           {"Retry-After": str(self.settings.retry_after_s)})
+            raise ApiError(
+                503,
+                "not_ready",
+                "the model is still warming up; retry shortly",
+                {"Retry-After": str(self.settings.retry_after_s)},
+            )
 
     async def receive_image(self, request, timing: Timing) -> tuple[DecodedImage, torch.Tensor]:
         """Read the upload and decode it, counted in `coming` all the while. The count drops
@@ -140,8 +156,9 @@ class Runtime:
         start = time.perf_counter()
         try:
             with tracing.span("decode", **{"sgz.image.bytes": len(data)}):
-                decoded, tensor = await self.run_in(self.decode_pool, _decode, data,
-                                                     self.settings.max_pixels)
+                decoded, tensor = await self.run_in(
+                    self.decode_pool, _decode, data, self.settings.max_pixels
+                )
         except ImageTooLarge as e:
             raise ApiError(413, "image_too_large", f"{e} (SGZ_MAX_PIXELS)") from None
         except ImageDecodeError as e:
@@ -150,8 +167,9 @@ class Runtime:
             raise ApiError(415, "unsupported_image", str(e)) from None
         except Exception as e:  # whatever a hostile file makes Pillow raise: still bad input
             log.warning("decode failed: %s: %s", type(e).__name__, e)
-            raise ApiError(400, "corrupt_image", f"the image could not be decoded "
-                           f"({type(e).__name__}: {e})") from None
+            raise ApiError(
+                400, "corrupt_image", f"the image could not be decoded ({type(e).__name__}: {e})"
+            ) from None
         timing.decode = time.perf_counter() - start
         self.metrics.decode.observe(timing.decode)
         return decoded, tensor
@@ -163,14 +181,22 @@ class Runtime:
         if submitted:  # the batch span links to this request's span
             work = replace(work, trace=tracing.current_context())
         result = await self.batcher.submit(
-            work, key=work.key, pixels=work.pixels, arrival=arrival,
+            work,
+            key=work.key,
+            pixels=work.pixels,
+            arrival=arrival,
             deadline=received + self.settings.request_timeout_s,
-            is_disconnected=partial(client_gone, request))
+            is_disconnected=partial(client_gone, request),
+        )
         timing.queue, timing.inference = result.queue_s, result.inference_s
         if submitted:
             tracing.record("queue", submitted, result.queue_s)
-            tracing.record("inference", submitted + int(result.queue_s * 1e9),
-                           result.inference_s, **{"sgz.batch.size": result.batch_size})
+            tracing.record(
+                "inference",
+                submitted + int(result.queue_s * 1e9),
+                result.inference_s,
+                **{"sgz.batch.size": result.batch_size},
+            )
         self.metrics.queue_wait.observe(result.queue_s)
         return result.value
 
@@ -216,6 +242,7 @@ def _recognised(data: bytes) -> bool:
 
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
+
     out = {"torch": str(torch.__version__)}
     try:
         out["sgz"] = version("sgz-serve")

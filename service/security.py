@@ -6,6 +6,7 @@ never pages). The HTML pages (/docs) get one that lets Swagger UI run: its scrip
 from this service only, and its one inline script by hash, computed from the page itself so
 that a fastapi-offline upgrade that changes the script cannot silently break the page.
 """
+
 import base64
 import hashlib
 import re
@@ -28,22 +29,35 @@ API_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-act
 # Swagger UI: scripts, styles, the spec and "Try it out" calls from here; inline styles (its
 # React components set some); data: images (its icons, in swagger-ui.css); blob: media (the
 # page at / plays a video result it fetched with the API key, which <video src> cannot send)
-PAGE_CSP = ("default-src 'self'; script-src {scripts}; style-src 'self' 'unsafe-inline'; "
-            "img-src 'self' data:; media-src 'self' blob:; object-src 'none'; "
-            "frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
-INLINE_SCRIPT = re.compile(rb"<script(?![^>]*\bsrc\s*=)[^>]*>(.*?)</script\s*>",
-                           re.IGNORECASE | re.DOTALL)
+PAGE_CSP = (
+    "default-src 'self'; script-src {scripts}; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; media-src 'self' blob:; object-src 'none'; "
+    "frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+)
+INLINE_SCRIPT = re.compile(
+    rb"<script(?![^>]*\bsrc\s*=)[^>]*>(.*?)</script\s*>", re.IGNORECASE | re.DOTALL
+)
 MAX_PAGE_BYTES = 1 << 20  # pages are buffered to hash their scripts; ours are ~1 kB
 CORS_METHODS = ("GET", "HEAD", "POST", "DELETE")
 CORS_REQUEST_HEADERS = ("Authorization", "X-API-Key", "X-Request-ID", "Content-Type", "Range")
-CORS_EXPOSED = ("X-Request-ID", "X-Factor-ID", "Server-Timing", "Retry-After",
-                "Content-Disposition", "Location", "Content-Range", "Accept-Ranges")
+CORS_EXPOSED = (
+    "X-Request-ID",
+    "X-Factor-ID",
+    "Server-Timing",
+    "Retry-After",
+    "Content-Disposition",
+    "Location",
+    "Content-Range",
+    "Accept-Ranges",
+)
 
 
 def page_csp(html: bytes) -> str:
     """The pages' policy, allowing exactly the inline scripts this page holds."""
-    hashes = [f"'sha256-{base64.b64encode(hashlib.sha256(s).digest()).decode()}'"
-              for s in INLINE_SCRIPT.findall(html)]
+    hashes = [
+        f"'sha256-{base64.b64encode(hashlib.sha256(s).digest()).decode()}'"
+        for s in INLINE_SCRIPT.findall(html)
+    ]
     return PAGE_CSP.format(scripts=" ".join(["'self'", *hashes]))
 
 
@@ -99,19 +113,31 @@ class JsonCORSMiddleware(CORSMiddleware):
         response = super().preflight_response(request_headers)
         if response.status_code == 200:
             return response
-        cors = {k: v for k, v in response.headers.items()
-                if k.startswith("access-control-") or k == "vary"}
-        return error_response(400, "cors_refused", f"{bytes(response.body).decode()}: this service "
-                              "allows the origins in SGZ_CORS_ORIGINS, the methods "
-                              f"{', '.join(CORS_METHODS)} and the headers "
-                              f"{', '.join(CORS_REQUEST_HEADERS)}", cors)
+        cors = {
+            k: v
+            for k, v in response.headers.items()
+            if k.startswith("access-control-") or k == "vary"
+        }
+        return error_response(
+            400,
+            "cors_refused",
+            f"{bytes(response.body).decode()}: this service "
+            "allows the origins in SGZ_CORS_ORIGINS, the methods "
+            f"{', '.join(CORS_METHODS)} and the headers "
+            f"{', '.join(CORS_REQUEST_HEADERS)}",
+            cors,
+        )
 
 
 def install(app: FastAPI, settings: Settings) -> None:
     """Add the middleware, outside what is already there: CORS answers preflights before the
     API key is asked for (browsers never send it on them)."""
     if settings.cors_origin_list:
-        app.add_middleware(JsonCORSMiddleware, allow_origins=settings.cors_origin_list,
-                           allow_methods=CORS_METHODS, allow_headers=CORS_REQUEST_HEADERS,
-                           expose_headers=CORS_EXPOSED)
+        app.add_middleware(
+            JsonCORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=CORS_METHODS,
+            allow_headers=CORS_REQUEST_HEADERS,
+            expose_headers=CORS_EXPOSED,
+        )
     app.add_middleware(SecurityMiddleware)

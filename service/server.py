@@ -11,6 +11,7 @@ The drain, from the first SIGTERM:
     left, and run the app's lifespan shutdown (queued images finish, jobs are cancelled).
 Ctrl-C (SIGINT) or a second SIGTERM skips the grace period.
 """
+
 import logging
 import resource
 import signal
@@ -55,10 +56,16 @@ class DrainGuard:
             while (await receive()).get("more_body"):
                 pass
             response = error_response(
-                503, "shutting_down", "the service is shutting down; send the request "
-                "again (to another instance)",
-                {"Retry-After": str(self.retry_after_s), "Connection": "close",
-                 **HEADERS, "Content-Security-Policy": API_CSP})
+                503,
+                "shutting_down",
+                "the service is shutting down; send the request again (to another instance)",
+                {
+                    "Retry-After": str(self.retry_after_s),
+                    "Connection": "close",
+                    **HEADERS,
+                    "Content-Security-Policy": API_CSP,
+                },
+            )
             return await response(scope, receive, send)
 
         async def send_closing(message: Message) -> None:
@@ -74,8 +81,9 @@ class DrainGuard:
 
 
 class Server(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, limits: Limits, drain: Drain,
-                 grace_s: float, timeout_s: float):
+    def __init__(
+        self, config: uvicorn.Config, limits: Limits, drain: Drain, grace_s: float, timeout_s: float
+    ):
         super().__init__(config)
         self.server_state = ConnectionState(limits)
         self.drain, self.grace_s, self.timeout_s = drain, grace_s, timeout_s
@@ -96,9 +104,12 @@ class Server(uvicorn.Server):
             elapsed = time.monotonic() - self.drain.since
             if not self.drain_logged:
                 self.drain_logged = True
-                log.info("draining: new requests get 503 for at least %g s; %d in flight",
-                         self.grace_s, self.drain.active,
-                         extra={"event": "drain", "in_flight": self.drain.active})
+                log.info(
+                    "draining: new requests get 503 for at least %g s; %d in flight",
+                    self.grace_s,
+                    self.drain.active,
+                    extra={"event": "drain", "in_flight": self.drain.active},
+                )
             if (elapsed >= self.grace_s and self.drain.active == 0) or elapsed >= self.timeout_s:
                 # what is left of shutdown_timeout_s is uvicorn's wait for in-flight requests
                 self.config.timeout_graceful_shutdown = max(1, round(self.timeout_s - elapsed))
@@ -128,28 +139,46 @@ def connection_cap(wanted: int, fd_limit: int) -> int:
 def limits(settings: Settings, fd_limit: int) -> Limits:
     cap = connection_cap(settings.max_connections, fd_limit)
     if cap < settings.max_connections:
-        log.warning("SGZ_MAX_CONNECTIONS lowered from %d to %d: the open-files limit is %d",
-                    settings.max_connections, cap, fd_limit)
-    return Limits(header_timeout_s=settings.header_timeout_s,
-                  body_timeout_s=settings.body_timeout_s,
-                  write_timeout_s=settings.write_timeout_s,
-                  min_transfer_rate=settings.min_transfer_rate,
-                  max_connections=cap, max_header_bytes=MAX_HEADER_BYTES)
+        log.warning(
+            "SGZ_MAX_CONNECTIONS lowered from %d to %d: the open-files limit is %d",
+            settings.max_connections,
+            cap,
+            fd_limit,
+        )
+    return Limits(
+        header_timeout_s=settings.header_timeout_s,
+        body_timeout_s=settings.body_timeout_s,
+        write_timeout_s=settings.write_timeout_s,
+        min_transfer_rate=settings.min_transfer_rate,
+        max_connections=cap,
+        max_header_bytes=MAX_HEADER_BYTES,
+    )
 
 
 def run(app: ASGIApp, settings: Settings) -> int:
     """Serve until stopped; returns the exit status (3: could not start, as uvicorn.run)."""
     drain = Drain()
     config = uvicorn.Config(
-        DrainGuard(app, drain, settings.retry_after_s), host=settings.host,
-        port=settings.port, log_level=settings.log_level, http=GuardedH11Protocol, ws="none",
+        DrainGuard(app, drain, settings.retry_after_s),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        http=GuardedH11Protocol,
+        ws="none",
         # annotated int, but only ever a delay for loop.call_later: a float works
         timeout_keep_alive=cast(int, settings.keepalive_timeout_s),
         timeout_graceful_shutdown=settings.shutdown_timeout_s,
-        server_header=False, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
-        **logs.uvicorn_options(settings.log_format))
-    server = Server(config, limits(settings, raise_fd_limit()), drain,
-                    grace_s=settings.shutdown_grace_s, timeout_s=settings.shutdown_timeout_s)
+        server_header=False,
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        **logs.uvicorn_options(settings.log_format),
+    )
+    server = Server(
+        config,
+        limits(settings, raise_fd_limit()),
+        drain,
+        grace_s=settings.shutdown_grace_s,
+        timeout_s=settings.shutdown_timeout_s,
+    )
     try:
         server.run()
     except KeyboardInterrupt:

@@ -13,6 +13,7 @@ request span it computed.
 Off (the default), every hook here is one check of a module global: no SDK import, no span
 objects. Asked for without the SDK (the `otel` extra), `sgz serve` refuses to start.
 """
+
 import contextlib
 import os
 import time
@@ -22,8 +23,8 @@ from typing import Any
 EXPORTERS = {"otlp", "console"}
 UNTRACED = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scrapes: noise in traces
 _NULL = contextlib.nullcontext()
-_tracer = None     # an opentelemetry Tracer while tracing is on, else None
-_provider = None   # the TracerProvider installed with it
+_tracer = None  # an opentelemetry Tracer while tracing is on, else None
+_provider = None  # the TracerProvider installed with it
 _exporters: list[str] = []
 
 
@@ -31,12 +32,14 @@ def wanted(environ: Mapping[str, str] = os.environ) -> list[str]:
     """The exporters the environment asks for (empty: tracing off)."""
     if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return []
-    names = [n.strip().lower() for n in environ.get("OTEL_TRACES_EXPORTER", "").split(",")
-             if n.strip()]
+    names = [
+        n.strip().lower() for n in environ.get("OTEL_TRACES_EXPORTER", "").split(",") if n.strip()
+    ]
     if names:
         return [] if names == ["none"] else [n for n in names if n != "none"]
-    endpoint = (environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-                or environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+    endpoint = environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or environ.get(
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+    )
     return ["otlp"] if endpoint else []
 
 
@@ -49,13 +52,20 @@ def from_environment(environ: Mapping[str, str] = os.environ):
         return None
     unknown = sorted(set(names) - EXPORTERS)
     if unknown:
-        raise ValueError(f"OTEL_TRACES_EXPORTER: {', '.join(unknown)} is not supported "
-                         f"(supported: {', '.join(sorted(EXPORTERS))}, none)")
-    protocol = (environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-                or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf")
+        raise ValueError(
+            f"OTEL_TRACES_EXPORTER: {', '.join(unknown)} is not supported "
+            f"(supported: {', '.join(sorted(EXPORTERS))}, none)"
+        )
+    protocol = (
+        environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or "http/protobuf"
+    )
     if "otlp" in names and protocol != "http/protobuf":
-        raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol}: only http/protobuf is "
-                         "installed (point it at the collector's port 4318)")
+        raise ValueError(
+            f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol}: only http/protobuf is "
+            "installed (point it at the collector's port 4318)"
+        )
     try:
         from opentelemetry.sdk.resources import OTELResourceDetector, Resource
         from opentelemetry.sdk.trace import TracerProvider
@@ -65,8 +75,10 @@ def from_environment(environ: Mapping[str, str] = os.environ):
             SpanExporter,
         )
     except ImportError:
-        raise ValueError("OTEL_* variables ask for tracing but the OpenTelemetry SDK is not "
-                         "installed: pip install 'sgz-serve[otel]'") from None
+        raise ValueError(
+            "OTEL_* variables ask for tracing but the OpenTelemetry SDK is not "
+            "installed: pip install 'sgz-serve[otel]'"
+        ) from None
     # OTEL_SERVICE_NAME or OTEL_RESOURCE_ATTRIBUTES' service.name, else ours
     detected = OTELResourceDetector().detect().attributes.get("service.name", "sgz-serve")
     provider = TracerProvider(resource=Resource.create({"service.name": detected}))
@@ -74,6 +86,7 @@ def from_environment(environ: Mapping[str, str] = os.environ):
         exporter: SpanExporter
         if name == "otlp":
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
             exporter = OTLPSpanExporter()
         else:
             exporter = ConsoleSpanExporter()
@@ -127,6 +140,7 @@ def current_context():
     if _tracer is None:
         return None
     from opentelemetry import trace
+
     context = trace.get_current_span().get_span_context()
     return context if context.is_valid else None
 
@@ -139,18 +153,25 @@ def trace_id() -> str | None:
 def traced_batches(run: Callable[[list], Sequence], backend: str, device: str):
     """`run` (the batcher's run_batch) with one `batch` span per call, linked to the request
     span of every payload that carries one (`payload.trace`)."""
+
     def run_traced(payloads: list) -> Sequence:
         if _tracer is None:
             return run(payloads)
         from opentelemetry import context
         from opentelemetry.trace import Link
+
         links = [Link(p.trace) for p in payloads if getattr(p, "trace", None) is not None]
-        attributes = {"sgz.batch.size": len(payloads), "sgz.backend": backend,
-                      "sgz.device": device,
-                      "sgz.batch.pixels": sum(getattr(p, "pixels", 0) for p in payloads)}
-        with _tracer.start_as_current_span("batch", context=context.Context(), links=links,
-                                           attributes=attributes):
+        attributes = {
+            "sgz.batch.size": len(payloads),
+            "sgz.backend": backend,
+            "sgz.device": device,
+            "sgz.batch.pixels": sum(getattr(p, "pixels", 0) for p in payloads),
+        }
+        with _tracer.start_as_current_span(
+            "batch", context=context.Context(), links=links, attributes=attributes
+        ):
             return run(payloads)
+
     return run_traced
 
 
@@ -160,13 +181,20 @@ class ServerSpan:
     def __init__(self, tracer, scope: MutableMapping[str, Any]):
         from opentelemetry import context, propagate, trace
         from starlette.datastructures import Headers
+
         parent = propagate.extract(Headers(scope=scope))  # W3C traceparent, when sent
         client = scope.get("client")
         self.method = scope["method"]
         self.span = tracer.start_span(
-            scope["method"], context=parent, kind=trace.SpanKind.SERVER,
-            attributes={"http.request.method": scope["method"], "url.path": scope["path"],
-                        "client.address": client[0] if client else ""})
+            scope["method"],
+            context=parent,
+            kind=trace.SpanKind.SERVER,
+            attributes={
+                "http.request.method": scope["method"],
+                "url.path": scope["path"],
+                "client.address": client[0] if client else "",
+            },
+        )
         self._token = context.attach(trace.set_span_in_context(self.span, parent))
 
     @property
@@ -176,14 +204,15 @@ class ServerSpan:
     def end(self, route: str, status: int, attributes: dict, error: BaseException | None):
         from opentelemetry import context
         from opentelemetry.trace import Status, StatusCode
+
         self.span.update_name(f"{self.method} {route}")
-        self.span.set_attributes({"http.route": route, "http.response.status_code": status,
-                                  **attributes})
+        self.span.set_attributes(
+            {"http.route": route, "http.response.status_code": status, **attributes}
+        )
         if error is not None:
             self.span.record_exception(error)
         if status >= 500:  # server spans: only 5xx is the server's error (semconv)
-            self.span.set_status(Status(StatusCode.ERROR, type(error).__name__ if error
-                                        else None))
+            self.span.set_status(Status(StatusCode.ERROR, type(error).__name__ if error else None))
         self.span.end()
         context.detach(self._token)
 

@@ -4,6 +4,7 @@ into memory, or a video (field `video`, or a raw video body) streamed to a file.
 The size limit is enforced while the body streams in (and from Content-Length before any of
 it is read), so an oversized upload is answered with 413 after at most `max_bytes` bytes.
 """
+
 import asyncio
 import contextlib
 import shutil
@@ -24,26 +25,47 @@ VIDEO_TYPES = ("video/", "application/octet-stream")
 WRITE_CHUNK = 1024 * 1024  # bytes gathered before each write, done off the event loop
 
 # For the OpenAPI schema: the body is read by hand, so FastAPI cannot infer it.
-IMAGE_BODY = {"requestBody": {"required": True, "content": {
-    "multipart/form-data": {"schema": {
-        "type": "object", "required": [IMAGE_FIELD],
-        "properties": {IMAGE_FIELD: {"type": "string", "format": "binary"}}}},
-    "image/*": {"schema": {"type": "string", "format": "binary"}},
-    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-}}}
-VIDEO_BODY = {"requestBody": {"required": True, "content": {
-    "multipart/form-data": {"schema": {
-        "type": "object", "required": [VIDEO_FIELD],
-        "properties": {VIDEO_FIELD: {"type": "string", "format": "binary"}}}},
-    "video/*": {"schema": {"type": "string", "format": "binary"}},
-    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-}}}
+IMAGE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": [IMAGE_FIELD],
+                    "properties": {IMAGE_FIELD: {"type": "string", "format": "binary"}},
+                }
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+VIDEO_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": [VIDEO_FIELD],
+                    "properties": {VIDEO_FIELD: {"type": "string", "format": "binary"}},
+                }
+            },
+            "video/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
 
 
 def too_large(max_bytes: int, seen: str, setting: str = "SGZ_MAX_UPLOAD_BYTES") -> ApiError:
-    return ApiError(413, "payload_too_large",
-                    f"the upload is {seen} bytes; this service accepts at most {max_bytes} "
-                    f"bytes per request ({setting})")
+    return ApiError(
+        413,
+        "payload_too_large",
+        f"the upload is {seen} bytes; this service accepts at most {max_bytes} "
+        f"bytes per request ({setting})",
+    )
 
 
 async def read_image_bytes(request: Request, max_bytes: int) -> bytes:
@@ -58,8 +80,7 @@ async def read_image_bytes(request: Request, max_bytes: int) -> bytes:
         raise ApiError(499, "client_disconnected", "the client went away mid-upload") from None
 
 
-def _limited(request: Request, max_bytes: int, setting: str = "SGZ_MAX_UPLOAD_BYTES",
-             ) -> Request:
+def _limited(request: Request, max_bytes: int, setting: str = "SGZ_MAX_UPLOAD_BYTES") -> Request:
     """The request with its body limited to max_bytes: 413 from Content-Length, before
     reading, or as soon as the bytes read cross it."""
     length = request.headers.get("content-length")
@@ -75,8 +96,9 @@ def _media(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-async def save_video(request: Request, path: Path, max_bytes: int,
-                     check: Callable[[int], None]) -> int:
+async def save_video(
+    request: Request, path: Path, max_bytes: int, check: Callable[[int], None]
+) -> int:
     """Stream a video upload into `path`, never whole in memory; returns its size.
     `check(bytes so far)` runs as it grows and may raise (the disk budget)."""
     media = _media(request)
@@ -88,10 +110,13 @@ async def save_video(request: Request, path: Path, max_bytes: int,
             return await _stream_to(limited, path, check)
     except ClientDisconnect:
         raise ApiError(499, "client_disconnected", "the client went away mid-upload") from None
-    raise ApiError(415, "unsupported_media_type",
-                   f"Content-Type {media or '(none)'!r} is not a video upload: send the video "
-                   f"as the raw body (-H 'Content-Type: video/mp4' --data-binary @clip.mp4) "
-                   f"or as multipart field {VIDEO_FIELD!r} (curl -F {VIDEO_FIELD}=@clip.mp4)")
+    raise ApiError(
+        415,
+        "unsupported_media_type",
+        f"Content-Type {media or '(none)'!r} is not a video upload: send the video "
+        f"as the raw body (-H 'Content-Type: video/mp4' --data-binary @clip.mp4) "
+        f"or as multipart field {VIDEO_FIELD!r} (curl -F {VIDEO_FIELD}=@clip.mp4)",
+    )
 
 
 async def _stream_to(request: Request, path: Path, check: Callable[[int], None]) -> int:
@@ -111,8 +136,7 @@ async def _stream_to(request: Request, path: Path, check: Callable[[int], None])
     return size
 
 
-async def _video_from_multipart(request: Request, path: Path,
-                                check: Callable[[int], None]) -> int:
+async def _video_from_multipart(request: Request, path: Path, check: Callable[[int], None]) -> int:
     # Starlette spools the part to a temporary file beyond 1 MB: never all in memory
     async with _multipart_file(request, VIDEO_FIELD, "missing_video") as upload:
         check(upload.size or 0)
@@ -121,8 +145,9 @@ async def _video_from_multipart(request: Request, path: Path,
 
 
 @contextlib.asynccontextmanager
-async def _multipart_file(request: Request, field: str, missing: str,
-                          in_memory: int = MultiPartParser.spool_max_size):
+async def _multipart_file(
+    request: Request, field: str, missing: str, in_memory: int = MultiPartParser.spool_max_size
+):
     """The multipart body's file `field` (400 `missing` without it), the form closed after."""
     try:
         # Starlette spools a part over 1 MB to a temporary file; an image (already bounded by
@@ -135,8 +160,12 @@ async def _multipart_file(request: Request, field: str, missing: str,
     try:
         upload = form.get(field)
         if upload is None or isinstance(upload, str):
-            raise ApiError(400, missing, f"multipart field {field!r} with a file is required "
-                           f"(fields sent: {sorted(form.keys()) or 'none'})")
+            raise ApiError(
+                400,
+                missing,
+                f"multipart field {field!r} with a file is required "
+                f"(fields sent: {sorted(form.keys()) or 'none'})",
+            )
         yield upload
     finally:
         await form.close()
@@ -158,11 +187,14 @@ async def _read(request: Request, max_bytes: int) -> bytes:
         async for chunk in limited.stream():
             body += chunk
         return bytes(body)
-    raise ApiError(415, "unsupported_media_type",
-                   f"Content-Type {media or '(none)'!r} is not an image upload: send the image "
-                   f"as multipart field {IMAGE_FIELD!r} (curl -F {IMAGE_FIELD}=@photo.jpg) or "
-                   "as the raw body with its type (-H 'Content-Type: image/jpeg' "
-                   "--data-binary @photo.jpg)")
+    raise ApiError(
+        415,
+        "unsupported_media_type",
+        f"Content-Type {media or '(none)'!r} is not an image upload: send the image "
+        f"as multipart field {IMAGE_FIELD!r} (curl -F {IMAGE_FIELD}=@photo.jpg) or "
+        "as the raw body with its type (-H 'Content-Type: image/jpeg' "
+        "--data-binary @photo.jpg)",
+    )
 
 
 async def client_gone(request: Request) -> bool:
@@ -199,6 +231,7 @@ def _counting(receive: Receive, max_bytes: int, setting: str) -> Receive:
             if seen > max_bytes:
                 raise too_large(max_bytes, f"more than {max_bytes}", setting)
         return message
+
     return receive_counted
 
 

@@ -3,8 +3,9 @@ from pathlib import Path
 
 import pytest
 
-SHARED = Path(os.environ.get("SGZ_SHARED",
-                            Path(__file__).resolve().parents[1] / ".." / "shared")).resolve()
+SHARED = Path(
+    os.environ.get("SGZ_SHARED", Path(__file__).resolve().parents[1] / ".." / "shared")
+).resolve()
 DATA = SHARED / "data"
 SICE = DATA / "sice-real"
 LOL = DATA / "lol-pairs"
@@ -22,14 +23,25 @@ def shared() -> Path:
 @pytest.fixture(scope="session")
 def published_enhancer():
     from model import load_model
+
     return load_model(SGZ_PUBLISHED, device="cpu")
 
 
 # End-to-end modules (real servers, browsers, Ray, nginx, Prometheus, training runs): marked slow
 # as a whole, so `make test-fast` (-m "not slow") leaves them to `make test`.
-SLOW_MODULES = {"test_page", "test_scaleout", "test_prometheus", "test_ray_enhance", "test_jobs",
-                "test_service_hardening", "test_service_lifecycle", "test_service_memory",
-                "test_observability", "test_bench", "test_training"}
+SLOW_MODULES = {
+    "test_page",
+    "test_scaleout",
+    "test_prometheus",
+    "test_ray_enhance",
+    "test_jobs",
+    "test_service_hardening",
+    "test_service_lifecycle",
+    "test_service_memory",
+    "test_observability",
+    "test_bench",
+    "test_training",
+}
 
 
 def pytest_collection_modifyitems(items):

@@ -3,6 +3,7 @@
 patches, and JSON 6902 patches with a target). Anything else in a kustomization is refused, so
 the manifests cannot quietly use a feature this renderer gets wrong; tests/test_k8s.py checks it
 against `kubectl kustomize` where kubectl is installed."""
+
 import copy
 from pathlib import Path
 
@@ -11,8 +12,14 @@ import yaml
 KNOWN = {"apiVersion", "kind", "namespace", "resources", "components", "images", "patches"}
 CLUSTER_SCOPED = {"Namespace"}
 # strategic merge: the lists merged item by item, and their keys (Kubernetes' patchMergeKey)
-MERGE_KEYS = {"containers": "name", "initContainers": "name", "env": "name", "volumes": "name",
-              "volumeMounts": "mountPath", "ports": "containerPort"}
+MERGE_KEYS = {
+    "containers": "name",
+    "initContainers": "name",
+    "env": "name",
+    "volumes": "name",
+    "volumeMounts": "mountPath",
+    "ports": "containerPort",
+}
 
 
 def render(folder: Path) -> list[dict]:
@@ -46,8 +53,9 @@ def apply_component(objects: list[dict], folder: Path) -> list[dict]:
 def transform(objects: list[dict], k: dict, folder: Path) -> list[dict]:
     objects = copy.deepcopy(objects)
     for entry in k.get("patches", []):
-        patch = yaml.safe_load(entry["patch"] if "patch" in entry
-                               else (folder / entry["path"]).read_text())
+        patch = yaml.safe_load(
+            entry["patch"] if "patch" in entry else (folder / entry["path"]).read_text()
+        )
         objects = [apply_patch(o, patch, entry.get("target")) for o in objects]
     if "namespace" in k:
         for o in objects:
@@ -62,8 +70,12 @@ def transform(objects: list[dict], k: dict, folder: Path) -> list[dict]:
 
 def matches(obj: dict, target: dict) -> bool:
     group, _, version = obj["apiVersion"].rpartition("/")
-    have = {"group": group, "version": version, "kind": obj["kind"],
-            "name": obj["metadata"]["name"]}
+    have = {
+        "group": group,
+        "version": version,
+        "kind": obj["kind"],
+        "name": obj["metadata"]["name"],
+    }
     return all(have[key] == value for key, value in target.items())
 
 
@@ -89,8 +101,9 @@ def strategic_merge(base, patch, key: str | None = None):
         # kustomize's order: the patch's items first, then the base's others
         mk = MERGE_KEYS[key]
         olds = {item[mk]: item for item in base}
-        merged = [strategic_merge(olds[p[mk]], p) if p[mk] in olds else copy.deepcopy(p)
-                  for p in patch]
+        merged = [
+            strategic_merge(olds[p[mk]], p) if p[mk] in olds else copy.deepcopy(p) for p in patch
+        ]
         return merged + [b for b in base if b[mk] not in {p[mk] for p in patch}]
     return copy.deepcopy(patch)
 
@@ -98,8 +111,9 @@ def strategic_merge(base, patch, key: str | None = None):
 def json6902(obj: dict, ops: list[dict]) -> dict:
     obj = copy.deepcopy(obj)
     for op in ops:
-        *parents, last = [p.replace("~1", "/").replace("~0", "~")
-                          for p in op["path"].lstrip("/").split("/")]
+        *parents, last = [
+            p.replace("~1", "/").replace("~0", "~") for p in op["path"].lstrip("/").split("/")
+        ]
         node = obj
         for p in parents:
             node = node[int(p)] if isinstance(node, list) else node[p]

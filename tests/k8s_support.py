@@ -1,5 +1,6 @@
 """Helpers of tests/test_k8s.py: schemas for the custom resources, Kubernetes quantities, and
 real Redis and Prometheus processes on loopback."""
+
 import re
 import shutil
 import socket
@@ -12,8 +13,17 @@ import pytest
 import yaml
 
 QUANTITY = re.compile(r"^(\d+(?:\.\d+)?)(m|Ki|Mi|Gi|Ti|k|M|G|)$")
-UNITS = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30,
-         "Ti": 2**40}
+UNITS = {
+    "": 1,
+    "m": 1e-3,
+    "k": 1e3,
+    "M": 1e6,
+    "G": 1e9,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+}
 
 
 def quantity(q) -> float:
@@ -26,8 +36,12 @@ def quantity(q) -> float:
 # Operator monitoring.coreos.com_servicemonitors.yaml): their required fields and types, closed
 # (additionalProperties: false) where these manifests use them, so a misspelt field fails.
 def _closed(properties: dict, required=()) -> dict:
-    return {"type": "object", "properties": properties, "required": list(required),
-            "additionalProperties": False}
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(required),
+        "additionalProperties": False,
+    }
 
 
 INT, STR = {"type": "integer"}, {"type": "string"}
@@ -35,40 +49,87 @@ META = {"type": "object", "required": ["name"], "properties": {"name": STR}}
 DURATION = {"type": "string", "pattern": r"^(0|(\d+h)?(\d+m)?(\d+s)?(\d+ms)?)$"}
 SECRET_KEY = _closed({"name": STR, "key": STR, "optional": {"type": "boolean"}}, ["key"])
 CRD_SCHEMAS = {
-    "ScaledObject": _closed({
-        "apiVersion": {"const": "keda.sh/v1alpha1"}, "kind": {"const": "ScaledObject"},
-        "metadata": META,
-        "spec": _closed({
-            "scaleTargetRef": _closed({"apiVersion": STR, "kind": STR, "name": STR,
-                                       "envSourceContainerName": STR}, ["name"]),
-            "pollingInterval": INT, "cooldownPeriod": INT, "minReplicaCount": INT,
-            "maxReplicaCount": INT, "idleReplicaCount": INT,
-            "fallback": _closed({"failureThreshold": INT, "replicas": INT},
-                                ["failureThreshold", "replicas"]),
-            "advanced": _closed({"restoreToOriginalReplicaCount": {"type": "boolean"},
-                                 "horizontalPodAutoscalerConfig": _closed(
-                                     {"name": STR, "behavior": {"type": "object"}})}),
-            "triggers": {"type": "array", "minItems": 1, "items": _closed({
-                "type": STR, "name": STR,
-                "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
-                "metadata": {"type": "object", "additionalProperties": STR},
-                "authenticationRef": _closed({"name": STR, "kind": STR}, ["name"])},
-                ["type", "metadata"])}},
-            ["scaleTargetRef", "triggers"])},
-        ["apiVersion", "kind", "metadata", "spec"]),
-    "ServiceMonitor": _closed({
-        "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "ServiceMonitor"},
-        "metadata": META,
-        "spec": _closed({
-            "selector": {"type": "object"}, "jobLabel": STR,
-            "namespaceSelector": {"type": "object"},
-            "endpoints": {"type": "array", "items": _closed({
-                "port": STR, "path": {"type": "string", "pattern": "^/"},
-                "scheme": {"enum": ["http", "https"]}, "interval": DURATION,
-                "scrapeTimeout": DURATION,
-                "authorization": _closed({"type": STR, "credentials": SECRET_KEY})})}},
-            ["selector"])},
-        ["apiVersion", "kind", "metadata", "spec"]),
+    "ScaledObject": _closed(
+        {
+            "apiVersion": {"const": "keda.sh/v1alpha1"},
+            "kind": {"const": "ScaledObject"},
+            "metadata": META,
+            "spec": _closed(
+                {
+                    "scaleTargetRef": _closed(
+                        {
+                            "apiVersion": STR,
+                            "kind": STR,
+                            "name": STR,
+                            "envSourceContainerName": STR,
+                        },
+                        ["name"],
+                    ),
+                    "pollingInterval": INT,
+                    "cooldownPeriod": INT,
+                    "minReplicaCount": INT,
+                    "maxReplicaCount": INT,
+                    "idleReplicaCount": INT,
+                    "fallback": _closed(
+                        {"failureThreshold": INT, "replicas": INT}, ["failureThreshold", "replicas"]
+                    ),
+                    "advanced": _closed(
+                        {
+                            "restoreToOriginalReplicaCount": {"type": "boolean"},
+                            "horizontalPodAutoscalerConfig": _closed(
+                                {"name": STR, "behavior": {"type": "object"}}
+                            ),
+                        }
+                    ),
+                    "triggers": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": _closed(
+                            {
+                                "type": STR,
+                                "name": STR,
+                                "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
+                                "metadata": {"type": "object", "additionalProperties": STR},
+                                "authenticationRef": _closed({"name": STR, "kind": STR}, ["name"]),
+                            },
+                            ["type", "metadata"],
+                        ),
+                    },
+                },
+                ["scaleTargetRef", "triggers"],
+            ),
+        },
+        ["apiVersion", "kind", "metadata", "spec"],
+    ),
+    "ServiceMonitor": _closed(
+        {
+            "apiVersion": {"const": "monitoring.coreos.com/v1"},
+            "kind": {"const": "ServiceMonitor"},
+            "metadata": META,
+            "spec": _closed(
+                {
+                    "selector": {"type": "object"},
+                    "jobLabel": STR,
+                    "namespaceSelector": {"type": "object"},
+                    "endpoints": {
+                        "type": "array",
+                        "items": _closed(
+                            {
+                                "port": STR,
+                                "path": {"type": "string", "pattern": "^/"},
+                                "scheme": {"enum": ["http", "https"]},
+                                "interval": DURATION,
+                                "scrapeTimeout": DURATION,
+                                "authorization": _closed({"type": STR, "credentials": SECRET_KEY}),
+                            }
+                        ),
+                    },
+                },
+                ["selector"],
+            ),
+        },
+        ["apiVersion", "kind", "metadata", "spec"],
+    ),
 }
 
 
@@ -81,8 +142,10 @@ def free_port() -> int:
 def redis_command(port: int, *words: str):
     """One command in RESP; its reply (bulk strings as str, arrays as lists)."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s, s.makefile("rb") as f:
-        s.sendall(f"*{len(words)}\r\n".encode() + b"".join(
-            f"${len(w)}\r\n{w}\r\n".encode() for w in words))
+        s.sendall(
+            f"*{len(words)}\r\n".encode()
+            + b"".join(f"${len(w)}\r\n{w}\r\n".encode() for w in words)
+        )
         return read_reply(f)
 
 
@@ -105,9 +168,11 @@ class Redis:
         if binary is None:
             pytest.skip("no redis-server (Debian package redis-server)")
         self.port = free_port()
-        self.proc = subprocess.Popen([binary, *args, "--port", str(self.port), "--bind",
-                                      "127.0.0.1", "--dir", str(folder)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [binary, *args, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(folder)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
         for _ in range(100):
             try:
                 redis_command(self.port, "PING")
@@ -127,8 +192,10 @@ def hold_requests(port: int, n: int) -> list[socket.socket]:
     held = []
     for _ in range(n):
         s = socket.create_connection(("127.0.0.1", port), timeout=5)
-        s.sendall(b"POST /enhance HTTP/1.1\r\nHost: sgz\r\nContent-Type: image/png\r\n"
-                  b"Content-Length: 100000\r\n\r\n\x89PNG")
+        s.sendall(
+            b"POST /enhance HTTP/1.1\r\nHost: sgz\r\nContent-Type: image/png\r\n"
+            b"Content-Length: 100000\r\n\r\n\x89PNG"
+        )
         held.append(s)
     return held
 
@@ -161,15 +228,33 @@ def start_prometheus(folder: Path, job: str, namespace: str, path: str, target: 
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.skip("no prometheus (Debian package prometheus)")
-    (folder / "prometheus.yml").write_text(yaml.safe_dump({
-        "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
-        "scrape_configs": [{"job_name": job, "metrics_path": path, "static_configs": [
-            {"targets": [target], "labels": {"namespace": namespace}}]}]}))
+    (folder / "prometheus.yml").write_text(
+        yaml.safe_dump(
+            {
+                "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
+                "scrape_configs": [
+                    {
+                        "job_name": job,
+                        "metrics_path": path,
+                        "static_configs": [
+                            {"targets": [target], "labels": {"namespace": namespace}}
+                        ],
+                    }
+                ],
+            }
+        )
+    )
     port = free_port()
-    proc = subprocess.Popen([binary, f"--config.file={folder / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={folder / 'data'}",
-                             f"--web.listen-address=127.0.0.1:{port}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={folder / 'prometheus.yml'}",
+            f"--storage.tsdb.path={folder / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
 
     def ready() -> bool:
@@ -178,6 +263,7 @@ def start_prometheus(folder: Path, job: str, namespace: str, path: str, target: 
             return httpx.get(f"{url}/-/ready", timeout=2).status_code == 200
         except httpx.TransportError:
             return False
+
     try:
         wait_for(ready, bool)
     except BaseException:

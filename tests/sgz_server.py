@@ -1,5 +1,6 @@
 """Start the real `sgz serve` as a subprocess on a free port, for end-to-end tests: the
 benchmark's ServerProcess, with the published checkpoint and info logging by default."""
+
 import os
 import shutil
 import sys
@@ -23,8 +24,13 @@ FACTOR_ATOL = 1e-5 if DEVICE == "cpu" else 2e-3
 class Server(ServerProcess):
     def __init__(self, env: dict[str, str] | None = None, checkpoint: Path = SGZ_PUBLISHED):
         self._dir = tempfile.TemporaryDirectory(prefix="sgz-serve-")
-        super().__init__("sgz", str(checkpoint), Path(self._dir.name),
-                         env={"SGZ_LOG_LEVEL": "info", **(env or {})}, device=DEVICE)
+        super().__init__(
+            "sgz",
+            str(checkpoint),
+            Path(self._dir.name),
+            env={"SGZ_LOG_LEVEL": "info", **(env or {})},
+            device=DEVICE,
+        )
 
     def wait_ready(self, timeout: float = 90) -> "Server":
         super().wait_ready(timeout)
@@ -46,17 +52,18 @@ class Server(ServerProcess):
 
 
 # Debian's chromium for the browser tests (never `playwright install`: scripts/setup.sh)
-BROWSER = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))),
-               None)
+BROWSER = next(
+    filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None
+)
 
 
 def metric(text: str, name: str, **labels) -> float:
     """The value of one sample in Prometheus text (0 when absent)."""
     from prometheus_client.parser import text_string_to_metric_families
+
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v
-                                           for k, v in labels.items()):
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return sample.value
     return 0.0
 

@@ -1,6 +1,7 @@
 """The backend registry (model/backends/): what it lists, the errors for a backend that is unknown
 or cannot run here, every available CPU backend against the eager reference on a real photo,
 the deprecated `fast=` flag, and that `import model` leaves numba (and triton) unimported."""
+
 import subprocess
 import sys
 import warnings
@@ -40,13 +41,18 @@ def test_registry_lists_every_backend_with_its_availability():
     for name, availability in got.items():
         assert bool(availability) != bool(availability.reason), name  # a reason only when not
     assert not available_backends("meta")["numba"]  # numba kernels need host memory
-    assert "CPU only" in available_backends("meta")["numba"].reason or \
-        "not installed" in available_backends("meta")["numba"].reason
+    assert (
+        "CPU only" in available_backends("meta")["numba"].reason
+        or "not installed" in available_backends("meta")["numba"].reason
+    )
 
 
 def test_unknown_backend_is_a_clear_error_naming_the_known_ones():
-    with pytest.raises(ValueError, match=r"unknown backend 'cuda-magic': one of auto, eager, "
-                                         r"torch, numba, triton, onnxruntime"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown backend 'cuda-magic': one of auto, eager, "
+        r"torch, numba, triton, onnxruntime",
+    ):
         load_model(SGZ_PUBLISHED, backend="cuda-magic", device="cpu")
 
 
@@ -94,8 +100,9 @@ def test_fast_flag_is_a_deprecated_alias():
     with pytest.warns(DeprecationWarning, match="backend='eager'"):
         assert load_model(SGZ_PUBLISHED, device="cpu", fast=False).backend == "eager"
     with pytest.warns(DeprecationWarning):
-        assert load_model(SGZ_PUBLISHED, backend="torch", device="cpu", fast=True).backend == \
-            "torch"
+        assert (
+            load_model(SGZ_PUBLISHED, backend="torch", device="cpu", fast=True).backend == "torch"
+        )
     # once silently the eager path: now refused
     with warnings.catch_warnings(), pytest.raises(ValueError, match="contradicts"):
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -105,9 +112,10 @@ def test_fast_flag_is_a_deprecated_alias():
 
 
 def test_importing_model_does_not_import_numba_or_triton():
-    code = ("import sys, model, model.video, model.export; "
-            "assert 'numba' not in sys.modules, 'numba'; "
-            "assert 'triton' not in sys.modules, 'triton'")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
+    code = (
+        "import sys, model, model.video, model.export; "
+        "assert 'numba' not in sys.modules, 'numba'; "
+        "assert 'triton' not in sys.modules, 'triton'"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

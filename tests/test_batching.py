@@ -1,6 +1,7 @@
 """The micro-batching queue on its own: batch formation, limits, deadlines, disconnects,
 failures, threads. Most tests drive it with a small recording `run_batch`; the last runs the
 real model on real images through it."""
+
 import asyncio
 import io
 import threading
@@ -59,6 +60,7 @@ def test_same_key_shares_a_batch_and_keys_never_mix():
         results = await asyncio.gather(*(b.submit(i, key=i % 2) for i in range(6)))
         await b.close()
         return rec, results
+
     rec, results = run(main())
     assert [r.value for r in results] == [i * 10 for i in range(6)]
     assert sorted(sorted(batch) for batch in rec.batches) == [[0, 2, 4], [1, 3, 5]]
@@ -72,6 +74,7 @@ def test_full_batch_goes_without_waiting_for_the_timer():
         results = await asyncio.wait_for(asyncio.gather(*(b.submit(i) for i in range(8))), 10)
         await b.close()
         return rec, results
+
     rec, results = run(main())
     assert [len(batch) for batch in rec.batches] == [4, 4]
     assert [r.value for r in results] == [i * 10 for i in range(8)]
@@ -91,6 +94,7 @@ def test_a_group_that_never_fills_is_not_starved_by_groups_that_keep_filling():
         await asyncio.gather(rare, *busy, *later)
         await b.close()
         return rec
+
     rec = run(main())
     rare_at = next(i for i, batch in enumerate(rec.batches) if -1 in batch)
     assert rare_at == 1, rec.batches  # right after the running batch, not after five full ones
@@ -104,6 +108,7 @@ def test_pixel_budget_closes_a_batch_and_a_huge_image_runs_alone():
         await b.submit(99, pixels=1000)
         await b.close()
         return rec
+
     rec = run(main())
     assert [len(batch) for batch in rec.batches] == [2, 2, 2, 1]
     assert rec.batches[-1] == [99]
@@ -120,6 +125,7 @@ def test_wait_timer_starts_at_arrival_not_at_queueing():
         normal = time.monotonic() - t0
         await b.close()
         return early, normal
+
     early, normal = run(main())
     assert early < 0.6, f"a request that arrived 0.9 s ago waited {early:.2f} s more"
     assert normal >= 0.95
@@ -128,6 +134,7 @@ def test_wait_timer_starts_at_arrival_not_at_queueing():
 def test_nothing_coming_means_no_wait_and_something_coming_means_waiting():
     """A lone request runs at once when the caller reports no other job on its way; while
     one is, it waits (up to max_wait_s) to share the batch."""
+
     async def main():
         coming = [0]
         b = await started(max_wait_s=2.0, coming=lambda: coming[0])
@@ -140,6 +147,7 @@ def test_nothing_coming_means_no_wait_and_something_coming_means_waiting():
         shared = await asyncio.gather(waiting, b.submit(3))  # it arrived: both go at once
         await b.close()
         return alone, shared
+
     alone, shared = run(main())
     assert alone.queue_s < 1.0 and alone.batch_size == 1
     assert [r.batch_size for r in shared] == [2, 2] and shared[0].queue_s < 1.5
@@ -158,6 +166,7 @@ def test_queue_full_answers_at_once():
         refused_in = time.monotonic() - t0
         await b.close()  # drains the two queued ones
         return rec, [r.value for r in await asyncio.gather(*queued)], refused_in
+
     rec, values, refused_in = run(main())
     assert values == [0, 10] and rec.seen == [0, 1]
     assert refused_in < 0.5
@@ -178,6 +187,7 @@ def test_deadline_while_queued_gives_deadline_exceeded_and_is_never_computed():
         await asyncio.sleep(0)
         await b.close()
         return rec, (await other).value
+
     rec, value = run(main())
     assert rec.seen == [1] and value == 10
     assert drops == ["deadline", "deadline"]
@@ -195,11 +205,14 @@ def test_disconnected_client_is_dropped_before_its_batch_runs():
     async def main():
         rec = Recorder()
         b = await started(rec, max_batch_size=8, max_wait_s=0.05, on_drop=drops.append)
-        outcome = await asyncio.gather(b.submit(1, is_disconnected=gone),
-                                       b.submit(2, is_disconnected=here),
-                                       return_exceptions=True)
+        outcome = await asyncio.gather(
+            b.submit(1, is_disconnected=gone),
+            b.submit(2, is_disconnected=here),
+            return_exceptions=True,
+        )
         await b.close()
         return rec, outcome
+
     rec, (first, second) = run(main())
     assert isinstance(first, ClientDisconnected)
     assert second.value == 20 and second.batch_size == 1
@@ -210,11 +223,13 @@ def test_a_failing_batch_fails_only_its_jobs_and_the_loop_goes_on():
     async def main():
         rec = Recorder(fail_on=7)
         b = await started(rec, max_batch_size=8, max_wait_s=0.05)
-        outcome = await asyncio.gather(b.submit(7, key="a"), b.submit(8, key="a"),
-                                       b.submit(1, key="b"), return_exceptions=True)
+        outcome = await asyncio.gather(
+            b.submit(7, key="a"), b.submit(8, key="a"), b.submit(1, key="b"), return_exceptions=True
+        )
         after = await b.submit(2, key="a")
         await b.close()
         return outcome, after
+
     (bad, also_bad, good), after = run(main())
     assert isinstance(bad, BatchFailed) and isinstance(also_bad, BatchFailed)
     assert "cannot process 7" in str(bad)
@@ -235,6 +250,7 @@ def test_wrong_result_count_and_broken_hooks_do_not_stop_the_loop():
         second = await c.submit(2)
         await c.close()
         return first.value, second.value
+
     assert run(main()) == (10, 20)
 
 
@@ -249,11 +265,13 @@ def test_inference_runs_in_one_worker_thread_and_never_blocks_the_loop():
             while True:
                 await asyncio.sleep(0.01)
                 ticks += 1
+
         t = asyncio.create_task(ticker())
         await asyncio.gather(*(b.submit(i) for i in range(4)))
         t.cancel()
         await b.close()
         return rec, ticks
+
     rec, ticks = run(main())
     assert len(rec.batches) == 2
     assert len(rec.threads) == 1 and threading.get_ident() not in rec.threads
@@ -270,6 +288,7 @@ def test_close_runs_what_is_queued_and_refuses_new_work():
         with pytest.raises(BatcherClosed):
             await b.submit(9)
         return rec, [r.value for r in await asyncio.gather(*queued)]
+
     rec, values = run(main())
     assert values == [0, 10, 20] and sorted(rec.seen) == [0, 1, 2]
 
@@ -286,6 +305,7 @@ def test_cancelled_submitter_is_withdrawn():
         depth = b.depth
         await b.close()
         return rec, depth
+
     rec, depth = run(main())
     assert depth == 0 and rec.seen == []
 
@@ -296,6 +316,7 @@ def test_real_images_batched_by_size_equal_enhance_one_by_one(published_enhancer
 
     from model.imageio import decode_image
     from service.inference import ENHANCE, FACTOR, Work, run_batch
+
     files = sorted(SICE.glob("*.png"))[:6]
     crops = [decode_image(f.read_bytes()).to_tensor()[..., :192, :256] for f in files[:4]]
     crops += [decode_image(f.read_bytes()).to_tensor()[..., :256, :192] for f in files[4:]]
@@ -310,17 +331,16 @@ def test_real_images_batched_by_size_equal_enhance_one_by_one(published_enhancer
 
     async def main():
         b = await started(run_recorded, max_batch_size=8, max_wait_s=0.1)
-        results = await asyncio.gather(*(b.submit(w, key=w.key, pixels=w.pixels)
-                                         for w in works))
+        results = await asyncio.gather(*(b.submit(w, key=w.key, pixels=w.pixels) for w in works))
         await b.close()
         return results
+
     results = run(main())
     assert all(len(keys) == 1 for keys in rec_sizes)  # one size and task per forward pass
     assert max(r.batch_size for r in results) == 4
     for work, result in zip(works, results):
         out = result.value
-        expected, r_low = published_enhancer.enhance(work.image, work.strength,
-                                                     return_factor=True)
+        expected, r_low = published_enhancer.enhance(work.image, work.strength, return_factor=True)
         if work.task == FACTOR:  # the model's own map: no exposure, no strength
             r_model = published_enhancer.factor_lowres(work.image)
             torch.testing.assert_close(out.factor_lowres, r_model[0], atol=1e-5, rtol=0)
@@ -341,6 +361,7 @@ def test_a_batch_of_decoded_photos_stays_channels_last(published_enhancer):
     from model.backends import channels_last
     from model.imageio import decode_image, tensor_to_rgb
     from service.inference import ENHANCE, Work, run_batch, stack
+
     images = []
     for f in sorted(SICE.glob("*.png"))[:3]:
         with Image.open(f) as im:
@@ -350,7 +371,7 @@ def test_a_batch_of_decoded_photos_stays_channels_last(published_enhancer):
     batch = stack(images)
     assert channels_last(batch) and batch.shape == (3, 3, 160, 224)
     for i, image in enumerate(images):
-        assert torch.equal(batch[i:i + 1], image)
+        assert torch.equal(batch[i : i + 1], image)
     outputs = run_batch(published_enhancer, [Work(i, 1.0, ENHANCE) for i in images])
     for image, out in zip(images, outputs):
         assert channels_last(out.image)

@@ -1,5 +1,6 @@
 """`sgz bench` on tiny settings: the real command, real servers over real sockets, real JPEGs.
 These check that the harness measures what it says; they assert no speed."""
+
 import importlib.util
 import json
 import subprocess
@@ -20,9 +21,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def sgz_bench(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "model.cli", "bench", "--shared", str(SHARED),
-                           "--checkpoint", str(SGZ_PUBLISHED), *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "model.cli",
+            "bench",
+            "--shared",
+            str(SHARED),
+            "--checkpoint",
+            str(SGZ_PUBLISHED),
+            *args,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_published_formulation_computes_our_model():
@@ -32,8 +47,9 @@ def test_published_formulation_computes_our_model():
     eager = load_model(SGZ_PUBLISHED, device="cpu", backend="eager")
     net = PublishedSGZ(eager.efe.state_dict()).eval()
     got = published_step(net, hwc)
-    want = eager.enhance(torch.from_numpy(hwc).permute(0, 3, 1, 2).contiguous(), denoise=0,
-                         exposure=None)
+    want = eager.enhance(
+        torch.from_numpy(hwc).permute(0, 3, 1, 2).contiguous(), denoise=0, exposure=None
+    )
     assert got.shape == want.shape == (2, 3, 96, 120)
     assert (got.int() - want.int()).abs().max().item() <= 1
 
@@ -52,15 +68,28 @@ def test_percentile_is_nearest_rank():
 
 def test_model_bench_smoke(tmp_path):
     out = tmp_path / "bench.json"
-    r = sgz_bench("--parts", "model", "--sizes", "96x72,120x90", "--batches", "1,2",
-                  "--repeats", "3", "--out", str(out))
+    r = sgz_bench(
+        "--parts",
+        "model",
+        "--sizes",
+        "96x72,120x90",
+        "--batches",
+        "1,2",
+        "--repeats",
+        "3",
+        "--out",
+        str(out),
+    )
     assert r.returncode == 0, r.stderr
     assert "published/fast" in r.stdout and "denoise/fast" in r.stdout and "floor" in r.stdout
     res = json.loads(out.read_text())
     rows = res["model"]["rows"]
     assert {(x["path"], x["width"], x["batch"]) for x in rows} == {
-        (p, w, b) for p in ("fast", "denoise", "eager", "published") for w in (96, 120)
-        for b in (1, 2)}
+        (p, w, b)
+        for p in ("fast", "denoise", "eager", "published")
+        for w in (96, 120)
+        for b in (1, 2)
+    }
     assert all(x["ms_per_image"] > 0 and x["repeats"] == 3 for x in rows)
     assert len(res["model"]["ratios"]) == 4
     assert all(f["floor_ms"] > 0 for f in res["model"]["floor"]["sizes"])
@@ -71,9 +100,25 @@ def test_http_bench_smoke(tmp_path):
     if importlib.util.find_spec("service") is not None:
         servers.insert(0, "sgz")
     out = tmp_path / "http.json"
-    r = sgz_bench("--parts", "http", "--servers", ",".join(servers), "--concurrency", "1,3",
-                  "--duration", "1", "--rounds", "2", "--cases", "jpeg:small,png:160x120",
-                  "--query", "denoise=0&exposure=model", "--out", str(out), timeout=480)
+    r = sgz_bench(
+        "--parts",
+        "http",
+        "--servers",
+        ",".join(servers),
+        "--concurrency",
+        "1,3",
+        "--duration",
+        "1",
+        "--rounds",
+        "2",
+        "--cases",
+        "jpeg:small,png:160x120",
+        "--query",
+        "denoise=0&exposure=model",
+        "--out",
+        str(out),
+        timeout=480,
+    )
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())["http"]
     assert [s["server"] for s in res["servers"]] == servers
@@ -110,8 +155,12 @@ def test_http_cases_parse_and_refuse():
 def test_bad_arguments_exit_with_a_message():
     r = sgz_bench("--sizes", "big")
     assert r.returncode == 2 and "bad argument" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "model.cli", "bench", "--checkpoint",
-                        "/nonexistent.pth"], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "model.cli", "bench", "--checkpoint", "/nonexistent.pth"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "not found" in r.stderr
     if not torch.cuda.is_available():
         r = sgz_bench("--device", "cuda", "--parts", "model")
@@ -120,6 +169,7 @@ def test_bad_arguments_exit_with_a_message():
 
 def _decode(path) -> tuple[np.ndarray, float]:
     import av
+
     with av.open(str(path)) as c:
         rate = float(c.streams.video[0].average_rate)
         return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)]), rate
@@ -127,9 +177,26 @@ def _decode(path) -> tuple[np.ndarray, float]:
 
 def test_video_clip_is_dark_sized_and_deterministic(tmp_path):
     from bench.video_clips import main, make_clip
+
     gt = tmp_path / "gt.npy"
-    assert main([str(tmp_path / "a.mp4"), "--size", "64x48", "--frames", "7", "--fps", "25",
-                 "--gt", str(gt), "--shared", str(SHARED)]) == 0
+    assert (
+        main(
+            [
+                str(tmp_path / "a.mp4"),
+                "--size",
+                "64x48",
+                "--frames",
+                "7",
+                "--fps",
+                "25",
+                "--gt",
+                str(gt),
+                "--shared",
+                str(SHARED),
+            ]
+        )
+        == 0
+    )
     make_clip(tmp_path / "b.mp4", 64, 48, 7, 25, shared=SHARED)
     make_clip(tmp_path / "c.mp4", 64, 48, 7, 25, seed=1, shared=SHARED)
     make_clip(tmp_path / "clean.mp4", 64, 48, 7, 25, dark=False, shared=SHARED)
@@ -141,7 +208,7 @@ def test_video_clip_is_dark_sized_and_deterministic(tmp_path):
     assert not np.array_equal(a, _decode(tmp_path / "c.mp4")[0])
     clean = _decode(tmp_path / "clean.mp4")[0]
     mse = ((clean.astype(float) - truth) ** 2).mean()
-    assert 10 * np.log10(255 ** 2 / mse) > 27  # the encoder's and 4:2:0's loss only (~30 dB)
+    assert 10 * np.log10(255**2 / mse) > 27  # the encoder's and 4:2:0's loss only (~30 dB)
     assert np.abs(truth[1:].astype(int) - truth[:-1]).mean() > 0.5  # the camera moves
     with pytest.raises(ValueError, match="even"):
         make_clip(tmp_path / "odd.mp4", 63, 48, 2, shared=SHARED)
@@ -149,8 +216,18 @@ def test_video_clip_is_dark_sized_and_deterministic(tmp_path):
 
 def test_video_bench_smoke(tmp_path):
     out = tmp_path / "video.json"
-    r = sgz_bench("--parts", "video", "--video-sizes", "160x96", "--video-frames", "12",
-                  "--video-rounds", "1", "--out", str(out))
+    r = sgz_bench(
+        "--parts",
+        "video",
+        "--video-sizes",
+        "160x96",
+        "--video-frames",
+        "12",
+        "--video-rounds",
+        "1",
+        "--out",
+        str(out),
+    )
     assert r.returncode == 0, r.stderr
     assert "x transcode" in r.stdout and "vs loop" in r.stdout
     res = json.loads(out.read_text())["video"]
@@ -174,6 +251,18 @@ def test_video_bench_refuses_odd_sizes():
 def test_unknown_server_or_revision_is_refused(tmp_path):
     r = sgz_bench("--parts", "http", "--servers", "sgz,tgi")
     assert r.returncode == 2 and "tgi" in r.stderr
-    r = sgz_bench("--parts", "http", "--servers", "sgz@no-such-revision", "--concurrency", "1",
-                  "--duration", "1", "--rounds", "1", "--cases", "jpeg:small")
+    r = sgz_bench(
+        "--parts",
+        "http",
+        "--servers",
+        "sgz@no-such-revision",
+        "--concurrency",
+        "1",
+        "--duration",
+        "1",
+        "--rounds",
+        "1",
+        "--cases",
+        "jpeg:small",
+    )
     assert "cannot check out 'no-such-revision'" in r.stdout, r.stdout + r.stderr

@@ -1,5 +1,6 @@
 """The denoising stage and the exposure target (model/denoise.py, model/kernels_dn.py,
 model/exposure.py): every backend against the eager reference, on real dark photos."""
+
 import numpy as np
 import pytest
 import torch
@@ -34,8 +35,7 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> int:
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "planar"])
-def test_numba_matches_the_eager_reference_within_one_level(numba_enhancer, eager_enhancer,
-                                                             layout):
+def test_numba_matches_the_eager_reference_within_one_level(numba_enhancer, eager_enhancer, layout):
     for path in (LOL / "low" / "14.png", SICE / "147_0_.png"):
         x = photo(path)
         x = x if layout == "channels_last" else x.contiguous()
@@ -59,13 +59,13 @@ def test_any_size_and_batches(numba_enhancer, eager_enhancer, size):
     two different photos (each image its own noise and gain)."""
     h, w = size
     a = photo(LOL / "low" / "14.png")[..., :h, :w]
-    b = photo(LOL / "low" / "106.png")[..., 1:1 + h, 60:60 + w]
+    b = photo(LOL / "low" / "106.png")[..., 1 : 1 + h, 60 : 60 + w]
     batch = torch.cat([a.contiguous(), b.contiguous()])
     out = numba_enhancer.enhance(batch)
     assert out.shape == batch.shape
     assert max_diff(out, eager_enhancer.enhance(batch)) <= 1
     for i, single in enumerate((a, b)):  # batching does not change an image's answer
-        assert max_diff(out[i:i + 1], numba_enhancer.enhance(single.contiguous())) <= 1
+        assert max_diff(out[i : i + 1], numba_enhancer.enhance(single.contiguous())) <= 1
 
 
 def test_off_is_exactly_the_networks_output(numba_enhancer, eager_enhancer):
@@ -144,15 +144,21 @@ def test_auto_exposure_lifts_dark_photos_and_leaves_bright_ones(numba_enhancer):
     bright = photo(SICE / "1021_0_.png")[..., :300, :300].contiguous()
     bright = (bright.float() * 1.6).clamp(0, 255).to(torch.uint8)  # the model leaves it > 0.4
     assert numba_enhancer.enhance(bright, exposure=None).float().mean() / 255 > 0.42
-    assert torch.equal(numba_enhancer.enhance(bright),
-                       numba_enhancer.enhance(bright, exposure=None))
+    assert torch.equal(
+        numba_enhancer.enhance(bright), numba_enhancer.enhance(bright, exposure=None)
+    )
 
 
 def test_bad_options_are_refused_with_their_name():
-    for kwargs, word in (({"denoise": -0.1}, "denoise"), ({"denoise": 4.5}, "denoise"),
-                         ({"denoise": float("nan")}, "denoise"), ({"exposure": 0.0}, "exposure"),
-                         ({"exposure": 1.2}, "exposure"), ({"exposure": "bright"}, "exposure"),
-                         ({"exposure": True}, "exposure")):
+    for kwargs, word in (
+        ({"denoise": -0.1}, "denoise"),
+        ({"denoise": 4.5}, "denoise"),
+        ({"denoise": float("nan")}, "denoise"),
+        ({"exposure": 0.0}, "exposure"),
+        ({"exposure": 1.2}, "exposure"),
+        ({"exposure": "bright"}, "exposure"),
+        ({"exposure": True}, "exposure"),
+    ):
         opts = {"strength": 1.0, "denoise": 1.0, "exposure": "auto", **kwargs}
         with pytest.raises(ValueError, match=word):
             check_options(**opts)
@@ -178,8 +184,12 @@ def test_lol_figures_improve_with_denoising(numba_enhancer):
         for kwargs in ({"denoise": 0, "exposure": None}, {}):
             out = numba_enhancer.enhance(x, **kwargs)[0].permute(1, 2, 0).numpy()
             mse = np.mean((out.astype(float) - gt) ** 2)
-            scores.append((10 * np.log10(255 ** 2 / mse),
-                           skimage.structural_similarity(out, gt, channel_axis=2, data_range=255)))
+            scores.append(
+                (
+                    10 * np.log10(255**2 / mse),
+                    skimage.structural_similarity(out, gt, channel_axis=2, data_range=255),
+                )
+            )
         assert scores[1][0] > scores[0][0] and scores[1][1] > scores[0][1] + 0.05, name
 
 

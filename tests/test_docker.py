@@ -1,5 +1,6 @@
 """The Docker files, checked without a Docker engine: they parse, agree with the app's settings
 and routes, and the image's healthcheck command works against a live server."""
+
 import json
 import os
 import re
@@ -47,6 +48,7 @@ def test_entrypoint_is_the_command_the_readme_runs():
     recipe = re.search(r"^serve:.*\n((?:\t.*\n)+)", (ROOT / "Makefile").read_text(), re.M)
     assert recipe and re.search(r"(^|/)sgz serve\b", recipe.group(1).strip())
     from model.cli import build_parser
+
     assert build_parser().parse_args(entrypoint[1:]).command == "serve"
 
 
@@ -108,6 +110,7 @@ def test_prometheus_scrapes_the_service_metrics(compose):
     (job,) = config["scrape_configs"]
     assert job["metrics_path"] == "/metrics"
     from service.routes import router
+
     assert "/metrics" in {route.path for route in router.routes}
     (target,) = job["static_configs"][0]["targets"]
     assert target == f"sgz:{DEFAULTS.port}" and "sgz" in compose["services"]

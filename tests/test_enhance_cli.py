@@ -1,5 +1,6 @@
 """`sgz enhance` end to end: the real console script in a subprocess, the real published model,
 real sice-real photos mixed with files that are not images."""
+
 import io
 import shutil
 import subprocess
@@ -20,8 +21,9 @@ from model.rie import upsample_factor
 def sgz(*args, timeout: int = 300) -> subprocess.CompletedProcess:
     script = Path(sys.executable).with_name("sgz")
     cmd = [str(script)] if script.exists() else [sys.executable, "-m", "model.cli"]
-    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        cmd + [str(a) for a in args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def real(name: str, box=None) -> Image.Image:
@@ -37,8 +39,8 @@ def as_tensor(path: Path) -> torch.Tensor:
 def inputs(tmp_path_factory) -> Path:
     """A folder as a user has it: photos of several sizes and kinds, plus junk."""
     root = tmp_path_factory.mktemp("photos")
-    shutil.copy(SICE / "101_0_.png", root / "101_0_.png")          # 512x512
-    shutil.copy(SICE / "512_0_.png", root / "512_0_.png")          # 3840x2160
+    shutil.copy(SICE / "101_0_.png", root / "101_0_.png")  # 512x512
+    shutil.copy(SICE / "512_0_.png", root / "512_0_.png")  # 3840x2160
     real("761_0_.png", (0, 0, 300, 200)).convert("L").save(root / "gray.png")
     rgba = real("474_0_.png", (300, 700, 620, 940))
     alpha = np.tile(np.linspace(0, 255, 320).astype(np.uint8), (240, 1))
@@ -53,23 +55,38 @@ def inputs(tmp_path_factory) -> Path:
     real("11_0_.png", (0, 0, 64, 64)).save(root / ".hidden.png")
     (root / "nested" / "deeper").mkdir(parents=True)
     real("101_0_.png", (10, 20, 343, 271)).save(root / "nested" / "101_0_.png")  # same stem
-    real("474_0_.png", (0, 0, 270, 480)).save(root / "nested" / "deeper" / "portrait.jpg",
-                                              quality=92)
+    real("474_0_.png", (0, 0, 270, 480)).save(
+        root / "nested" / "deeper" / "portrait.jpg", quality=92
+    )
     return root
 
 
 # output (relative to OUTDIR, without suffix) -> source (relative to the input folder)
-EXPECTED = {"101_0_": "101_0_.png", "512_0_": "512_0_.png", "gray": "gray.png",
-            "rgba": "rgba.png", "dup.png": "dup.png", "dup.jpg": "dup.jpg",
-            "nested/101_0_": "nested/101_0_.png",
-            "nested/deeper/portrait": "nested/deeper/portrait.jpg"}
+EXPECTED = {
+    "101_0_": "101_0_.png",
+    "512_0_": "512_0_.png",
+    "gray": "gray.png",
+    "rgba": "rgba.png",
+    "dup.png": "dup.png",
+    "dup.jpg": "dup.jpg",
+    "nested/101_0_": "nested/101_0_.png",
+    "nested/deeper/portrait": "nested/deeper/portrait.jpg",
+}
 
 
 @pytest.fixture(scope="module")
 def png_run(inputs, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
-    result = sgz("enhance", inputs, "-o", out / "enhanced", "--checkpoint", SGZ_PUBLISHED,
-                 "--factor-dir", out / "factors")
+    result = sgz(
+        "enhance",
+        inputs,
+        "-o",
+        out / "enhanced",
+        "--checkpoint",
+        SGZ_PUBLISHED,
+        "--factor-dir",
+        out / "factors",
+    )
     return result, out / "enhanced", out / "factors"
 
 
@@ -114,8 +131,10 @@ def test_grayscale_stays_gray_and_alpha_is_untouched(png_run, inputs):
     assert np.asarray(gray).mean() > np.asarray(Image.open(inputs / "gray.png")).mean()
     rgba = Image.open(enhanced / "rgba.png")
     assert rgba.mode == "RGBA"
-    assert np.array_equal(np.asarray(rgba.getchannel("A")),
-                          np.asarray(Image.open(inputs / "rgba.png").getchannel("A")))
+    assert np.array_equal(
+        np.asarray(rgba.getchannel("A")),
+        np.asarray(Image.open(inputs / "rgba.png").getchannel("A")),
+    )
 
 
 def test_factor_dir_holds_one_factor_picture_per_image(png_run, inputs, published_enhancer):
@@ -133,14 +152,30 @@ def test_factor_dir_holds_one_factor_picture_per_image(png_run, inputs, publishe
 
 def test_jpeg_output_from_several_inputs_one_missing(inputs, tmp_path):
     out = tmp_path / "jpeg"
-    result = sgz("enhance", inputs / "gray.png", tmp_path / "nope.png", inputs / "rgba.png",
-                 inputs / "nested", "-o", out, "--format", "jpeg", "--quality", "85",
-                 "--checkpoint", SGZ_PUBLISHED)
+    result = sgz(
+        "enhance",
+        inputs / "gray.png",
+        tmp_path / "nope.png",
+        inputs / "rgba.png",
+        inputs / "nested",
+        "-o",
+        out,
+        "--format",
+        "jpeg",
+        "--quality",
+        "85",
+        "--checkpoint",
+        SGZ_PUBLISHED,
+    )
     assert result.returncode == 1
     assert f"{tmp_path / 'nope.png'}: no such file or directory" in result.stderr
     # several INPUTs: files land in OUTDIR, a folder keeps its name
-    assert files_under(out) == {"gray.jpeg", "rgba.jpeg", "nested/101_0_.jpeg",
-                                "nested/deeper/portrait.jpeg"}
+    assert files_under(out) == {
+        "gray.jpeg",
+        "rgba.jpeg",
+        "nested/101_0_.jpeg",
+        "nested/deeper/portrait.jpeg",
+    }
     for name in files_under(out):
         assert Image.open(out / name).format == "JPEG"
     assert Image.open(out / "gray.jpeg").mode == "L"
@@ -150,14 +185,25 @@ def test_jpeg_output_from_several_inputs_one_missing(inputs, tmp_path):
 
 def test_webp_output_keeps_alpha(inputs, tmp_path):
     out = tmp_path / "webp"
-    result = sgz("enhance", inputs / "rgba.png", inputs / "dup.jpg", "-o", out,
-                 "--format", "webp", "--checkpoint", SGZ_PUBLISHED)
+    result = sgz(
+        "enhance",
+        inputs / "rgba.png",
+        inputs / "dup.jpg",
+        "-o",
+        out,
+        "--format",
+        "webp",
+        "--checkpoint",
+        SGZ_PUBLISHED,
+    )
     assert result.returncode == 0, result.stderr
     assert files_under(out) == {"rgba.webp", "dup.webp"}
     webp = Image.open(out / "rgba.webp")
     assert webp.format == "WEBP" and webp.mode == "RGBA" and webp.size == (320, 240)
-    assert np.array_equal(np.asarray(webp.getchannel("A")),
-                          np.asarray(Image.open(inputs / "rgba.png").getchannel("A")))
+    assert np.array_equal(
+        np.asarray(webp.getchannel("A")),
+        np.asarray(Image.open(inputs / "rgba.png").getchannel("A")),
+    )
 
 
 def test_output_folder_inside_the_input_is_not_walked(tmp_path):
@@ -196,17 +242,20 @@ def test_denoise_and_exposure_options(tmp_path, published_enhancer):
     """--denoise 0 --exposure model is the network alone; --exposure 0.5 reaches it; bad values
     are usage errors (exit 2) that name the option."""
     source = SICE / "101_0_.png"
-    for name, args, options in (("plain", ["--denoise", "0", "--exposure", "model"],
-                                 {"denoise": 0, "exposure": None}),
-                                ("bright", ["--denoise", "2", "--exposure", "0.5"],
-                                 {"denoise": 2, "exposure": 0.5})):
-        result = sgz("enhance", source, "-o", tmp_path / name, "--checkpoint", SGZ_PUBLISHED,
-                     *args)
+    for name, args, options in (
+        ("plain", ["--denoise", "0", "--exposure", "model"], {"denoise": 0, "exposure": None}),
+        ("bright", ["--denoise", "2", "--exposure", "0.5"], {"denoise": 2, "exposure": 0.5}),
+    ):
+        result = sgz("enhance", source, "-o", tmp_path / name, "--checkpoint", SGZ_PUBLISHED, *args)
         assert result.returncode == 0, result.stderr
         got = as_tensor(tmp_path / name / "101_0_.png")
         assert torch.equal(got, published_enhancer.enhance(as_tensor(source), **options))
-    for args, word in ((["--denoise", "9"], "denoise"), (["--denoise", "x"], "denoise"),
-                       (["--exposure", "bright"], "exposure"), (["--exposure", "1.2"], "exposure")):
+    for args, word in (
+        (["--denoise", "9"], "denoise"),
+        (["--denoise", "x"], "denoise"),
+        (["--exposure", "bright"], "exposure"),
+        (["--exposure", "1.2"], "exposure"),
+    ):
         result = sgz("enhance", source, "-o", tmp_path / "bad", *args)
         assert result.returncode == 2 and word in result.stderr, result.stderr
         assert not (tmp_path / "bad").exists()

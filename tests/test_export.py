@@ -3,6 +3,7 @@ on real photos, for our checkpoint and the published one: the default graph (exp
 and denoising, as `enhance`'s defaults), `--denoise 0 --exposure model` (the network alone) and
 a fixed exposure target; the factor-only and float graphs; the onnxruntime backend; bad
 checkpoints; the Triton example's config against the exported graph."""
+
 import re
 
 import numpy as np
@@ -35,7 +36,7 @@ def photo(name: str) -> torch.Tensor:
 
 def crops(image: torch.Tensor):
     for h, w in SIZES:
-        yield image[:, :, 50:50 + h, 70:70 + w].contiguous()
+        yield image[:, :, 50 : 50 + h, 70 : 70 + w].contiguous()
 
 
 def session(model: bytes | str):
@@ -99,8 +100,9 @@ def published_default():
     return eager, session(export(eager)), None, DEFAULT
 
 
-@pytest.mark.parametrize("which", ["ours", "ours_net", "ours_target", "published",
-                                   "published_default"])
+@pytest.mark.parametrize(
+    "which", ["ours", "ours_net", "ours_target", "published", "published_default"]
+)
 def test_graph_matches_eager_on_real_photos(request, which):
     eager, sess, _, options = request.getfixturevalue(which)
     image = photo(PHOTO)
@@ -209,8 +211,11 @@ def test_onnxruntime_backend_matches_eager_with_every_option(published):
     cl = image.contiguous(memory_format=torch.channels_last)  # as decoded
     assert_close(ort_model.enhance(cl).numpy(), eager.enhance(image))
     with pytest.raises(ValueError, match="CPU only"):
-        load_model(SGZ_PUBLISHED, backend="onnxruntime",
-                   device="cuda" if torch.cuda.is_available() else "meta")
+        load_model(
+            SGZ_PUBLISHED,
+            backend="onnxruntime",
+            device="cuda" if torch.cuda.is_available() else "meta",
+        )
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint", None])
@@ -234,16 +239,21 @@ ONNX_TYPES = {onnx.TensorProto.UINT8: "TYPE_UINT8", onnx.TensorProto.FLOAT: "TYP
 def pbtxt_tensors(text: str, kind: str) -> list[dict]:
     """The `input [...]` or `output [...]` entries of a Triton config.pbtxt: name, type, dims."""
     block = re.search(rf"^{kind}\s*\[(.*?)^\]", text, re.S | re.M).group(1)
-    return [{"name": re.search(r'name:\s*"([^"]+)"', e).group(1),
-             "data_type": re.search(r"data_type:\s*(\w+)", e).group(1),
-             "dims": [int(d) for d in re.search(r"dims:\s*\[([^\]]*)\]", e).group(1).split(",")]}
-            for e in re.findall(r"\{(.*?)\}", block, re.S)]
+    return [
+        {
+            "name": re.search(r'name:\s*"([^"]+)"', e).group(1),
+            "data_type": re.search(r"data_type:\s*(\w+)", e).group(1),
+            "dims": [int(d) for d in re.search(r"dims:\s*\[([^\]]*)\]", e).group(1).split(",")],
+        }
+        for e in re.findall(r"\{(.*?)\}", block, re.S)
+    ]
 
 
 def test_triton_config_matches_exported_graph(ours):
     """deploy/triton/sgz/config.pbtxt names, types and shapes the default export's tensors
     (Triton prepends the batch dimension when max_batch_size > 0)."""
     from pathlib import Path
+
     repo = Path(__file__).resolve().parents[1] / "deploy" / "triton"
     text = (repo / "sgz" / "config.pbtxt").read_text()
     assert re.search(r'^name:\s*"sgz"', text, re.M)

@@ -1,6 +1,7 @@
 """The fused backends (model/backends/: numba, torch) against the eager reference, on real photos
 and the published checkpoint: every output pixel within 1 grey level, and almost all of them
 identical."""
+
 import importlib.util
 import threading
 
@@ -71,15 +72,16 @@ def test_real_photos_match_reference(fast, eager):
         assert not torch.equal(out, image)  # the model did brighten it
 
 
-@pytest.mark.parametrize("size", [(1, 1), (13, 7), (4001, 3), (2, 3000), (12, 12), (25, 37),
-                                  (900, 1200)])
+@pytest.mark.parametrize(
+    "size", [(1, 1), (13, 7), (4001, 3), (2, 3000), (12, 12), (25, 37), (900, 1200)]
+)
 def test_odd_sizes_match_reference(fast, eager, size):
     h, w = size
     big = wide_photo()
     if h > big.shape[2] or w > big.shape[3]:  # 4001 rows: stack the photo's columns
         image = big[:, :, :, :w].repeat(1, 1, -(-h // big.shape[2]), 1)[:, :, :h].contiguous()
     else:
-        image = big[:, :, 100:100 + h, 200:200 + w].contiguous()
+        image = big[:, :, 100 : 100 + h, 200 : 200 + w].contiguous()
     assert_close(fast.enhance(image), eager.enhance(image))
     assert fast.factor_lowres(image).shape == eager.factor_lowres(image).shape
 
@@ -112,7 +114,7 @@ def test_batch_of_one_size(fast, eager):
     out = fast.enhance(batch)
     assert_close(out, eager.enhance(batch))
     for i in range(len(names)):  # batching does not mix images
-        assert torch.equal(out[i:i + 1], fast.enhance(batch[i:i + 1].contiguous()))
+        assert torch.equal(out[i : i + 1], fast.enhance(batch[i : i + 1].contiguous()))
 
 
 def test_strength_scales_the_factor(fast, eager):
@@ -214,8 +216,9 @@ def test_backend_can_be_forced_and_is_checked(eager):
         get_backend("numba", torch.device("cuda"))
 
 
-def test_cuda_without_a_c_compiler_falls_back_to_torch_with_a_warning(monkeypatch, tmp_path,
-                                                                     caplog):
+def test_cuda_without_a_c_compiler_falls_back_to_torch_with_a_warning(
+    monkeypatch, tmp_path, caplog
+):
     """Triton compiles a C launcher at its first launch on a GPU: with no compiler the default
     CUDA path is the torch one (and says so), never a Triton path that fails at warm-up."""
     if importlib.util.find_spec("triton") is None:
@@ -253,6 +256,7 @@ def test_near_dead_weights_are_flushed(eager):
     (kernels.TINY), so no product falls into x86's slow denormal path. The outputs stay within
     1 grey level of the eager path that keeps them (test_real_photos_match_reference)."""
     from model.kernels import TINY
+
     weights = torch.cat([p.detach().abs().flatten() for p in eager.efe.parameters()])
     assert ((weights > 0) & (weights < 1.2e-38)).any()  # what makes this test meaningful
     path = NumbaBackend(eager.efe, eager.scale_factor, eager.steps)

@@ -1,5 +1,6 @@
 """model.imageio: every kind of input Pillow reads becomes 8-bit RGB (+ alpha), written back in a
 sensible mode; bad bytes give specific errors. Inputs are derived from real sice-real photos."""
+
 import io
 import struct
 import zlib
@@ -160,12 +161,22 @@ def test_max_pixels_is_enforced_before_decoding(photo):
 
 def _png_header_only(width: int, height: int) -> bytes:
     """A tiny PNG that claims to be width x height: a decompression bomb's header."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return (struct.pack(">I", len(body)) + kind + body
-                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+        return (
+            struct.pack(">I", len(body))
+            + kind
+            + body
+            + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+        )
+
     ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit grayscale
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
-            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
@@ -197,7 +208,7 @@ def test_factor_picture_darker_means_lower_factor():
 def test_tensor_to_rgb_is_the_channels_last_copy(photo):
     chw = decode_image(as_bytes(photo, "PNG")).to_tensor().contiguous()
     want = chw[0].permute(1, 2, 0).numpy()
-    assert np.array_equal(tensor_to_rgb(chw), want)     # (1, 3, H, W)
+    assert np.array_equal(tensor_to_rgb(chw), want)  # (1, 3, H, W)
     assert np.array_equal(tensor_to_rgb(chw[0]), want)  # (3, H, W)
 
 
@@ -215,8 +226,11 @@ def jpegs() -> list[bytes]:
     out = []
     for i, f in enumerate(sorted(SICE.glob("*.png"))[:4]):
         img = Image.open(f).convert("RGB").crop((0, 0, 301 + 2 * i, 203 + i))
-        out.append(as_bytes(img, "JPEG", quality=90, progressive=bool(i % 2),
-                            subsampling=0 if i >= 2 else 2))
+        out.append(
+            as_bytes(
+                img, "JPEG", quality=90, progressive=bool(i % 2), subsampling=0 if i >= 2 else 2
+            )
+        )
     return out
 
 
@@ -242,6 +256,7 @@ def test_jpeg_encodes_like_pillow(photo):
 
 
 # --- the fast PNG reader and writer (model/png.py) --------------------------------------------
+
 
 def pillow_pixels(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)))
@@ -308,8 +323,11 @@ def test_png_reader_leaves_the_unusual_to_pillow(photo):
 
 def test_png_in_png_out_round_trip_through_decode_and_encode(photo):
     rgba = photo.convert("RGBA")
-    rgba.putalpha(Image.fromarray(np.arange(rgba.width * rgba.height, dtype=np.uint8)
-                                  .reshape(rgba.height, rgba.width)))
+    rgba.putalpha(
+        Image.fromarray(
+            np.arange(rgba.width * rgba.height, dtype=np.uint8).reshape(rgba.height, rgba.width)
+        )
+    )
     decoded = decode_image(as_bytes(rgba))
     assert decoded.rgb.flags.c_contiguous
     out = Image.open(io.BytesIO(encode_image(decoded.rgb, decoded.alpha, False, "PNG")))

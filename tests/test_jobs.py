@@ -5,6 +5,7 @@ metrics, and a shutdown that cancels and cleans up.
 One server holds at most one queued job; a 1500-frame 320x240 video written with a slow
 encoder keeps a job running long enough to act on it, on a CPU or a GPU.
 """
+
 import io
 import signal
 import time
@@ -25,8 +26,15 @@ LONG = 1500  # frames at 320x240, still running while the tests act on the job:
 SLOW = {"codec": "hevc", "preset": "slower"}
 
 
-def make_video(path: Path, width: int = 96, height: int = 64, frames: int = 20,
-               fps: int = 10, audio: bool = False, faststart: bool = False) -> Path:
+def make_video(
+    path: Path,
+    width: int = 96,
+    height: int = 64,
+    frames: int = 20,
+    fps: int = 10,
+    audio: bool = False,
+    faststart: bool = False,
+) -> Path:
     """A dark gradient with a moving grey square, libx264 (and a 440 Hz AAC tone);
     `faststart`: the index (with the frame count) before the frames."""
     y, x = np.mgrid[0:height, 0:width]
@@ -39,14 +47,16 @@ def make_video(path: Path, width: int = 96, height: int = 64, frames: int = 20,
         for i in range(frames):
             img = base.astype(np.uint8)
             left = (i * 3) % (width - 16)
-            img[10:26, left:left + 16] = 90
+            img[10:26, left : left + 16] = 90
             c.mux(s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
         c.mux(s.encode())
         if a is not None:
             t = np.arange(16000 * frames // fps) / 16000
-            tone = av.AudioFrame.from_ndarray((0.1 * np.sin(2 * np.pi * 440 * t))
-                                              .astype(np.float32)[None], format="fltp",
-                                              layout="mono")
+            tone = av.AudioFrame.from_ndarray(
+                (0.1 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None],
+                format="fltp",
+                layout="mono",
+            )
             tone.sample_rate = 16000
             c.mux(a.encode(tone))
             c.mux(a.encode())
@@ -56,11 +66,13 @@ def make_video(path: Path, width: int = 96, height: int = 64, frames: int = 20,
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("videos")
-    return {"short": make_video(d / "short.mp4", audio=True),
-            "small": make_video(d / "small.mp4", 64, 48, 12),
-            "long": make_video(d / "long.mp4", 320, 240, LONG, fps=60),
-            "too_long": make_video(d / "too_long.mp4", 64, 48, MAX_DURATION_S + 5, fps=1),
-            "indexed": make_video(d / "indexed.mp4", 64, 48, 30, faststart=True)}
+    return {
+        "short": make_video(d / "short.mp4", audio=True),
+        "small": make_video(d / "small.mp4", 64, 48, 12),
+        "long": make_video(d / "long.mp4", 320, 240, LONG, fps=60),
+        "too_long": make_video(d / "too_long.mp4", 64, 48, MAX_DURATION_S + 5, fps=1),
+        "indexed": make_video(d / "indexed.mp4", 64, 48, 30, faststart=True),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +82,15 @@ def jobs_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(jobs_dir):
-    s = Server({"SGZ_JOBS_DIR": str(jobs_dir), "SGZ_MAX_QUEUED_JOBS": "1",
-                "SGZ_MAX_VIDEO_UPLOAD_BYTES": str(MAX_UPLOAD),
-                "SGZ_MAX_VIDEO_DURATION_S": str(MAX_DURATION_S), "SGZ_RETRY_AFTER_S": "7"})
+    s = Server(
+        {
+            "SGZ_JOBS_DIR": str(jobs_dir),
+            "SGZ_MAX_QUEUED_JOBS": "1",
+            "SGZ_MAX_VIDEO_UPLOAD_BYTES": str(MAX_UPLOAD),
+            "SGZ_MAX_VIDEO_DURATION_S": str(MAX_DURATION_S),
+            "SGZ_RETRY_AFTER_S": "7",
+        }
+    )
     try:
         yield s.wait_ready()
     finally:
@@ -80,8 +98,13 @@ def server(jobs_dir):
 
 
 def submit(server, video: Path, **params) -> httpx.Response:
-    return httpx.post(f"{server.url}/jobs", content=video.read_bytes(), params=params,
-                      headers={"content-type": "video/mp4"}, timeout=30)
+    return httpx.post(
+        f"{server.url}/jobs",
+        content=video.read_bytes(),
+        params=params,
+        headers={"content-type": "video/mp4"},
+        timeout=30,
+    )
 
 
 def wait_for(server, job_id: str, states: tuple[str, ...], timeout: float = 120) -> dict:
@@ -111,9 +134,15 @@ def test_submit_poll_download(server, videos):
     job = r.json()
     assert r.headers["location"] == f"/jobs/{job['id']}"
     assert job["state"] in ("queued", "running") and job["created"]
-    assert job["options"] == {"strength": 0.8, "denoise": 1.0, "exposure": "auto",
-                              "temporal": True, "codec": "h264", "crf": 23,
-                              "preset": "veryfast"}
+    assert job["options"] == {
+        "strength": 0.8,
+        "denoise": 1.0,
+        "exposure": "auto",
+        "temporal": True,
+        "codec": "h264",
+        "crf": 23,
+        "preset": "veryfast",
+    }
     assert job["input"]["width"] == 96 and job["input"]["frames"] == 20
     done = wait_for(server, job["id"], ("done", "failed"))
     assert done["state"] == "done", done
@@ -148,8 +177,11 @@ def test_range_requests(server, videos):
 
 
 def test_multipart_upload_and_vp9_webm(server, videos):
-    r = httpx.post(f"{server.url}/jobs", params={"codec": "vp9", "preset": "ultrafast"},
-                   files={"video": ("clip.mp4", videos["small"].read_bytes(), "video/mp4")})
+    r = httpx.post(
+        f"{server.url}/jobs",
+        params={"codec": "vp9", "preset": "ultrafast"},
+        files={"video": ("clip.mp4", videos["small"].read_bytes(), "video/mp4")},
+    )
     assert r.status_code == 202, r.text
     done = wait_for(server, r.json()["id"], ("done", "failed"))
     assert done["state"] == "done", done
@@ -164,26 +196,44 @@ def test_bad_uploads_are_refused_and_leave_nothing(server, jobs_dir):
     png = io.BytesIO()
     Image.new("RGB", (64, 48), (10, 10, 10)).save(png, "PNG")
     for body in (np.random.default_rng(0).bytes(5000), png.getvalue()):
-        r = httpx.post(f"{server.url}/jobs", content=body,
-                       headers={"content-type": "application/octet-stream"})
+        r = httpx.post(
+            f"{server.url}/jobs", content=body, headers={"content-type": "application/octet-stream"}
+        )
         assert_error(r, 422, "invalid_video")
-    assert_error(httpx.post(f"{server.url}/jobs", content=b"",
-                            headers={"content-type": "video/mp4"}), 400, "empty_video")
-    assert_error(httpx.post(f"{server.url}/jobs", content=b"x",
-                            headers={"content-type": "text/plain"}), 415,
-                 "unsupported_media_type")
-    for params in ({"crf": 99}, {"preset": "warp"}, {"codec": "mjpeg"}, {"strength": 2},
-                   {"exposure": "dim"}):
-        r = httpx.post(f"{server.url}/jobs", content=png.getvalue(), params=params,
-                       headers={"content-type": "video/mp4"})
+    assert_error(
+        httpx.post(f"{server.url}/jobs", content=b"", headers={"content-type": "video/mp4"}),
+        400,
+        "empty_video",
+    )
+    assert_error(
+        httpx.post(f"{server.url}/jobs", content=b"x", headers={"content-type": "text/plain"}),
+        415,
+        "unsupported_media_type",
+    )
+    for params in (
+        {"crf": 99},
+        {"preset": "warp"},
+        {"codec": "mjpeg"},
+        {"strength": 2},
+        {"exposure": "dim"},
+    ):
+        r = httpx.post(
+            f"{server.url}/jobs",
+            content=png.getvalue(),
+            params=params,
+            headers={"content-type": "video/mp4"},
+        )
         assert_error(r, 422, "invalid_parameter")
     assert job_folders(jobs_dir) == before
 
 
 def test_a_video_broken_past_its_header_fails_the_job(server, videos, jobs_dir):
     data = videos["indexed"].read_bytes()
-    r = httpx.post(f"{server.url}/jobs", content=data[:len(data) * 6 // 10],
-                   headers={"content-type": "video/mp4"})
+    r = httpx.post(
+        f"{server.url}/jobs",
+        content=data[: len(data) * 6 // 10],
+        headers={"content-type": "video/mp4"},
+    )
     assert r.status_code == 202, r.text  # the probe reads only the header
     job = wait_for(server, r.json()["id"], ("done", "failed"))
     assert job["state"] == "failed" and "truncated" in job["error"], job
@@ -199,15 +249,19 @@ def test_too_large_and_too_long(server, videos):
 
     def chunks():  # no Content-Length: the limit is counted while reading
         for i in range(0, len(big), 65536):
-            yield big[i:i + 65536]
+            yield big[i : i + 65536]
+
     r = httpx.post(f"{server.url}/jobs", content=chunks(), headers={"content-type": "video/mp4"})
     assert_error(r, 413, "payload_too_large")
     assert_error(submit(server, videos["too_long"]), 413, "video_too_long")
 
 
 def test_unknown_job_is_404(server):
-    for method, path in (("GET", "/jobs/nope"), ("GET", "/jobs/nope/result"),
-                         ("DELETE", "/jobs/nope")):
+    for method, path in (
+        ("GET", "/jobs/nope"),
+        ("GET", "/jobs/nope/result"),
+        ("DELETE", "/jobs/nope"),
+    ):
         assert_error(httpx.request(method, server.url + path), 404, "unknown_job")
 
 
@@ -223,8 +277,12 @@ def test_queue_cancel_and_images_while_a_job_runs(server, videos, jobs_dir):
 
     # images keep being answered, within about one batch of frames of their own time
     start = time.monotonic()
-    r = httpx.post(f"{server.url}/enhance", content=photo((512, 512)).read_bytes(),
-                   headers={"content-type": "image/png"}, timeout=30)
+    r = httpx.post(
+        f"{server.url}/enhance",
+        content=photo((512, 512)).read_bytes(),
+        headers={"content-type": "image/png"},
+        timeout=30,
+    )
     assert r.status_code == 200 and time.monotonic() - start < 10
 
     end = time.monotonic() + 30
@@ -242,8 +300,7 @@ def test_queue_cancel_and_images_while_a_job_runs(server, videos, jobs_dir):
 
     second = queued.json()["id"]
     wait_for(server, second, ("running",))  # the queued one starts once the first stops
-    assert httpx.delete(f"{server.url}/jobs/{second}", timeout=40).json()["state"] == \
-        "cancelled"
+    assert httpx.delete(f"{server.url}/jobs/{second}", timeout=40).json()["state"] == "cancelled"
     assert second not in job_folders(jobs_dir)
 
 
@@ -272,14 +329,23 @@ def test_metrics(server):
 def test_disk_budget_and_expiry(videos, tmp_path):
     """A budget of 60 kB for job files, and results kept for one second (no warm-up: these
     jobs are too small to need one)."""
-    s = Server({"SGZ_JOBS_DIR": str(tmp_path), "SGZ_MAX_JOBS_DISK_BYTES": "60000",
-                "SGZ_JOB_RESULT_TTL_S": "1", "SGZ_WARMUP": "false"}).wait_ready()
+    s = Server(
+        {
+            "SGZ_JOBS_DIR": str(tmp_path),
+            "SGZ_MAX_JOBS_DISK_BYTES": "60000",
+            "SGZ_JOB_RESULT_TTL_S": "1",
+            "SGZ_WARMUP": "false",
+        }
+    ).wait_ready()
     try:
         big = np.random.default_rng(2).bytes(70000)
         r = httpx.post(f"{s.url}/jobs", content=big, headers={"content-type": "video/mp4"})
         assert_error(r, 503, "disk_full")  # from Content-Length, before reading
-        r = httpx.post(f"{s.url}/jobs", content=iter([big[:40000], big[40000:]]),
-                       headers={"content-type": "video/mp4"})
+        r = httpx.post(
+            f"{s.url}/jobs",
+            content=iter([big[:40000], big[40000:]]),
+            headers={"content-type": "video/mp4"},
+        )
         assert_error(r, 503, "disk_full")  # counted while reading
         job = submit(s, videos["small"]).json()
         assert wait_for(s, job["id"], ("done", "failed"))["state"] == "done"

@@ -3,6 +3,7 @@ kubectl is installed), validated against the Kubernetes JSON schemas (kubernetes
 for the CRDs, against schemas written from their CRDs' required fields; then checked against
 the service's own facts (routes, settings, metrics, the image's user), and the autoscaling
 query run on a real Prometheus scraping a real `sgz serve`."""
+
 import asyncio
 import math
 import os
@@ -36,20 +37,31 @@ OVERLAYS = ("cpu", "gpu")
 PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
 # the oldest Kubernetes still commonly run, and the newest the validator knows
 K8S_VERSIONS = ("1.30", ".".join(kv.latest_version().split(".")[:2]))
+
+
 def api_key_variant(tmp: Path) -> Path:
     """The CPU overlay with the api-key component, as the docs tell users to add it."""
     rel = lambda p: os.path.relpath(p, tmp)  # noqa: E731
-    (tmp / "kustomization.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-        "resources": [rel(K8S / "overlays" / "cpu")],
-        "components": [rel(K8S / "components" / "api-key")]}))
+    (tmp / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [rel(K8S / "overlays" / "cpu")],
+                "components": [rel(K8S / "components" / "api-key")],
+            }
+        )
+    )
     return tmp
 
 
 @pytest.fixture(scope="module")
 def variants(tmp_path_factory) -> dict[str, Path]:
-    return {"base": K8S / "base", **{o: K8S / "overlays" / o for o in OVERLAYS},
-            "cpu+api-key": api_key_variant(tmp_path_factory.mktemp("k8s"))}
+    return {
+        "base": K8S / "base",
+        **{o: K8S / "overlays" / o for o in OVERLAYS},
+        "cpu+api-key": api_key_variant(tmp_path_factory.mktemp("k8s")),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +87,7 @@ def literal_env(c: dict) -> dict[str, str]:
 def settings_from(env: dict[str, str], monkeypatch):
     """The service's Settings as the pod would build them from this environment."""
     from service.settings import Settings
+
     for name in [n for n in os.environ if n.upper().startswith("SGZ_")]:
         monkeypatch.delenv(name)
     for name, value in env.items():
@@ -88,13 +101,15 @@ def key(o: dict) -> tuple:
 
 # --- rendering and schemas ------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("variant", ["base", *OVERLAYS, "cpu+api-key"])
 def test_the_test_renderer_agrees_with_kubectl_kustomize(variant, variants, rendered):
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("no kubectl here: the manifests are checked with the test renderer alone")
-    out = subprocess.run([kubectl, "kustomize", str(variants[variant])], capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        [kubectl, "kustomize", str(variants[variant])], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     theirs = {key(o): o for o in yaml.safe_load_all(out.stdout) if o}
     mine = {key(o): o for o in rendered[variant]}
@@ -107,8 +122,13 @@ def test_the_test_renderer_agrees_with_kubectl_kustomize(variant, variants, rend
 @pytest.mark.parametrize("variant", [*OVERLAYS, "cpu+api-key"])
 def test_core_objects_validate_against_the_kubernetes_schemas(variant, version, rendered):
     core = [o for o in rendered[variant] if o["kind"] not in CRD_SCHEMAS]
-    assert {o["kind"] for o in core} == {"Namespace", "Deployment", "Service",
-                                         "PodDisruptionBudget", "NetworkPolicy"}
+    assert {o["kind"] for o in core} == {
+        "Namespace",
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+    }
     for o in core:  # strict: an unknown (misspelt) field is an error too
         kv.validate(o, version, strict=True)
 
@@ -130,22 +150,37 @@ def test_custom_resources_validate(variant, rendered):
         jsonschema.validate(one(rendered[variant], kind, "sgz-serve"), schema)
     # the HorizontalPodAutoscaler KEDA makes of the ScaledObject, against the core schema
     so = one(rendered[variant], "ScaledObject", "sgz-serve")["spec"]
-    hpa = {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
-           "metadata": {"name": "keda-hpa-sgz-serve", "namespace": "sgz"},
-           "spec": {"scaleTargetRef": so["scaleTargetRef"],
-                    "minReplicas": so["minReplicaCount"], "maxReplicas": so["maxReplicaCount"],
-                    "behavior": so["advanced"]["horizontalPodAutoscalerConfig"]["behavior"],
-                    "metrics": [{"type": "External", "external": {
+    hpa = {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": "keda-hpa-sgz-serve", "namespace": "sgz"},
+        "spec": {
+            "scaleTargetRef": so["scaleTargetRef"],
+            "minReplicas": so["minReplicaCount"],
+            "maxReplicas": so["maxReplicaCount"],
+            "behavior": so["advanced"]["horizontalPodAutoscalerConfig"]["behavior"],
+            "metrics": [
+                {
+                    "type": "External",
+                    "external": {
                         "metric": {"name": "s0-prometheus"},
-                        "target": {"type": t["metricType"],
-                                   "averageValue": t["metadata"]["threshold"]}}}
-                                for t in so["triggers"]]}}
+                        "target": {
+                            "type": t["metricType"],
+                            "averageValue": t["metadata"]["threshold"],
+                        },
+                    },
+                }
+                for t in so["triggers"]
+            ],
+        },
+    }
     for version in K8S_VERSIONS:
         kv.validate(hpa, version, strict=True)
     assert 1 <= so["minReplicaCount"] <= so["fallback"]["replicas"] <= so["maxReplicaCount"]
 
 
 # --- the service's own facts ----------------------------------------------------------------
+
 
 async def statuses(app, paths) -> dict[str, int]:
     """GET each path through the app's routing, without its lifespan (no model loaded:
@@ -159,6 +194,7 @@ async def statuses(app, paths) -> dict[str, int]:
 def test_probes_and_ports_are_the_service_s(variant, rendered, monkeypatch):
     from service.app import create_app
     from service.middleware import OPEN_PATHS
+
     objects = rendered[variant]
     c = container(objects)
     settings = settings_from(literal_env(c), monkeypatch)
@@ -186,6 +222,7 @@ def test_probes_and_ports_are_the_service_s(variant, rendered, monkeypatch):
 @pytest.mark.parametrize("variant", OVERLAYS)
 def test_environment_is_the_service_s_settings(variant, rendered, monkeypatch):
     from service.settings import Settings, unknown_variables
+
     objects = rendered[variant]
     c = container(objects)
     names = {e["name"] for e in c["env"]}
@@ -198,11 +235,13 @@ def test_environment_is_the_service_s_settings(variant, rendered, monkeypatch):
     # the drain: preStop, then up to shutdown_timeout_s, then the lifespan's shutdown
     pre_stop = int(c["lifecycle"]["preStop"]["exec"]["command"][-1])
     assert pod["terminationGracePeriodSeconds"] >= (
-        pre_stop + max(settings.shutdown_timeout_s, settings.shutdown_grace_s) + 5)
+        pre_stop + max(settings.shutdown_timeout_s, settings.shutdown_grace_s) + 5
+    )
     # thread pools sized to the CPU limit, not to the node's cores
     cpus = quantity(c["resources"]["limits"]["cpu"])
-    assert settings.io_threads == int(env["OMP_NUM_THREADS"]) == int(
-        env["NUMBA_NUM_THREADS"]) == cpus
+    assert (
+        settings.io_threads == int(env["OMP_NUM_THREADS"]) == int(env["NUMBA_NUM_THREADS"]) == cpus
+    )
     # the jobs' files fit their volume, or the kubelet would evict the pod
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
@@ -216,8 +255,13 @@ def test_every_path_written_is_a_volume(rendered, monkeypatch):
     c = container(objects)
     env = literal_env(c)
     settings = settings_from({k: v for k, v in env.items() if k.startswith("SGZ_")}, monkeypatch)
-    written = ["/tmp", str(settings.jobs_dir), env["NUMBA_CACHE_DIR"], env["TRITON_CACHE_DIR"],
-               env["HOME"]]
+    written = [
+        "/tmp",
+        str(settings.jobs_dir),
+        env["NUMBA_CACHE_DIR"],
+        env["TRITON_CACHE_DIR"],
+        env["HOME"],
+    ]
     mounted = [m["mountPath"] for m in c["volumeMounts"]]
     for path in written:
         assert any(path == m or path.startswith(m + "/") for m in mounted), path
@@ -253,7 +297,8 @@ def test_pods_meet_the_restricted_pod_security_standard(variant, rendered):
             assert sc["readOnlyRootFilesystem"] is True
             assert sc["capabilities"] == {"drop": ["ALL"]}
             assert {"cpu", "memory"} <= set(c["resources"]["requests"]) & set(
-                c["resources"]["limits"])
+                c["resources"]["limits"]
+            )
     serve = one(objects, "Deployment", "sgz-serve")["spec"]["template"]["spec"]
     assert serve["securityContext"]["runAsUser"] == dockerfile_uid()
     assert "command" not in container(objects) and "args" not in container(objects)
@@ -273,8 +318,9 @@ def test_objects_point_at_each_other(variant, rendered):
     assert svc["spec"]["selector"].items() <= serve_labels.items()
     assert redis_svc["spec"]["selector"].items() <= redis_labels.items()
     assert selects(serve["spec"]["selector"], serve_labels)
-    assert selects(one(objects, "PodDisruptionBudget", "sgz-serve")["spec"]["selector"],
-                   serve_labels)
+    assert selects(
+        one(objects, "PodDisruptionBudget", "sgz-serve")["spec"]["selector"], serve_labels
+    )
     monitor = one(objects, "ServiceMonitor", "sgz-serve")["spec"]
     assert selects(monitor["selector"], svc["metadata"]["labels"])
     assert monitor["endpoints"][0]["port"] in {p["name"] for p in svc["spec"]["ports"]}
@@ -286,15 +332,20 @@ def test_objects_point_at_each_other(variant, rendered):
     assert url.scheme == "redis" and url.host == "sgz-redis"
     assert url.port == redis_svc["spec"]["ports"][0]["port"]
     so = one(objects, "ScaledObject", "sgz-serve")["spec"]
-    assert so["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
-                                    "name": "sgz-serve"}
+    assert so["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "sgz-serve",
+    }
     assert "replicas" not in serve["spec"]  # the ScaledObject's to set
     assert len({o["metadata"].get("namespace") for o in objects if o["kind"] != "Namespace"}) == 1
 
 
 def test_api_key_reaches_the_service_and_prometheus_from_one_secret(rendered):
-    assert "authorization" not in one(rendered["cpu"], "ServiceMonitor", "sgz-serve")[
-        "spec"]["endpoints"][0]
+    assert (
+        "authorization"
+        not in one(rendered["cpu"], "ServiceMonitor", "sgz-serve")["spec"]["endpoints"][0]
+    )
     objects = rendered["cpu+api-key"]
     auth = one(objects, "ServiceMonitor", "sgz-serve")["spec"]["endpoints"][0]["authorization"]
     env = {e["name"]: e for e in container(objects)["env"]}
@@ -313,6 +364,7 @@ def query_of(objects: list[dict]) -> tuple[str, float]:
 @pytest.mark.parametrize("variant", OVERLAYS)
 def test_autoscaling_query_uses_the_service_s_metrics(variant, rendered):
     from service.metrics import Metrics
+
     objects = rendered[variant]
     query, threshold = query_of(objects)
     families = list(Metrics().registry.collect())
@@ -335,13 +387,15 @@ def test_gpu_overlay_asks_for_a_gpu_and_cpu_overlay_does_not(rendered, monkeypat
     assert "nvidia.com/gpu" not in cpu["resources"]["limits"]
     pod = one(rendered["gpu"], "Deployment", "sgz-serve")["spec"]["template"]["spec"]
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
-        "tolerations"]
+        "tolerations"
+    ]
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     cpu_pod = one(rendered["cpu"], "Deployment", "sgz-serve")["spec"]["template"]["spec"]
     assert "tolerations" not in cpu_pod and "nodeSelector" not in cpu_pod
 
 
 # --- real Redis, real Prometheus, real service ----------------------------------------------
+
 
 def redis_args(objects: list[dict]) -> list[str]:
     args = container(objects, "sgz-redis", "redis")["args"]
@@ -373,6 +427,7 @@ def test_scaling_query_counts_requests_in_flight_on_a_real_prometheus(rendered, 
 
     from model.checkpoint import DEFAULT_CHECKPOINT
     from service.settings import Settings
+
     objects = rendered["cpu"]
     query, threshold = query_of(objects)
     so = one(objects, "ScaledObject", "sgz-serve")["spec"]
@@ -393,16 +448,21 @@ def test_scaling_query_counts_requests_in_flight_on_a_real_prometheus(rendered, 
             for probe in PROBES:
                 assert httpx.get(server.url + c[probe]["httpGet"]["path"]).status_code == 200
             prometheus, url = start_prometheus(
-                folder, job="sgz-serve", namespace=monitor["metadata"]["namespace"],
-                path=monitor["spec"]["endpoints"][0]["path"], target=f"127.0.0.1:{server.port}")
+                folder,
+                job="sgz-serve",
+                namespace=monitor["metadata"]["namespace"],
+                path=monitor["spec"]["endpoints"][0]["path"],
+                target=f"127.0.0.1:{server.port}",
+            )
             idle = wait_for(lambda: prometheus_value(url, query), lambda v: v is not None)
             assert idle == 0  # the scrape's own request is not load
             n = 12
             held = hold_requests(server.port, n)
             busy = wait_for(lambda: prometheus_value(url, query), lambda v: v == n)
             # the HPA's rule for an AverageValue target: ceil(total / target a replica)
-            desired = min(max(math.ceil(busy / threshold), so["minReplicaCount"]),
-                          so["maxReplicaCount"])
+            desired = min(
+                max(math.ceil(busy / threshold), so["minReplicaCount"]), so["maxReplicaCount"]
+            )
             assert desired == math.ceil(n / threshold) == 2
             release(held)
             assert wait_for(lambda: prometheus_value(url, query), lambda v: v == 0) == 0

@@ -1,4 +1,5 @@
 """Each SGZ loss against a value worked out by hand on a tiny tensor."""
+
 import math
 
 import pytest
@@ -56,12 +57,17 @@ def test_brightness_paper_l1_and_code_l2():
     # ours: the cubed distance, and log(m + 0.1) against log(E + 0.1): ln(0.4 / 0.7)^2
     assert losses.brightness(y, form="l3").item() == pytest.approx(0.027)
     assert losses.brightness(y, form="log").item() == pytest.approx(math.log(0.4 / 0.7) ** 2)
-    assert losses.brightness(torch.zeros(1, 3, 16, 16), 0.6, form="log").item() == \
-        pytest.approx(math.log(0.1 / 0.7) ** 2)  # black is finite: 0.1 offset
+    assert losses.brightness(torch.zeros(1, 3, 16, 16), 0.6, form="log").item() == pytest.approx(
+        math.log(0.1 / 0.7) ** 2
+    )  # black is finite: 0.1 offset
     # `sgz train --bri-form` picks the distance whatever the --loss set: 0.3 and 0.3^2 from E
     only_bri = {"spa": 0, "rgb": 0, "tv": 0, "sem": 0}
-    for variant, form, expected in (("paper", None, 0.3), ("paper", "l2", 0.09),
-                                    ("code", None, 0.09), ("code", "l1", 0.3)):
+    for variant, form, expected in (
+        ("paper", None, 0.3),
+        ("paper", "l2", 0.09),
+        ("code", None, 0.09),
+        ("code", "l1", 0.3),
+    ):
         objective = Objective(variant=variant, weights={**only_bri, "bri": 1.0}, bri_form=form)
         assert objective(y, y, y)[0].item() == pytest.approx(expected)
     with pytest.raises(ValueError, match="bri_form"):
@@ -86,12 +92,13 @@ def test_exposure_level_by_hand():
     y = torch.zeros(2, 3, 8, 8)
     y[0, ..., 4:] = 1.0
     y[1] = 0.2
-    assert losses.exposure_level(y, 0.5).item() == pytest.approx((0.0 + 0.3 ** 2) / 2)
+    assert losses.exposure_level(y, 0.5).item() == pytest.approx((0.0 + 0.3**2) / 2)
     only_level = {"spa": 0, "rgb": 0, "bri": 0, "tv": 0, "sem": 0, "level": 2.0}
     objective = Objective(variant="paper", weights=only_level, exposure=0.7, level_exposure=0.5)
     assert objective(y, y, y)[0].item() == pytest.approx(2.0 * 0.045)
-    assert Objective(variant="paper", weights=only_level, exposure=0.5)(y, y, y)[0].item() \
-        == pytest.approx(2.0 * 0.045)  # E defaults to L_bri's
+    assert Objective(variant="paper", weights=only_level, exposure=0.5)(y, y, y)[
+        0
+    ].item() == pytest.approx(2.0 * 0.045)  # E defaults to L_bri's
     no_level = {**only_level, "level": 0.0, "tv": 1.0}
     assert list(Objective(variant="paper", weights=no_level)(y, y, y)[1]) == ["tv"]  # off at 0
     assert Objective(variant="paper").weights["level"] == 0  # and by default
@@ -125,7 +132,7 @@ def test_total_variation_by_hand():
 
 def test_semantic_focal_by_hand():
     logits = torch.tensor([0.0, math.log(3.0)]).view(1, 2, 1, 1)  # p = (0.25, 0.75)
-    expected = -(1 - 0.75) ** 2 * math.log(0.75)
+    expected = -((1 - 0.75) ** 2) * math.log(0.75)
     assert losses.semantic_focal(logits).item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -135,8 +142,9 @@ def test_factor_uniformity_by_hand():
     x_r[0, 0, :, :2] = 0.7  # one map of six half -0.3, half 0.7: variance 0.25
     assert losses.factor_uniformity(x_r).item() == pytest.approx(0.25 / 6)
     # a constant offset between channels is a colour choice, not a spatial one
-    assert losses.factor_uniformity(x_r + torch.tensor([0.1, 0.0, -0.1]).view(1, 3, 1, 1)
-                                     ).item() == pytest.approx(0.25 / 6)
+    assert losses.factor_uniformity(
+        x_r + torch.tensor([0.1, 0.0, -0.1]).view(1, 3, 1, 1)
+    ).item() == pytest.approx(0.25 / 6)
 
 
 def test_factor_spread_by_hand():
@@ -150,14 +158,15 @@ def test_factor_spread_by_hand():
     # under uniform luminance nothing is explained: the plain spatial variance
     flat = torch.full((1, 1, 2, 2), 0.3)
     assert losses.factor_spread(x_r, flat).item() == pytest.approx(
-        losses.factor_uniformity(x_r).item(), rel=1e-4)
+        losses.factor_uniformity(x_r).item(), rel=1e-4
+    )
 
 
 def test_factor_priors_reach_the_objective():
     """--w-uni, --w-spread and --w-smooth score x_r at EFE's resolution; spread against the
     input's luminance pooled to that resolution."""
     x = torch.zeros(1, 3, 4, 4)
-    x[..., 2:, :] = 0.5                       # luminance: two rows dark, two bright
+    x[..., 2:, :] = 0.5  # luminance: two rows dark, two bright
     x_r_efe = torch.tensor([0.0, 1.0]).view(1, 1, 2, 1).expand(1, 3, 2, 2)  # follows it
     # smooth: 3 channels x 2 columns x 1^2 over 2 vertical pairs, times 2 (Eq. 7 as the code) = 6
     y = x_r = torch.zeros(1, 3, 4, 4)

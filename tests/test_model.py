@@ -1,5 +1,6 @@
 """The model package: EFE size, parity with the published inference code, any image size,
 factor maps, and checkpoint files (ours and the published raw state dicts)."""
+
 import math
 import pathlib
 
@@ -34,10 +35,16 @@ def sice(name: str, box: tuple[int, int, int, int] | None = None) -> torch.Tenso
 
 def reference_enhance(state_dict: dict, images: torch.Tensor) -> torch.Tensor:
     """The published inference code, written out from its equations on the raw state dict."""
+
     def block(i, t):  # depthwise 3x3 (groups = channels), then pointwise 1x1
         p = f"e_conv{i}"
-        t = F.conv2d(t, state_dict[f"{p}.depth_conv.weight"], state_dict[f"{p}.depth_conv.bias"],
-                     padding=1, groups=t.shape[1])
+        t = F.conv2d(
+            t,
+            state_dict[f"{p}.depth_conv.weight"],
+            state_dict[f"{p}.depth_conv.bias"],
+            padding=1,
+            groups=t.shape[1],
+        )
         return F.conv2d(t, state_dict[f"{p}.point_conv.weight"], state_dict[f"{p}.point_conv.bias"])
 
     x = images.float() / 255
@@ -52,7 +59,7 @@ def reference_enhance(state_dict: dict, images: torch.Tensor) -> torch.Tensor:
     x_r = F.interpolate(x_r, scale_factor=12, mode="bilinear", align_corners=True)
     y = x
     for _ in range(8):  # RIE, Eq. 1, eight steps
-        y = y + x_r * (y ** 2 - y)
+        y = y + x_r * (y**2 - y)
     return torch.round(255 * y.clamp(0, 1)).to(torch.uint8)
 
 
@@ -66,8 +73,9 @@ def test_efe_has_the_papers_parameter_count():
 
 
 @pytest.mark.parametrize("backend", ["auto", "eager"])
-@pytest.mark.parametrize("checkpoint", [SGZ_PUBLISHED, ZERO_DCE_PP_PUBLISHED],
-                         ids=["sgz", "zero-dce-pp"])
+@pytest.mark.parametrize(
+    "checkpoint", [SGZ_PUBLISHED, ZERO_DCE_PP_PUBLISHED], ids=["sgz", "zero-dce-pp"]
+)
 def test_parity_with_published_inference(checkpoint, backend):
     state_dict = torch.load(checkpoint, map_location="cpu", weights_only=True)
     enhancer = load_model(checkpoint, backend=backend, device="cpu")
@@ -127,8 +135,8 @@ def test_batch_equals_images_one_by_one(published_enhancer):
     images = torch.cat([sice("101_0_.png", (0, 0, 240, 180)), sice("761_0_.png", (0, 0, 240, 180))])
     batch = published_enhancer.enhance(images)
     for i in range(2):
-        single = published_enhancer.enhance(images[i:i + 1])
-        assert (batch[i:i + 1].int() - single.int()).abs().max() <= 1
+        single = published_enhancer.enhance(images[i : i + 1])
+        assert (batch[i : i + 1].int() - single.int()).abs().max() <= 1
 
 
 def test_strength_zero_is_identity_and_strength_scales(published_enhancer):
@@ -149,6 +157,7 @@ def test_enhance_rejects_wrong_inputs(published_enhancer):
 
 
 # --- checkpoints ---------------------------------------------------------------------------
+
 
 def trained_efe(seed: int = 0) -> EFE:
     efe = EFE()
@@ -197,8 +206,14 @@ def test_efe_config_is_stored_and_rebuilds_the_network(tmp_path):
     assert enhancer.efe.e_conv1.point_conv.out_channels == 8
     image = sice("101_0_.png", (0, 0, 96, 72))
     with torch.inference_mode():
-        assert torch.equal(enhancer.factor_lowres(image), wide(F.interpolate(
-            image.float() / 255, size=(6, 8), mode="bilinear", align_corners=False)))
+        assert torch.equal(
+            enhancer.factor_lowres(image),
+            wide(
+                F.interpolate(
+                    image.float() / 255, size=(6, 8), mode="bilinear", align_corners=False
+                )
+            ),
+        )
     # an old file of ours: arch {"name", "blocks", "features"} (+ "level": True with the gain)
     old = dict(obj, arch={"name": "efe", "blocks": 7, "features": 32})
     old["state_dict"] = trained_efe().state_dict()
@@ -247,8 +262,9 @@ def test_level_checkpoints_round_trip_and_every_path_applies_the_gain(tmp_path):
         got = load_model(tmp_path / "level.pt", backend=backend, device="cpu").enhance(image, **NET)
         assert (got.int() - want.int()).abs().max() <= 1, backend
     # the gain is applied: the same weights without it answer differently
-    assert (load_model(SGZ_PUBLISHED, device="cpu").enhance(image, **NET).int()
-            - want.int()).abs().max() > 5
+    assert (
+        load_model(SGZ_PUBLISHED, device="cpu").enhance(image, **NET).int() - want.int()
+    ).abs().max() > 5
     # a checkpoint whose weights and architecture disagree is refused
     obj = torch.load(tmp_path / "level.pt", weights_only=True)
     obj["arch"] = {k: v for k, v in obj["arch"].items() if k != "level"}
@@ -276,6 +292,7 @@ def test_default_checkpoint_is_our_own_trained_one():
 
 def test_missing_default_checkpoint_is_a_clear_error(monkeypatch, tmp_path):
     import model.enhancer
+
     monkeypatch.setattr(model.enhancer, "DEFAULT_CHECKPOINT", tmp_path / "absent.pt")
     with pytest.raises(CheckpointError, match="default checkpoint .* not in this build"):
         load_model(device="cpu")
@@ -321,14 +338,16 @@ def test_bad_checkpoint_files_give_clear_errors(tmp_path):
         tmp_path / "empty.pt": "empty file",
         _saved(tmp_path, "edited.pt", payload): "content hash mismatch",
         _saved(tmp_path, "wrong-keys.pt", {"conv.weight": torch.zeros(3)}): "not an EFE state dict",
-        _saved(tmp_path, "shape.pt", bad_shape):
-            r"e_conv1.depth_conv.weight has shape \(3, 1, 5, 5\)",
+        _saved(
+            tmp_path, "shape.pt", bad_shape
+        ): r"e_conv1.depth_conv.weight has shape \(3, 1, 5, 5\)",
         _saved(tmp_path, "nan.pt", nan): "NaN or inf",
         _saved(tmp_path, "list.pt", [1, 2]): "expected a dict, found list",
         _saved(tmp_path, "object.pt", {"weights": _Marker(marker)}): "refused to unpickle",
         _saved(tmp_path, "version.pt", dict(payload, version=99)): "format version 99",
-        _saved(tmp_path, "scale.pt", dict(torch.load(good, weights_only=True),
-                                          scale_factor=0)): "scale_factor must be a positive",
+        _saved(
+            tmp_path, "scale.pt", dict(torch.load(good, weights_only=True), scale_factor=0)
+        ): "scale_factor must be a positive",
     }
     for path, message in cases.items():
         with pytest.raises(CheckpointError, match=message) as info:
@@ -343,4 +362,3 @@ def test_checkpoint_saving_refuses_non_json_recipe(tmp_path):
     with pytest.raises(TypeError):
         save_checkpoint(tmp_path / "c.pt", trained_efe(), scale_factor=12, recipe={"f": object()})
     assert not (tmp_path / "c.pt").exists()
-

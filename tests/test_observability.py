@@ -7,6 +7,7 @@
   through tracing.install, the hook `sgz serve` uses: concurrent requests share a batch and
   the span tree and links are checked.
 """
+
 import asyncio
 import concurrent.futures
 import gzip
@@ -96,18 +97,30 @@ def served():
     """The served JSON log after a fixed set of requests and a SIGTERM, the answers, and what
     the collector received."""
     collector = Collector()
-    server = Server({"SGZ_LOG_FORMAT": "json", "SGZ_API_KEY": API_KEY,
-                     "SGZ_MAX_UPLOAD_BYTES": "200000", "SGZ_SHUTDOWN_GRACE_S": "0",
-                     "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url, "OTEL_TRACES_EXPORTER": "",
-                     "OTEL_SERVICE_NAME": "sgz-test", "OTEL_BSP_SCHEDULE_DELAY": "100"})
+    server = Server(
+        {
+            "SGZ_LOG_FORMAT": "json",
+            "SGZ_API_KEY": API_KEY,
+            "SGZ_MAX_UPLOAD_BYTES": "200000",
+            "SGZ_SHUTDOWN_GRACE_S": "0",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url,
+            "OTEL_TRACES_EXPORTER": "",
+            "OTEL_SERVICE_NAME": "sgz-test",
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+        }
+    )
     key = {"X-API-Key": API_KEY}
     png = small_png()
     try:
         server.wait_ready()
 
         def post(body, **h):
-            return httpx.post(f"{server.url}/enhance", content=body, timeout=60,
-                              headers={"Content-Type": "image/png", **key, **h})
+            return httpx.post(
+                f"{server.url}/enhance",
+                content=body,
+                timeout=60,
+                headers={"Content-Type": "image/png", **key, **h},
+            )
 
         answers = {
             "ok": post(png, traceparent=f"00-{TRACE_ID}-{PARENT_ID}-01"),
@@ -127,8 +140,11 @@ def served():
 
 
 def request_line(lines: list[dict], response: httpx.Response) -> dict:
-    mine = [line for line in lines if line.get("event") == "request"
-            and line["request_id"] == response.headers["X-Request-ID"]]
+    mine = [
+        line
+        for line in lines
+        if line.get("event") == "request" and line["request_id"] == response.headers["X-Request-ID"]
+    ]
     assert len(mine) == 1, mine
     return mine[0]
 
@@ -142,8 +158,9 @@ def test_each_request_is_one_json_line_matching_its_answer(served):
     assert line["request_bytes"] == len(png)
     assert line["response_bytes"] == len(answers["ok"].content)
     assert line["client"] == "127.0.0.1"
-    timing = dict(part.split(";dur=") for part in answers["ok"].headers["Server-Timing"]
-                  .split(", "))
+    timing = dict(
+        part.split(";dur=") for part in answers["ok"].headers["Server-Timing"].split(", ")
+    )
     assert line["timings_ms"] == {k: float(v) for k, v in timing.items()}
     assert set(line["timings_ms"]) == STAGES
     assert line["duration_ms"] + 0.5 >= sum(line["timings_ms"].values())  # both rounded
@@ -154,10 +171,11 @@ def test_each_request_is_one_json_line_matching_its_answer(served):
 def test_errors_and_templates_in_request_lines(served):
     lines, answers, _, _ = served
     for name, status, route, error in [
-            ("unsupported", 415, "/enhance", "unsupported_image"),
-            ("too_large", 413, "/enhance", "payload_too_large"),
-            ("no_key", 401, "/metrics", "unauthorized"),
-            ("factor", 200, "/factor/{factor_id}", None)]:
+        ("unsupported", 415, "/enhance", "unsupported_image"),
+        ("too_large", 413, "/enhance", "payload_too_large"),
+        ("no_key", 401, "/metrics", "unauthorized"),
+        ("factor", 200, "/factor/{factor_id}", None),
+    ]:
         assert answers[name].status_code == status, answers[name].text
         line = request_line(lines, answers[name])
         assert (line["status"], line["route"], line.get("error")) == (status, route, error)
@@ -172,8 +190,13 @@ def test_lifecycle_events_and_no_secrets(served):
     events = [line.get("event") for line in lines]
     for event in ("startup", "ready", "drain", "shutdown", "stopped"):
         assert event in events, events
-    assert events.index("startup") < events.index("ready") < events.index("drain") \
-        < events.index("shutdown") < events.index("stopped")
+    assert (
+        events.index("startup")
+        < events.index("ready")
+        < events.index("drain")
+        < events.index("shutdown")
+        < events.index("stopped")
+    )
     startup = lines[events.index("startup")]
     assert startup["settings"]["api_key"] == "set"
     assert startup["settings"]["log_format"] == "json"
@@ -189,8 +212,11 @@ def test_spans_exported_over_otlp(served):
     lines, answers, _, spans = served
     ok = answers["ok"].headers["X-Request-ID"]
     server_spans = [s for _, s in spans if s.kind == s.SPAN_KIND_SERVER]
-    mine = [s for s in server_spans if any(a.key == "sgz.request_id" and
-                                           a.value.string_value == ok for a in s.attributes)]
+    mine = [
+        s
+        for s in server_spans
+        if any(a.key == "sgz.request_id" and a.value.string_value == ok for a in s.attributes)
+    ]
     assert len(mine) == 1, [s.name for _, s in spans]
     span = mine[0]
     assert span.name == "POST /enhance"
@@ -198,8 +224,11 @@ def test_spans_exported_over_otlp(served):
     children = {s.name for _, s in spans if s.parent_span_id == span.span_id}
     assert children == STAGES
     assert all(attrs["service.name"] == "sgz-test" for attrs, _ in spans)
-    linked = [s for _, s in spans if s.name == "batch"
-              and any(link.span_id == span.span_id for link in s.links)]
+    linked = [
+        s
+        for _, s in spans
+        if s.name == "batch" and any(link.span_id == span.span_id for link in s.links)
+    ]
     assert len(linked) == 1
 
 
@@ -224,6 +253,7 @@ def access_lines():
     class Keep(logging.Handler):
         def emit(self, record):
             lines.append(self.format(record))
+
     handler = Keep()
     handler.setFormatter(logs.JsonFormatter())
     logs.access.addHandler(handler)
@@ -236,8 +266,10 @@ def access_lines():
 
 def serve_in_thread(app):
     import uvicorn
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(),
-                                           log_level="warning", lifespan="on"))
+
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", lifespan="on")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{server.config.port}"
@@ -254,17 +286,21 @@ def serve_in_thread(app):
 
 def test_batch_span_links_every_request(published_enhancer, memory_tracing, access_lines):
     from service import Settings, create_app
+
     # batches wait 1 s for company (never dispatched early), so the 4 requests share one
-    settings = Settings(log_format="json", max_wait_ms=1000, early_dispatch=False,
-                        warmup=False, io_threads=4)
+    settings = Settings(
+        log_format="json", max_wait_ms=1000, early_dispatch=False, warmup=False, io_threads=4
+    )
     server, thread, url = serve_in_thread(create_app(settings, enhancer=published_enhancer))
     png = small_png()
     try:
+
         def post(i):
             headers = {"Content-Type": "image/png"}
             if i == 0:
                 headers["traceparent"] = f"00-{TRACE_ID}-{PARENT_ID}-01"
             return httpx.post(url + "/enhance", content=png, headers=headers, timeout=60)
+
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             answers = list(pool.map(post, range(4)))
     finally:
@@ -272,16 +308,20 @@ def test_batch_span_links_every_request(published_enhancer, memory_tracing, acce
         thread.join(30)
     assert [a.status_code for a in answers] == [200] * 4
     spans = memory_tracing.get_finished_spans()
-    requests = {s.attributes["sgz.request_id"]: s for s in spans if s.kind == SpanKind.SERVER
-                and s.attributes["http.route"] == "/enhance"}
+    requests = {
+        s.attributes["sgz.request_id"]: s
+        for s in spans
+        if s.kind == SpanKind.SERVER and s.attributes["http.route"] == "/enhance"
+    }
     assert len(requests) == 4
     assert not [s for s in spans if s.attributes.get("url.path") == "/readyz"]  # probes: none
     for answer in answers:
         span = requests[answer.headers["X-Request-ID"]]
         assert span.name == "POST /enhance"
         assert span.attributes["http.response.status_code"] == 200
-        children = [s for s in spans if s.parent is not None
-                    and s.parent.span_id == span.context.span_id]
+        children = [
+            s for s in spans if s.parent is not None and s.parent.span_id == span.context.span_id
+        ]
         assert {s.name for s in children} == STAGES
         assert all(s.context.trace_id == span.context.trace_id for s in children)
     first = requests[answers[0].headers["X-Request-ID"]]
@@ -308,12 +348,14 @@ def test_an_unhandled_exception_is_one_error_line_with_its_request_id(access_lin
 
     async def broken(scope, receive, send):
         raise RuntimeError("a bug")
+
     app = ServiceMiddleware(broken, Metrics(), routes=[], log_requests=True)
     transport = httpx.ASGITransport(app, raise_app_exceptions=False)
 
     async def get():
         async with httpx.AsyncClient(transport=transport, base_url="http://sgz") as client:
             return await client.get("/anything", headers={"X-Request-ID": "bug-1"})
+
     assert asyncio.run(get()).status_code == 500
     [line] = map(json.loads, access_lines)
     assert (line["level"], line["status"], line["request_id"]) == ("error", 500, "bug-1")
@@ -331,22 +373,28 @@ def test_tracing_is_off_without_otel_variables(monkeypatch):
     assert logs.observe({"type": "http"}, "id", log_requests=False) is None
 
 
-@pytest.mark.parametrize("environ, exporters", [
-    ({}, []),
-    ({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}, []),
-    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}, ["otlp"]),
-    ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/v1/traces"}, ["otlp"]),
-    ({"OTEL_TRACES_EXPORTER": "console"}, ["console"]),
-    ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "true"}, []),
-])
+@pytest.mark.parametrize(
+    "environ, exporters",
+    [
+        ({}, []),
+        ({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}, []),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}, ["otlp"]),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/v1/traces"}, ["otlp"]),
+        ({"OTEL_TRACES_EXPORTER": "console"}, ["console"]),
+        ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "true"}, []),
+    ],
+)
 def test_which_variables_switch_tracing_on(environ, exporters):
     assert tracing.wanted(environ) == exporters
 
 
-@pytest.mark.parametrize("environ, message", [
-    ({"OTEL_TRACES_EXPORTER": "zipkin"}, "zipkin is not supported"),
-    ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, "http/protobuf"),
-])
+@pytest.mark.parametrize(
+    "environ, message",
+    [
+        ({"OTEL_TRACES_EXPORTER": "zipkin"}, "zipkin is not supported"),
+        ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, "http/protobuf"),
+    ],
+)
 def test_unsupported_tracing_setup_is_refused(environ, message):
     with pytest.raises(ValueError, match=message):
         tracing.from_environment(environ)

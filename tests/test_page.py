@@ -6,6 +6,7 @@ words; with SGZ_API_KEY set the page asks for the key and then works. No CSP vio
 
 SGZ_PAGE_SCREENSHOT=docs/page.png makes the first test save the screenshot the docs show.
 """
+
 import base64
 import io
 import os
@@ -48,8 +49,7 @@ def page(browser):
     pg = context.new_page()
     pg.set_default_timeout(60_000)
     pg.csp_errors = []
-    pg.on("console", lambda m: "Content Security Policy" in m.text
-          and pg.csp_errors.append(m.text))
+    pg.on("console", lambda m: "Content Security Policy" in m.text and pg.csp_errors.append(m.text))
     yield pg
     context.close()
     assert not pg.csp_errors, pg.csp_errors
@@ -75,8 +75,13 @@ def test_the_page_shows_enhance_s_own_pixels_and_re_enhances_on_a_slider(server,
     source = photo((512, 512))
     open_with_photo(page, server.url, source)
     wait_done(page)
-    expected = httpx.post(f"{server.url}/enhance", params=OPTIONS, content=source.read_bytes(),
-                          headers=PNG, timeout=60)
+    expected = httpx.post(
+        f"{server.url}/enhance",
+        params=OPTIONS,
+        content=source.read_bytes(),
+        headers=PNG,
+        timeout=60,
+    )
     assert expected.status_code == 200
     want = np.asarray(Image.open(io.BytesIO(expected.content)).convert("RGB"))
     assert np.array_equal(canvas_pixels(page, "#after"), want)
@@ -90,8 +95,9 @@ def test_the_page_shows_enhance_s_own_pixels_and_re_enhances_on_a_slider(server,
         page.fill("#factor-opacity", "0.45")
         page.dispatch_event("#factor-opacity", "input")
         page.set_viewport_size({"width": 760, "height": 1275})
-        page.eval_on_selector("#split",
-                              "s => { s.value = 40; s.dispatchEvent(new Event('input')); }")
+        page.eval_on_selector(
+            "#split", "s => { s.value = 40; s.dispatchEvent(new Event('input')); }"
+        )
         page.screenshot(path=os.environ["SGZ_PAGE_SCREENSHOT"], full_page=False)
         page.uncheck("#show-factor")
 
@@ -103,10 +109,17 @@ def test_the_page_shows_enhance_s_own_pixels_and_re_enhances_on_a_slider(server,
     assert req.value.method == "POST"
     assert page.text_content("#strength-out") == "0.9"
     wait_done(page)
-    weaker = httpx.post(f"{server.url}/enhance", params={**OPTIONS, "strength": "0.9"},
-                        content=source.read_bytes(), headers=PNG, timeout=60)
-    assert np.array_equal(canvas_pixels(page, "#after"),
-                          np.asarray(Image.open(io.BytesIO(weaker.content)).convert("RGB")))
+    weaker = httpx.post(
+        f"{server.url}/enhance",
+        params={**OPTIONS, "strength": "0.9"},
+        content=source.read_bytes(),
+        headers=PNG,
+        timeout=60,
+    )
+    assert np.array_equal(
+        canvas_pixels(page, "#after"),
+        np.asarray(Image.open(io.BytesIO(weaker.content)).convert("RGB")),
+    )
 
 
 def test_the_factor_map_shows_as_a_heat_map_with_a_legend(server, page):
@@ -120,8 +133,13 @@ def test_the_factor_map_shows_as_a_heat_map_with_a_legend(server, page):
     assert "brightening" in page.text_content("#legend")
     heat = canvas_pixels(page, "#factor").astype(int)
     factor_id = page.get_attribute("#viewer", "data-factor-id")
-    grey = np.asarray(Image.open(io.BytesIO(httpx.get(
-        f"{server.url}/factor/{factor_id}", params={"format": "png"}).content)).convert("RGB"))
+    grey = np.asarray(
+        Image.open(
+            io.BytesIO(
+                httpx.get(f"{server.url}/factor/{factor_id}", params={"format": "png"}).content
+            )
+        ).convert("RGB")
+    )
     x_r = np.round(grey.astype(int).sum(-1) / 3) / 127.5 - 1  # the picture: -1 black, +1 white
     want = np.stack([np.interp(x_r, RAMP_X, [c[k] for c in RAMP_RGB]) for k in range(3)], -1)
     assert heat.shape == want.shape == (512, 512, 3)
@@ -134,8 +152,10 @@ def test_an_unsupported_file_is_refused_in_words(server, page):
     page.goto(server.url)
     page.wait_for_selector("body[data-ready]", state="attached")
     with page.expect_response(lambda r: "/enhance" in r.url) as answer:
-        page.set_input_files("#file", files=[{"name": "notes.txt", "mimeType": "text/plain",
-                                               "buffer": b"not a photo"}])
+        page.set_input_files(
+            "#file",
+            files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not a photo"}],
+        )
     assert answer.value.status == 415
     page.wait_for_selector("#message:not([hidden])")
     assert "Not a file type this service reads" in page.text_content("#message")
@@ -167,6 +187,7 @@ def test_a_video_goes_through_a_job_and_comes_back_to_play(server, page, tmp_pat
     """Upload a small real video: the progress bar fills from the job's status, then the
     result plays from a blob, and its download is an enhanced video of the same frames."""
     from video_files import make_video
+
     src = tmp_path / "night.mp4"
     make_video(src, width=96, height=64, frames=12)
     page.goto(server.url)
@@ -182,6 +203,7 @@ def test_a_video_goes_through_a_job_and_comes_back_to_play(server, page, tmp_pat
     saved = download.value.path()
     assert download.value.suggested_filename == "night-sgz.mp4"
     import av
+
     with av.open(str(saved)) as c:
         frames = list(c.decode(video=0))
         assert len(frames) == 12 and (frames[0].width, frames[0].height) == (96, 64)

@@ -2,6 +2,7 @@
 scrape config (docker/prometheus.yml, its target and interval swapped for the test's), checked
 through Prometheus's own HTTP API: the series arrive with their labels, with and without
 SGZ_API_KEY, and a scrape without the key is refused."""
+
 import copy
 import shutil
 import subprocess
@@ -20,8 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "docker" / "prometheus.yml"
 REPLICAS_CONFIG = ROOT / "docker" / "prometheus.replicas.yml"
 KEY = "prometheus-test-key-0123456789"
-pytestmark = pytest.mark.skipif(shutil.which("prometheus") is None, reason="no prometheus "
-                                "(scripts/setup.sh installs the Debian package as root)")
+pytestmark = pytest.mark.skipif(
+    shutil.which("prometheus") is None,
+    reason="no prometheus (scripts/setup.sh installs the Debian package as root)",
+)
 
 
 def scrape_job(config_file: Path) -> dict:
@@ -66,15 +69,24 @@ def prometheus(servers):
     with tempfile.TemporaryDirectory(prefix="sgz-prometheus-") as tmp:
         tmp = Path(tmp)
         (tmp / "key").write_text(KEY)
-        targets = {"plain": f"127.0.0.1:{plain.port}", "keyed": f"127.0.0.1:{keyed.port}",
-                   "nokey": f"127.0.0.1:{keyed.port}"}
+        targets = {
+            "plain": f"127.0.0.1:{plain.port}",
+            "keyed": f"127.0.0.1:{keyed.port}",
+            "nokey": f"127.0.0.1:{keyed.port}",
+        }
         (tmp / "prometheus.yml").write_text(yaml.safe_dump(render(targets, tmp / "key")))
         port = free_port()
         log = open(tmp / "prometheus.log", "w")
         proc = subprocess.Popen(
-            ["prometheus", f"--config.file={tmp / 'prometheus.yml'}",
-             f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=log, stderr=subprocess.STDOUT)
+            [
+                "prometheus",
+                f"--config.file={tmp / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 30
@@ -111,13 +123,18 @@ def eventually(fn, timeout: float = 20):
 
 def test_both_scrape_configs_are_valid_and_differ_only_in_discovery():
     for config in (CONFIG, REPLICAS_CONFIG):
-        check = subprocess.run(["promtool", "check", "config", str(config)],
-                               capture_output=True, text=True)
+        check = subprocess.run(
+            ["promtool", "check", "config", str(config)], capture_output=True, text=True
+        )
         assert check.returncode == 0, check.stdout + check.stderr
     single, replicas = scrape_job(CONFIG), scrape_job(REPLICAS_CONFIG)
     assert single.pop("static_configs") == [{"targets": ["sgz:8000"]}]
-    assert replicas.pop("dns_sd_configs")[0] == {"names": ["sgz", "sgz-jobs"], "type": "A",
-                                                 "port": 8000, "refresh_interval": "10s"}
+    assert replicas.pop("dns_sd_configs")[0] == {
+        "names": ["sgz", "sgz-jobs"],
+        "type": "A",
+        "port": 8000,
+        "refresh_interval": "10s",
+    }
     assert single == replicas
 
 
@@ -125,8 +142,10 @@ def test_targets_up_and_a_scrape_without_the_key_is_refused(prometheus, servers)
     def targets():
         active = httpx.get(prometheus + "/api/v1/targets").json()["data"]["activeTargets"]
         by_job = {t["labels"]["job"]: t for t in active}
-        return by_job if all(t["health"] != "unknown" for t in active) and len(active) == 3 \
-            else None
+        return (
+            by_job if all(t["health"] != "unknown" for t in active) and len(active) == 3 else None
+        )
+
     by_job = eventually(targets)
     plain, keyed = servers
     assert by_job["sgz-serve-plain"]["health"] == "up"
@@ -143,16 +162,22 @@ def test_sgz_series_arrive_with_their_labels(prometheus, servers, job, index):
     auth = {"Authorization": f"Bearer {KEY}"} if index else {}
     data = photo((512, 512)).read_bytes()
     for _ in range(2):
-        r = httpx.post(server.url + "/enhance", content=data, headers={**auth,
-                       "Content-Type": "image/png"}, timeout=60)
+        r = httpx.post(
+            server.url + "/enhance",
+            content=data,
+            headers={**auth, "Content-Type": "image/png"},
+            timeout=60,
+        )
         assert r.status_code == 200, r.text
     assert httpx.get(server.url + "/factor/unknown0id", headers=auth).status_code == 404
     instance = f"127.0.0.1:{server.port}"
 
     def count(endpoint: str, status: str, sent: int):
-        found = query(prometheus, f'sgz_requests_total{{job="{job}",endpoint="{endpoint}",'
-                                  f'status="{status}"}}')
+        found = query(
+            prometheus, f'sgz_requests_total{{job="{job}",endpoint="{endpoint}",status="{status}"}}'
+        )
         return found if found and float(found[0]["value"][1]) >= sent else None
+
     (ok,) = eventually(lambda: count("/enhance", "200", 2))
     assert ok["metric"]["instance"] == instance and ok["metric"]["job"] == job
     assert float(ok["value"][1]) == 2  # what this test sent; nothing else enhances here
@@ -160,6 +185,8 @@ def test_sgz_series_arrive_with_their_labels(prometheus, servers, job, index):
     assert missing["metric"]["instance"] == instance
     (model,) = query(prometheus, f'sgz_model_info{{job="{job}"}}')
     assert model["metric"]["device"] and len(model["metric"]["checkpoint_sha256"]) == 64
-    buckets = query(prometheus, f'sgz_request_duration_seconds_bucket{{job="{job}",'
-                                f'endpoint="/enhance",le="+Inf"}}')
+    buckets = query(
+        prometheus,
+        f'sgz_request_duration_seconds_bucket{{job="{job}",endpoint="/enhance",le="+Inf"}}',
+    )
     assert buckets and float(buckets[0]["value"][1]) == 2

@@ -2,6 +2,7 @@
 video and bad files, against plain `sgz enhance` on the same folder with the same options.
 Ray's start-up (seconds) is paid twice in all: by the command in a subprocess, then by a rerun
 in this process that checks resuming and file:// URIs together."""
+
 import io
 import shutil
 import subprocess
@@ -18,19 +19,37 @@ from model.cli import main as sgz_main
 
 pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]')")
 
-OPTIONS = ["--checkpoint", SGZ_PUBLISHED, "--format", "webp", "--quality", "85",
-           "--denoise", "0.5", "--exposure", "0.45", "--no-temporal"]
+OPTIONS = [
+    "--checkpoint",
+    SGZ_PUBLISHED,
+    "--format",
+    "webp",
+    "--quality",
+    "85",
+    "--denoise",
+    "0.5",
+    "--exposure",
+    "0.45",
+    "--no-temporal",
+]
 BAD = {"notes.jpg", "broken.jpg"}
 # output (relative to OUTDIR) of each good input: sgz enhance's naming rules
-EXPECTED = {"101_0_.webp", "dup.png.webp", "dup.jpg.webp", "nested/portrait.webp",
-            "nested/gray.webp", "clip.mp4"}
+EXPECTED = {
+    "101_0_.webp",
+    "dup.png.webp",
+    "dup.jpg.webp",
+    "nested/portrait.webp",
+    "nested/gray.webp",
+    "clip.mp4",
+}
 
 
 def sgz(*args, timeout: int = 600) -> subprocess.CompletedProcess:
     script = Path(sys.executable).with_name("sgz")
     cmd = [str(script)] if script.exists() else [sys.executable, "-m", "model.cli"]
-    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        cmd + [str(a) for a in args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def crop(name: str, box) -> Image.Image:
@@ -42,8 +61,8 @@ def photos(tmp_path_factory) -> Path:
     """Small real photos (so the model's time stays small), a video, and two bad files."""
     root = tmp_path_factory.mktemp("photos") / "my photos"  # a space: URIs and paths agree
     root.mkdir()
-    shutil.copy(SICE / "101_0_.png", root / "101_0_.png")                   # 512x512
-    crop("893_0_.png", (0, 0, 160, 120)).save(root / "dup.png")              # same stem:
+    shutil.copy(SICE / "101_0_.png", root / "101_0_.png")  # 512x512
+    crop("893_0_.png", (0, 0, 160, 120)).save(root / "dup.png")  # same stem:
     crop("893_1_.png", (0, 0, 150, 100)).save(root / "dup.jpg", quality=95)  # names keep suffix
     (root / "nested").mkdir()
     crop("474_0_.png", (0, 0, 180, 320)).save(root / "nested" / "portrait.jpg", quality=92)
@@ -89,8 +108,9 @@ def test_the_command_writes_what_plain_enhance_writes_and_reports_bad_files(ray_
     assert np.array_equal(ours.frames, theirs.frames) and ours.stamps == theirs.stamps
 
 
-def test_a_rerun_on_file_uris_skips_what_is_written_without_reading_it(ray_run, plain, photos,
-                                                                        capfd):
+def test_a_rerun_on_file_uris_skips_what_is_written_without_reading_it(
+    ray_run, plain, photos, capfd
+):
     _, out = ray_run
     stamps = {n: (out / n).stat().st_mtime_ns for n in EXPECTED}
     (out / "dup.jpg.webp").unlink()  # a resumed job writes only what is missing
@@ -98,8 +118,9 @@ def test_a_rerun_on_file_uris_skips_what_is_written_without_reading_it(ray_run, 
     saved = victim.read_bytes()
     victim.write_text("not an image any more")
     try:  # in this process: Ray started and stopped by `run` itself
-        status = sgz_main(["enhance", photos.as_uri(), "-o", out.as_uri(), *map(str, OPTIONS),
-                           "--ray"])
+        status = sgz_main(
+            ["enhance", photos.as_uri(), "-o", out.as_uri(), *map(str, OPTIONS), "--ray"]
+        )
     finally:
         victim.write_bytes(saved)
     err = capfd.readouterr().err
@@ -115,15 +136,17 @@ def test_a_rerun_on_file_uris_skips_what_is_written_without_reading_it(ray_run, 
 def test_usage_errors_exit_2(tmp_path, capfd):
     assert sgz_main(["enhance", "file:///nowhere", "-o", str(tmp_path)]) == 2
     assert "only with --ray" in capfd.readouterr().err
-    assert sgz_main(["enhance", str(tmp_path), "-o", str(tmp_path / "o"),
-                     "--ray=not an address"]) == 2
+    assert (
+        sgz_main(["enhance", str(tmp_path), "-o", str(tmp_path / "o"), "--ray=not an address"]) == 2
+    )
     assert "--ray ADDRESS must be" in capfd.readouterr().err
 
 
 def test_plain_enhance_does_not_import_ray(tmp_path):
-    code = ("import sys; from model.cli import main; "
-            f"main(['enhance', {str(tmp_path)!r}, '-o', {str(tmp_path / 'o')!r}]); "
-            "print('ray' in sys.modules, 'pyarrow' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120)
+    code = (
+        "import sys; from model.cli import main; "
+        f"main(['enhance', {str(tmp_path)!r}, '-o', {str(tmp_path / 'o')!r}]); "
+        "print('ray' in sys.modules, 'pyarrow' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["False", "False"], out.stderr

@@ -1,6 +1,7 @@
 """One source per training config: `sgz train`'s options come from TrainConfig and Objective, and
 the default checkpoint's recorded recipe is exactly what `sgz train` writes for the command the
 README gives."""
+
 import re
 import shlex
 import shutil
@@ -64,8 +65,9 @@ def test_recorded_recipe_is_what_sgz_train_writes():
 
 def test_cli_defaults_are_the_library_defaults():
     cfg = parse("sgz train")
-    assert {k: v for k, v in asdict(cfg).items() if k != "objective"} == \
-        {k: v for k, v in asdict(TrainConfig()).items() if k != "objective"}
+    assert {k: v for k, v in asdict(cfg).items() if k != "objective"} == {
+        k: v for k, v in asdict(TrainConfig()).items() if k != "objective"
+    }
     assert Objective(**cfg.objective) == Objective()
     assert cfg.objective["sem_size"] == Objective().sem_size == 128
 
@@ -73,25 +75,56 @@ def test_cli_defaults_are_the_library_defaults():
 def test_every_field_round_trips_through_the_command_line():
     """Change every option away from its default: the generated command parses back to it."""
     cfg = TrainConfig(
-        data="d ir", out="o", crop=256, batch_size=3, lr=3e-4, lr_schedule="cosine",
-        weight_decay=0.0, grad_clip=0.5, init_std=0.01, epochs=7, max_steps=9, scale_factor=4,
-        infer_scale_factor=8, seed=3, workers=0, device="cpu", amp=True, checkpoint_every=5,
-        keep_snapshots=True, init="a.pt", efe_level=True, uss_backbone="resnet50",
+        data="d ir",
+        out="o",
+        crop=256,
+        batch_size=3,
+        lr=3e-4,
+        lr_schedule="cosine",
+        weight_decay=0.0,
+        grad_clip=0.5,
+        init_std=0.01,
+        epochs=7,
+        max_steps=9,
+        scale_factor=4,
+        infer_scale_factor=8,
+        seed=3,
+        workers=0,
+        device="cpu",
+        amp=True,
+        checkpoint_every=5,
+        keep_snapshots=True,
+        init="a.pt",
+        efe_level=True,
+        uss_backbone="resnet50",
         uss_weights="r.pth",
-        objective={"variant": "paper", "weights": {"spa": 2.0, "level": 0.5}, "exposure": 0.55,
-                   "spa_patch": 8, "bri_patch": 64, "sem_size": 0, "sem_batch": 2,
-                   "tv_on": "full", "bri_form": "log", "level_exposure": 0.45,
-                   "level_on": "mean-map"})
+        objective={
+            "variant": "paper",
+            "weights": {"spa": 2.0, "level": 0.5},
+            "exposure": 0.55,
+            "spa_patch": 8,
+            "bri_patch": 64,
+            "sem_size": 0,
+            "sem_batch": 2,
+            "tv_on": "full",
+            "bri_form": "log",
+            "level_exposure": 0.45,
+            "level_on": "mean-map",
+        },
+    )
     changed = {f.name for f in fields(TrainConfig)} - {"objective"}
     assert all(getattr(cfg, k) != getattr(TrainConfig(), k) for k in changed)
     assert parse(train_command(cfg)) == cfg
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--lr-schedule", "linear"], "invalid choice: 'linear'"),
-    (["--sem-size", "big"], "invalid int value: 'big'"),
-    (["--loss", "mine"], "invalid choice: 'mine'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--lr-schedule", "linear"], "invalid choice: 'linear'"),
+        (["--sem-size", "big"], "invalid int value: 'big'"),
+        (["--loss", "mine"], "invalid choice: 'mine'"),
+    ],
+)
 def test_bad_option_values_are_refused(capsys, argv, message):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(["train", *argv])
@@ -105,12 +138,41 @@ def test_sgz_train_records_the_command_that_reproduces_its_config(tmp_path):
     data.mkdir()
     for f in sorted(TRAIN.glob("*.jpg"))[:2]:
         shutil.copy(f, data / f.name)
-    argv = ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--crop", "64",
-            "--batch-size", "2", "--max-steps", "1", "--scale-factor", "4", "--workers", "0",
-            "--loss", "paper", "--w-sem", "0", "--w-uni", "2.5", "--bri-form", "log",
-            "--no-progress", "--threads", "1"]
-    r = subprocess.run([sys.executable, "-m", "model.cli", *argv], capture_output=True,
-                       text=True, cwd=ROOT, timeout=300)
+    argv = [
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "run"),
+        "--crop",
+        "64",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "1",
+        "--scale-factor",
+        "4",
+        "--workers",
+        "0",
+        "--loss",
+        "paper",
+        "--w-sem",
+        "0",
+        "--w-uni",
+        "2.5",
+        "--bri-form",
+        "log",
+        "--no-progress",
+        "--threads",
+        "1",
+    ]
+    r = subprocess.run(
+        [sys.executable, "-m", "model.cli", *argv],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     recipe = load_checkpoint(tmp_path / "run" / "efe.pt").recipe
     assert recipe["steps_done"] == 1 and recipe["device"] == "cpu"

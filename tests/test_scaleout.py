@@ -1,6 +1,7 @@
 """Several replicas on one host, as docker-compose.replicas.yml runs them, without Docker: a real
 redis-server, two `sgz serve` processes sharing it (SGZ_REDIS_URL) and Debian's nginx in front,
 its config rendered from the template the compose file uses, all over real sockets."""
+
 import asyncio
 import io
 import re
@@ -22,9 +23,11 @@ from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 MISSING = [b for b in ("redis-server", "nginx") if binary(b) is None]
-needs_binaries = pytest.mark.skipif(bool(MISSING), reason=f"no {', '.join(MISSING)} "
-                                    "(scripts/setup.sh installs the Debian packages as root)")
-ENHANCED = 'sgz_requests_total'
+needs_binaries = pytest.mark.skipif(
+    bool(MISSING),
+    reason=f"no {', '.join(MISSING)} (scripts/setup.sh installs the Debian packages as root)",
+)
+ENHANCED = "sgz_requests_total"
 
 
 def jpegs(count: int) -> list[bytes]:
@@ -41,8 +44,9 @@ def jpegs(count: int) -> list[bytes]:
 
 
 def enhanced_count(server: Server) -> float:
-    return metric(httpx.get(server.url + "/metrics").text, ENHANCED, endpoint="/enhance",
-                  status="200")
+    return metric(
+        httpx.get(server.url + "/metrics").text, ENHANCED, endpoint="/enhance", status="200"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -96,11 +100,14 @@ def test_load_through_nginx_is_spread_over_both_replicas_without_errors(fleet):
 
             async def one(data: bytes):
                 async with gate:
-                    r = await client.post("/enhance", files={"image": ("p.jpg", data,
-                                                                       "image/jpeg")})
+                    r = await client.post(
+                        "/enhance", files={"image": ("p.jpg", data, "image/jpeg")}
+                    )
                     ok = r.content[:2] == b"\xff\xd8" and "x-factor-id" in r.headers
                     statuses.append(r.status_code if ok else f"{r.status_code}: {r.text[:200]}")
+
             await asyncio.gather(*map(one, images))
+
     asyncio.run(go())
     assert statuses == [200] * len(images), sorted(set(map(str, statuses)))
     served = [enhanced_count(r) - b for r, b in zip(replicas, before)]
@@ -116,8 +123,9 @@ def test_factor_maps_are_served_by_any_replica(fleet):
     _, replicas, front = fleet
     made = []  # (maker, id, npy, png) from the replica that made the map, asked directly
     for maker, data in zip(replicas * 2, jpegs(4)):
-        r = httpx.post(maker.url + "/enhance", files={"image": ("p.jpg", data, "image/jpeg")},
-                       timeout=60)
+        r = httpx.post(
+            maker.url + "/enhance", files={"image": ("p.jpg", data, "image/jpeg")}, timeout=60
+        )
         assert r.status_code == 200, r.text
         fid = r.headers["x-factor-id"]
         npy = httpx.get(f"{maker.url}/factor/{fid}", params={"format": "npy"}).content
@@ -139,12 +147,14 @@ def test_factor_maps_are_served_by_any_replica(fleet):
 def test_redis_down_keeps_enhancing_and_says_so_then_recovers(fleet):
     redis, replicas, front = fleet
     data = jpegs(1)[0]
-    fid = httpx.post(front.url + "/enhance", files={"image": ("p.jpg", data, "image/jpeg")},
-                     timeout=60).headers["x-factor-id"]
+    fid = httpx.post(
+        front.url + "/enhance", files={"image": ("p.jpg", data, "image/jpeg")}, timeout=60
+    ).headers["x-factor-id"]
     redis.stop()
     try:
-        r = httpx.post(front.url + "/enhance", files={"image": ("p.jpg", data, "image/jpeg")},
-                       timeout=60)
+        r = httpx.post(
+            front.url + "/enhance", files={"image": ("p.jpg", data, "image/jpeg")}, timeout=60
+        )
         assert r.status_code == 200 and r.content[:2] == b"\xff\xd8"
         assert "x-factor-id" not in r.headers  # not stored, so no id to hand out
         t0 = time.monotonic()
@@ -155,18 +165,26 @@ def test_redis_down_keeps_enhancing_and_says_so_then_recovers(fleet):
             ready = httpx.get(replica.url + "/readyz")
             assert ready.status_code == 200, ready.text  # still enhances: stays in rotation
             assert ready.json()["factor_store"] == {"backend": "redis", "available": False}
-        failed = [metric(httpx.get(r.url + "/metrics").text, "sgz_factor_store_errors_total",
-                         operation="save") for r in replicas]
+        failed = [
+            metric(
+                httpx.get(r.url + "/metrics").text,
+                "sgz_factor_store_errors_total",
+                operation="save",
+            )
+            for r in replicas
+        ]
         assert sum(failed) >= 1  # the replica that enhanced counted its failed save
     finally:
         redis.start()
     deadline = time.monotonic() + 10
-    while not all(httpx.get(r.url + "/readyz").json()["factor_store"]["available"]
-                  for r in replicas):
+    while not all(
+        httpx.get(r.url + "/readyz").json()["factor_store"]["available"] for r in replicas
+    ):
         assert time.monotonic() < deadline, "replicas never saw Redis back"
         time.sleep(0.2)
-    r = httpx.post(front.url + "/enhance", files={"image": ("p.jpg", data, "image/jpeg")},
-                   timeout=60)
+    r = httpx.post(
+        front.url + "/enhance", files={"image": ("p.jpg", data, "image/jpeg")}, timeout=60
+    )
     fid = r.headers["x-factor-id"]
     for replica in replicas:
         assert httpx.get(f"{replica.url}/factor/{fid}").status_code == 200
@@ -175,11 +193,16 @@ def test_redis_down_keeps_enhancing_and_says_so_then_recovers(fleet):
 @needs_binaries
 def test_video_jobs_through_nginx_stay_with_the_replica_that_took_them(fleet, tmp_path):
     from video_files import make_video
+
     _, replicas, front = fleet
     video = tmp_path / "clip.mp4"
     make_video(video, frames=10)
-    r = httpx.post(front.url + "/jobs", content=video.read_bytes(),
-                   headers={"content-type": "video/mp4"}, timeout=60)
+    r = httpx.post(
+        front.url + "/jobs",
+        content=video.read_bytes(),
+        headers={"content-type": "video/mp4"},
+        timeout=60,
+    )
     assert r.status_code == 202, r.text
     job_id = r.json()["id"]
     assert httpx.get(f"{replicas[0].url}/jobs/{job_id}").status_code == 200  # the jobs replica
@@ -194,13 +217,15 @@ def test_video_jobs_through_nginx_stay_with_the_replica_that_took_them(fleet, tm
 @needs_binaries
 def test_redis_store_bounds_by_count_bytes_and_age(fleet):
     from service.redis_store import PREFIX, RedisFactorStore
+
     redis_url = fleet[0].url[:-1] + "1"  # a database of its own
     lowres = torch.rand(3, 9, 16)
     one = lowres.numel() * 4
 
     async def go():
-        store = RedisFactorStore(redis_url, max_items=3, max_bytes=2 * one, max_map_bytes=one,
-                                 ttl_s=0.5, timeout_s=0.25)
+        store = RedisFactorStore(
+            redis_url, max_items=3, max_bytes=2 * one, max_map_bytes=one, ttl_s=0.5, timeout_s=0.25
+        )
         try:
             await store._redis.flushdb()
             a, b, c = [await store.save(lowres, (108, 192)) for _ in range(3)]
@@ -217,12 +242,14 @@ def test_redis_store_bounds_by_count_bytes_and_age(fleet):
         finally:
             await store._redis.flushdb()
             await store.close()
+
     asyncio.run(go())
 
 
 def test_memory_store_has_the_same_interface_and_bounds_by_age_and_map_size():
     from service.factor_store import FactorStore
     from service.redis_store import RedisFactorStore
+
     interface = {"save", "load", "status", "close", "backend"}
     assert interface <= set(dir(FactorStore)) and interface <= set(dir(RedisFactorStore))
     lowres = torch.rand(3, 9, 16)
@@ -235,6 +262,7 @@ def test_memory_store_has_the_same_interface_and_bounds_by_age_and_map_size():
         await asyncio.sleep(0.35)
         assert await store.load(a) is None and len(store) == 0 and store.nbytes == 0
         assert await store.status() == {"backend": "memory", "available": True}
+
     asyncio.run(go())
 
 
@@ -255,11 +283,14 @@ def test_a_replica_stopping_under_load_costs_no_request(fleet):
                 async with gate:
                     if i == stop_at:
                         replicas[1].proc.terminate()
-                    r = await client.post("/enhance", files={"image": ("p.jpg", data,
-                                                                       "image/jpeg")})
+                    r = await client.post(
+                        "/enhance", files={"image": ("p.jpg", data, "image/jpeg")}
+                    )
                     statuses.append(r.status_code if r.status_code == 200 else r.text[:200])
                     await asyncio.sleep(0.05)  # keep requests flowing through B's grace
+
             await asyncio.gather(*(one(i, d) for i, d in enumerate(images)))
+
     asyncio.run(go())
     assert replicas[1].proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal
     assert statuses == [200] * len(images), statuses
@@ -270,6 +301,7 @@ def test_a_replica_stopping_under_load_costs_no_request(fleet):
 @needs_binaries
 def test_nginx_own_errors_are_json_like_the_service():
     from bench.http_bench import free_port
+
     front = Nginx([f"127.0.0.1:{free_port()}"])  # nobody listens there
     try:
         r = httpx.post(front.url + "/enhance", content=b"x", headers={"X-Request-ID": "nr-1"})

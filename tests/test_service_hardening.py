@@ -6,6 +6,7 @@ drains without resetting anyone (issue 21).
 machine: the tests check that the server gives up, never how fast. `capped` holds at most
 CAP connections; its last test stops it.
 """
+
 import io
 import json
 import resource
@@ -33,9 +34,14 @@ SWAGGER_JS = "/static-offline-docs/swagger-ui-bundle.js"  # the largest answer a
 
 @pytest.fixture(scope="module")
 def quick():
-    with Server({"SGZ_HEADER_TIMEOUT_S": str(TIMEOUT_S), "SGZ_BODY_TIMEOUT_S": str(TIMEOUT_S),
-                 "SGZ_WRITE_TIMEOUT_S": str(TIMEOUT_S),
-                 "SGZ_KEEPALIVE_TIMEOUT_S": str(KEEPALIVE_S)}) as s:
+    with Server(
+        {
+            "SGZ_HEADER_TIMEOUT_S": str(TIMEOUT_S),
+            "SGZ_BODY_TIMEOUT_S": str(TIMEOUT_S),
+            "SGZ_WRITE_TIMEOUT_S": str(TIMEOUT_S),
+            "SGZ_KEEPALIVE_TIMEOUT_S": str(KEEPALIVE_S),
+        }
+    ) as s:
         yield s
 
 
@@ -47,9 +53,15 @@ def capped():
     if lowered:
         resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
     try:
-        s = Server({"SGZ_MAX_CONNECTIONS": str(CAP), "SGZ_HEADER_TIMEOUT_S": "120",
-                    "SGZ_SHUTDOWN_GRACE_S": "4", "SGZ_MAX_WAIT_MS": "200",
-                    "SGZ_EARLY_DISPATCH": "false"})
+        s = Server(
+            {
+                "SGZ_MAX_CONNECTIONS": str(CAP),
+                "SGZ_HEADER_TIMEOUT_S": "120",
+                "SGZ_SHUTDOWN_GRACE_S": "4",
+                "SGZ_MAX_WAIT_MS": "200",
+                "SGZ_EARLY_DISPATCH": "false",
+            }
+        )
     finally:
         if lowered:
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
@@ -131,8 +143,10 @@ def test_slow_or_short_body_gets_408(quick, trickle):
     """Content-Length promises more than comes: all at once and then nothing, or a byte
     every 0.2 s (too slow for SGZ_MIN_TRANSFER_RATE)."""
     with connect(quick) as sock:
-        sock.sendall(b"POST /enhance HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-                     b"Content-Length: 100000\r\n\r\n\x89PNG")
+        sock.sendall(
+            b"POST /enhance HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            b"Content-Length: 100000\r\n\r\n\x89PNG"
+        )
         end = time.monotonic() + TIMEOUT_S + MARGIN
         while trickle and time.monotonic() < end:
             sock.sendall(b"x")
@@ -146,8 +160,10 @@ def test_slow_or_short_body_gets_408(quick, trickle):
 
 def server_side_open(server, client_port: int) -> bool:
     """Whether the server still holds its end of the connection from `client_port`."""
-    return any(c.raddr and c.raddr.port == client_port
-               for c in psutil.Process(server.proc.pid).net_connections(kind="tcp"))
+    return any(
+        c.raddr and c.raddr.port == client_port
+        for c in psutil.Process(server.proc.pid).net_connections(kind="tcp")
+    )
 
 
 def test_a_client_that_stops_reading_is_cut_off(quick):
@@ -166,20 +182,35 @@ def test_a_client_that_stops_reading_is_cut_off(quick):
 
 POST = b"POST /enhance HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
 BAD_REQUESTS = {
-    "cl_and_te": (400, "bad_request", POST + b"Content-Length: 5\r\n"
-                  b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
-    "te_and_cl": (400, "bad_request", POST + b"Transfer-Encoding: chunked\r\n"
-                  b"Content-Length: 5\r\n\r\n0\r\n\r\n"),
-    "two_lengths": (400, "bad_request", POST + b"Content-Length: 5\r\nContent-Length: 6\r\n"
-                    b"\r\nabcdef"),
+    "cl_and_te": (
+        400,
+        "bad_request",
+        POST + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    ),
+    "te_and_cl": (
+        400,
+        "bad_request",
+        POST + b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
+    ),
+    "two_lengths": (
+        400,
+        "bad_request",
+        POST + b"Content-Length: 5\r\nContent-Length: 6\r\n\r\nabcdef",
+    ),
     "bad_length": (400, "bad_request", POST + b"Content-Length: 5x\r\n\r\nabcde"),
-    "bad_chunk": (400, "bad_request", POST + b"Transfer-Encoding: chunked\r\n\r\n"
-                  b"zz\r\nabc\r\n0\r\n\r\n"),
+    "bad_chunk": (
+        400,
+        "bad_request",
+        POST + b"Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+    ),
     "no_host": (400, "bad_request", b"GET /healthz HTTP/1.1\r\n\r\n"),
     "nul_in_path": (400, "bad_request", b"GET /heal\x00thz HTTP/1.1\r\nHost: x\r\n\r\n"),
     "encoded_nul": (400, "bad_request", b"GET /factor/a%00b HTTP/1.1\r\nHost: x\r\n\r\n"),
-    "huge_header": (431, "headers_too_large", b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: "
-                    + b"a" * 1_000_000 + b"\r\n\r\n"),
+    "huge_header": (
+        431,
+        "headers_too_large",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 1_000_000 + b"\r\n\r\n",
+    ),
     "gzip_body": (501, "not_implemented", POST + b"Transfer-Encoding: gzip\r\n\r\n"),
 }
 
@@ -212,8 +243,9 @@ def test_connection_cap_keeps_below_the_open_files_limit():
 
 def test_the_soft_open_files_limit_is_raised(capped):
     limits = open(f"/proc/{capped.proc.pid}/limits").read()
-    soft, hard = next(line.split()[3:5] for line in limits.splitlines()
-                      if line.startswith("Max open files"))
+    soft, hard = next(
+        line.split()[3:5] for line in limits.splitlines() if line.startswith("Max open files")
+    )
     assert soft == hard, limits
 
 

@@ -4,6 +4,7 @@ shutdown with work queued.
 A 1.5 s batch timer (always waited for: SGZ_EARLY_DISPATCH=false) keeps requests queued long
 enough to act on them; the module's last test shuts the server down.
 """
+
 import asyncio
 import signal
 import socket
@@ -20,8 +21,15 @@ from model.imageio import decode_image
 
 @pytest.fixture(scope="module")
 def server():
-    s = Server({"SGZ_MAX_WAIT_MS": "1500", "SGZ_EARLY_DISPATCH": "false",
-                "SGZ_MAX_BATCH_SIZE": "8", "SGZ_WORKER_NICE": "7", "SGZ_IO_THREADS": "2"})
+    s = Server(
+        {
+            "SGZ_MAX_WAIT_MS": "1500",
+            "SGZ_EARLY_DISPATCH": "false",
+            "SGZ_MAX_BATCH_SIZE": "8",
+            "SGZ_WORKER_NICE": "7",
+            "SGZ_IO_THREADS": "2",
+        }
+    )
     try:
         yield s.wait_ready()
     finally:
@@ -42,12 +50,15 @@ def wait_for_queue(server, depth: int, timeout: float = 10) -> None:
 def test_client_that_hung_up_is_dropped_before_its_batch_runs(server):
     source = photo((512, 512)).read_bytes()
     sock = socket.create_connection(("127.0.0.1", server.port))
-    sock.sendall(b"POST /enhance HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (len(source), source))
+    sock.sendall(
+        b"POST /enhance HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(source), source)
+    )
     wait_for_queue(server, 1)
     sock.close()  # gone while its request waits for the batch timer
-    r = httpx.post(f"{server.url}/enhance", content=source, timeout=30,
-                   headers={"content-type": "image/png"})  # same size: same batch
+    r = httpx.post(
+        f"{server.url}/enhance", content=source, timeout=30, headers={"content-type": "image/png"}
+    )  # same size: same batch
     assert r.status_code == 200
     text = metrics(server)
     assert metric(text, "sgz_requests_dropped_total", reason="disconnected") == 1
@@ -60,14 +71,18 @@ def thread_nices(pid: int) -> dict[int, int]:
     out = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         stat = (task / "stat").read_text()
-        out[int(task.name)] = int(stat[stat.rindex(")") + 2:].split()[16])
+        out[int(task.name)] = int(stat[stat.rindex(")") + 2 :].split()[16])
     return out
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
 def test_worker_threads_run_below_the_event_loop(server):
-    r = httpx.post(f"{server.url}/enhance", content=photo((512, 512)).read_bytes(), timeout=30,
-                   headers={"content-type": "image/png"})  # the decode and encode threads start
+    r = httpx.post(
+        f"{server.url}/enhance",
+        content=photo((512, 512)).read_bytes(),
+        timeout=30,
+        headers={"content-type": "image/png"},
+    )  # the decode and encode threads start
     assert r.status_code == 200
     nices = thread_nices(server.proc.pid)
     assert nices[server.proc.pid] == 0  # the main thread runs the event loop
@@ -82,9 +97,12 @@ def test_sigterm_finishes_queued_requests_then_exits(server, published_enhancer)
 
     async def scenario():
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
-            queued = [asyncio.create_task(c.post("/enhance", content=source,
-                                                 headers={"content-type": "image/png"}))
-                      for _ in range(3)]
+            queued = [
+                asyncio.create_task(
+                    c.post("/enhance", content=source, headers={"content-type": "image/png"})
+                )
+                for _ in range(3)
+            ]
             await asyncio.to_thread(wait_for_queue, server, 3)
             server.proc.send_signal(signal.SIGTERM)
             # once the signal is seen, new requests get 503 while the queued ones finish
@@ -95,6 +113,7 @@ def test_sigterm_finishes_queued_requests_then_exits(server, published_enhancer)
                     break
                 await asyncio.sleep(0.05)
             return await asyncio.gather(*queued), fresh_answer
+
     responses, fresh_answer = asyncio.run(scenario())
     assert_error(fresh_answer, 503, "shutting_down")
     assert fresh_answer.headers["connection"] == "close"

@@ -3,6 +3,7 @@
 The batch timer (5 s) is longer than the deadline (2.5 s) and the queue holds two images, so a
 lone request always waits past its deadline and a third concurrent one finds the queue full.
 """
+
 import asyncio
 import time
 
@@ -17,9 +18,16 @@ DEADLINE_S = 2.5
 
 @pytest.fixture(scope="module")
 def server():
-    s = Server({"SGZ_API_KEY": KEY, "SGZ_MAX_QUEUE_SIZE": "2", "SGZ_MAX_WAIT_MS": "5000",
-                "SGZ_EARLY_DISPATCH": "false", "SGZ_REQUEST_TIMEOUT_S": str(DEADLINE_S),
-                "SGZ_RETRY_AFTER_S": "3"})
+    s = Server(
+        {
+            "SGZ_API_KEY": KEY,
+            "SGZ_MAX_QUEUE_SIZE": "2",
+            "SGZ_MAX_WAIT_MS": "5000",
+            "SGZ_EARLY_DISPATCH": "false",
+            "SGZ_REQUEST_TIMEOUT_S": str(DEADLINE_S),
+            "SGZ_RETRY_AFTER_S": "3",
+        }
+    )
     try:
         yield s.wait_ready()
     finally:
@@ -27,23 +35,40 @@ def server():
 
 
 def enhance(url: str, headers: dict, **kwargs) -> httpx.Response:
-    return httpx.post(f"{url}/enhance", content=photo((512, 512)).read_bytes(), timeout=30,
-                      headers={"content-type": "image/png", **headers}, **kwargs)
+    return httpx.post(
+        f"{url}/enhance",
+        content=photo((512, 512)).read_bytes(),
+        timeout=30,
+        headers={"content-type": "image/png", **headers},
+        **kwargs,
+    )
 
 
 def test_api_key_guards_everything_but_health(server):
     for path in ("/healthz", "/readyz"):
         assert httpx.get(server.url + path).status_code == 200
-    for method, path in (("POST", "/enhance"), ("POST", "/factor"), ("GET", "/factor/abc"),
-                         ("GET", "/metrics"), ("GET", "/openapi.json"), ("GET", "/docs")):
-        for headers in ({}, {"X-API-Key": "wrong"}, {"Authorization": "Bearer wrong"},
-                        {"Authorization": f"Basic {KEY}"}):
+    for method, path in (
+        ("POST", "/enhance"),
+        ("POST", "/factor"),
+        ("GET", "/factor/abc"),
+        ("GET", "/metrics"),
+        ("GET", "/openapi.json"),
+        ("GET", "/docs"),
+    ):
+        for headers in (
+            {},
+            {"X-API-Key": "wrong"},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": f"Basic {KEY}"},
+        ):
             r = httpx.request(method, server.url + path, headers=headers)
             assert_error(r, 401, "unauthorized")
             assert r.headers["www-authenticate"] == "Bearer"
     assert httpx.get(f"{server.url}/metrics", headers=AUTH).status_code == 200
-    assert httpx.get(f"{server.url}/metrics",
-                     headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    assert (
+        httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).status_code
+        == 200
+    )
     assert_error(httpx.get(f"{server.url}/factor/abc", headers=AUTH), 404, "unknown_factor_id")
 
 
@@ -61,12 +86,18 @@ def test_deadline_passed_while_queued_is_504_and_never_computed(server):
 def test_full_queue_is_503_at_once_with_retry_after(server):
     async def burst():
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+
             async def one():
                 start = time.monotonic()
-                r = await c.post("/enhance", content=photo((512, 512)).read_bytes(),
-                                 headers={"content-type": "image/png", **AUTH})
+                r = await c.post(
+                    "/enhance",
+                    content=photo((512, 512)).read_bytes(),
+                    headers={"content-type": "image/png", **AUTH},
+                )
                 return r, time.monotonic() - start
+
             return await asyncio.gather(*(one() for _ in range(6)))
+
     results = asyncio.run(burst())
     refused = [(r, t) for r, t in results if r.status_code == 503]
     queued = [r for r, _ in results if r.status_code != 503]
@@ -90,13 +121,14 @@ def test_a_slow_upload_is_not_held_to_the_compute_deadline():
 
     def trickle():
         for i in range(0, len(data), len(data) // 8 + 1):
-            yield data[i:i + len(data) // 8 + 1]
+            yield data[i : i + len(data) // 8 + 1]
             time.sleep(0.4)  # ~3.2 s in all, against a 1 s deadline
 
     s = Server({"SGZ_REQUEST_TIMEOUT_S": "1"}).wait_ready()
     try:
-        r = httpx.post(f"{s.url}/enhance", content=trickle(), timeout=60,
-                       headers={"content-type": "image/png"})
+        r = httpx.post(
+            f"{s.url}/enhance", content=trickle(), timeout=60, headers={"content-type": "image/png"}
+        )
     finally:
         s.close()
     assert r.status_code == 200, r.text

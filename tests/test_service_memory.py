@@ -1,5 +1,6 @@
 """Memory comes back when the service goes idle (service/memory.py): a real server's RSS after
 a burst of 4K images, measured from /proc, falls once no batch has run for SGZ_TRIM_IDLE_S."""
+
 import io
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,13 +32,20 @@ def test_a_burst_of_large_images_is_given_back_when_idle(server):
     buffers on free; what it kept in its heaps is what the trim returns: 2-60 MB here.)"""
     proc = psutil.Process(server.proc.pid)
     data = jpeg((3840, 2160))
-    with httpx.Client(base_url=server.url, timeout=120) as c, ThreadPoolExecutor(4) as pool, \
-            RssSampler(proc.pid) as rss:
+    with (
+        httpx.Client(base_url=server.url, timeout=120) as c,
+        ThreadPoolExecutor(4) as pool,
+        RssSampler(proc.pid) as rss,
+    ):
         # counted from before the burst: on a loaded machine a trim may come during it, or
         # between the last batch and the last answer
         before = metric(c.get("/metrics").text, "sgz_memory_trims_total")
-        codes = list(pool.map(lambda _: c.post("/enhance", files={"image": ("a.jpg", data)})
-                              .status_code, range(12)))
+        codes = list(
+            pool.map(
+                lambda _: c.post("/enhance", files={"image": ("a.jpg", data)}).status_code,
+                range(12),
+            )
+        )
         assert codes == [200] * 12
         time.sleep(4)  # idle 1 s, checked every 0.5 s: the trim after the burst
         trims = metric(c.get("/metrics").text, "sgz_memory_trims_total") - before

@@ -6,6 +6,7 @@ pickle's one-line refusal.
 Two servers: `server` with the defaults, `guarded` with an API key, one CORS origin and a
 misspelt variable (SGZ_MAX_BACH_SIZE).
 """
+
 import base64
 import hashlib
 import io
@@ -39,8 +40,13 @@ def server():
 
 @pytest.fixture(scope="module")
 def guarded():
-    with Server({"SGZ_API_KEY": KEY, "SGZ_CORS_ORIGINS": f"{ORIGIN}, http://localhost:3000",
-                 "SGZ_MAX_BACH_SIZE": "4"}) as s:
+    with Server(
+        {
+            "SGZ_API_KEY": KEY,
+            "SGZ_CORS_ORIGINS": f"{ORIGIN}, http://localhost:3000",
+            "SGZ_MAX_BACH_SIZE": "4",
+        }
+    ) as s:
         yield s
 
 
@@ -66,16 +72,19 @@ def test_another_client_cannot_read_or_replace_a_factor_map(client, published_en
     assert len({factor_id, b.headers["x-factor-id"], b2.headers["x-factor-id"]}) == 3
     # the request id names nothing, and A's id still gives A's map
     assert_error(client.get("/factor/shared-id"), 404, "unknown_factor_id")
-    got = np.load(io.BytesIO(client.get(f"/factor/{factor_id}", params={"format": "npy"})
-                             .content))
+    got = np.load(io.BytesIO(client.get(f"/factor/{factor_id}", params={"format": "npy"}).content))
     expected = lowres_factor(published_enhancer, mine).permute(1, 2, 0).numpy()
     np.testing.assert_allclose(got, expected, atol=FACTOR_ATOL)
 
 
 def test_factor_ids_are_unguessable(client):
     source = photo((512, 512)).read_bytes()
-    ids = [client.post("/factor", content=source, headers={**PNG, "X-Request-ID": "same"})
-           .headers["x-factor-id"] for _ in range(12)]
+    ids = [
+        client.post("/factor", content=source, headers={**PNG, "X-Request-ID": "same"}).headers[
+            "x-factor-id"
+        ]
+        for _ in range(12)
+    ]
     assert len(set(ids)) == len(ids)
     for factor_id in ids:
         assert re.fullmatch(r"[A-Za-z0-9_-]{32}", factor_id), factor_id
@@ -154,10 +163,16 @@ def assert_secured(r: httpx.Response):
 
 
 def test_security_headers_on_every_answer(client, guarded):
-    answers = [client.get("/healthz"), client.get("/factor/nope"), client.get("/openapi.json"),
-               client.post("/enhance", content=b"text", headers=PNG),
-               client.post("/enhance", params={"strength": 2}), client.delete("/healthz"),
-               httpx.get(f"{guarded.url}/metrics"), httpx.get(f"{guarded.url}/readyz")]
+    answers = [
+        client.get("/healthz"),
+        client.get("/factor/nope"),
+        client.get("/openapi.json"),
+        client.post("/enhance", content=b"text", headers=PNG),
+        client.post("/enhance", params={"strength": 2}),
+        client.delete("/healthz"),
+        httpx.get(f"{guarded.url}/metrics"),
+        httpx.get(f"{guarded.url}/readyz"),
+    ]
     assert [r.status_code for r in answers] == [200, 404, 200, 415, 422, 405, 401, 200]
     for r in answers:
         assert_secured(r)
@@ -168,8 +183,9 @@ def test_docs_page_policy_allows_exactly_what_swagger_ui_needs(server, client):
     docs = client.get("/docs")
     assert docs.status_code == 200 and docs.headers["content-type"].startswith("text/html")
     assert_secured(docs)
-    policy = dict(part.strip().split(" ", 1) for part in
-                  docs.headers["content-security-policy"].split(";"))
+    policy = dict(
+        part.strip().split(" ", 1) for part in docs.headers["content-security-policy"].split(";")
+    )
     inline = re.findall(r"<script>(.*?)</script>", docs.text, re.DOTALL)
     assert inline, "Swagger UI is started by an inline script"
     for script in inline:  # what a browser checks before running it
@@ -184,19 +200,36 @@ def test_docs_page_policy_allows_exactly_what_swagger_ui_needs(server, client):
         assert r.status_code == 200 and r.headers["x-content-type-options"] == "nosniff"
     assert policy["default-src"] == "'self'"  # Swagger UI fetches /openapi.json from here
     if BROWSER:  # as a browser enforces it: Swagger UI still draws every endpoint
-        shown = subprocess.run([BROWSER, "--headless", "--no-sandbox", "--disable-gpu",
-                                "--virtual-time-budget=15000", "--enable-logging=stderr",
-                                "--v=0", "--dump-dom", f"{server.url}/docs"],
-                               capture_output=True, text=True, timeout=120)
+        shown = subprocess.run(
+            [
+                BROWSER,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--virtual-time-budget=15000",
+                "--enable-logging=stderr",
+                "--v=0",
+                "--dump-dom",
+                f"{server.url}/docs",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert 'data-path="/factor/{factor_id}"' in shown.stdout, shown.stderr[-2000:]
         assert "Content Security Policy" not in shown.stderr, shown.stderr[-2000:]
 
 
 def test_cors_is_off_by_default_and_on_for_the_configured_origins(server, guarded):
-    preflight = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
-                 "Access-Control-Request-Headers": "x-api-key, content-type"}
-    off = [httpx.options(f"{server.url}/enhance", headers=preflight),
-           httpx.get(f"{server.url}/healthz", headers={"Origin": ORIGIN})]
+    preflight = {
+        "Origin": ORIGIN,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "x-api-key, content-type",
+    }
+    off = [
+        httpx.options(f"{server.url}/enhance", headers=preflight),
+        httpx.get(f"{server.url}/healthz", headers={"Origin": ORIGIN}),
+    ]
     for r in off:
         assert not any(h.startswith("access-control-") for h in r.headers), r.headers
 
@@ -207,14 +240,19 @@ def test_cors_is_off_by_default_and_on_for_the_configured_origins(server, guarde
     assert "POST" in ok.headers["access-control-allow-methods"]
     assert "x-api-key" in ok.headers["access-control-allow-headers"].lower()
     assert_secured(ok)
-    r = httpx.post(f"{guarded.url}/enhance", content=photo((512, 512)).read_bytes(),
-                   headers={**PNG, **AUTH, "Origin": ORIGIN}, timeout=60)
+    r = httpx.post(
+        f"{guarded.url}/enhance",
+        content=photo((512, 512)).read_bytes(),
+        headers={**PNG, **AUTH, "Origin": ORIGIN},
+        timeout=60,
+    )
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
     exposed = {h.strip().lower() for h in r.headers["access-control-expose-headers"].split(",")}
     assert {"x-request-id", "x-factor-id"} <= exposed
 
-    refused = httpx.options(f"{guarded.url}/enhance",
-                            headers={**preflight, "Origin": "https://evil.example"})
+    refused = httpx.options(
+        f"{guarded.url}/enhance", headers={**preflight, "Origin": "https://evil.example"}
+    )
     assert_error(refused, 400, "cors_refused")
     assert "access-control-allow-origin" not in refused.headers
     stranger = httpx.get(f"{guarded.url}/healthz", headers={"Origin": "https://evil.example"})
@@ -246,8 +284,9 @@ def test_head_is_answered_wherever_get_is(client):
         assert head.headers["content-type"] == get.headers["content-type"], path
         assert_secured(head)
     r = client.post("/factor", content=photo((512, 512)).read_bytes(), headers=PNG)
-    head = client.head(f"/factor/{r.headers['x-factor-id']}",
-                       params={"format": "npy", "size": "full"})
+    head = client.head(
+        f"/factor/{r.headers['x-factor-id']}", params={"format": "npy", "size": "full"}
+    )
     assert head.status_code == 200 and head.content == b""
     assert int(head.headers["content-length"]) == 128 + 512 * 512 * 3 * 4
     assert client.head("/enhance").status_code == 405  # POST only, as before
@@ -257,10 +296,24 @@ def test_head_is_answered_wherever_get_is(client):
 def test_a_foreign_pickle_is_refused_in_one_line(tmp_path):
     foreign = tmp_path / "foreign.pkl"
     foreign.write_bytes(pickle.dumps({"weights": [1.0, 2.0]}, protocol=4))  # not torch.save
-    result = subprocess.run([str(SGZ), "serve", "--port", str(free_port()), "--device", "cpu",
-                             "--checkpoint", str(foreign)], capture_output=True, text=True,
-                            timeout=60, env=os.environ)
+    result = subprocess.run(
+        [
+            str(SGZ),
+            "serve",
+            "--port",
+            str(free_port()),
+            "--device",
+            "cpu",
+            "--checkpoint",
+            str(foreign),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=os.environ,
+    )
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         f"sgz serve: cannot load the model: checkpoint {foreign}: not a PyTorch checkpoint "
-        "(a pickle torch.load cannot read)"], result.stderr
+        "(a pickle torch.load cannot read)"
+    ], result.stderr

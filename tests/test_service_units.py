@@ -1,5 +1,6 @@
 """Service parts that need no server: the factor store, settings precedence, `sgz serve`
 refusing to start without a usable model."""
+
 import asyncio
 import io
 import os
@@ -74,24 +75,34 @@ def test_settings_flags_beat_environment_beat_defaults(monkeypatch):
     assert Settings().io_threads == min(16, max(4, os.cpu_count()))
 
 
-@pytest.mark.parametrize("args, env, message", [
-    (["--checkpoint", "/nonexistent/model.pt"], {}, "/nonexistent/model.pt"),
-    (["--checkpoint", "{garbage}"], {}, "garbage.pt"),
-    (["--device", "nonsense"], {}, "cannot load the model"),
-    ([], {"SGZ_MAX_BATCH_SIZE": "0"}, "max_batch_size"),
-])
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        (["--checkpoint", "/nonexistent/model.pt"], {}, "/nonexistent/model.pt"),
+        (["--checkpoint", "{garbage}"], {}, "garbage.pt"),
+        (["--device", "nonsense"], {}, "cannot load the model"),
+        ([], {"SGZ_MAX_BATCH_SIZE": "0"}, "max_batch_size"),
+    ],
+)
 def test_sgz_serve_refuses_to_start_without_a_usable_model(tmp_path, args, env, message):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
     args = [a.replace("{garbage}", str(garbage)) for a in args]
     if "--checkpoint" not in args:
         from conftest import SGZ_PUBLISHED
+
         args += ["--checkpoint", str(SGZ_PUBLISHED)]
-    result = subprocess.run([str(SGZ), "serve", "--port", "1", *args], capture_output=True,
-                            text=True, timeout=60, env={**os.environ, **env})
+    result = subprocess.run(
+        [str(SGZ), "serve", "--port", "1", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env},
+    )
     assert result.returncode == 2
-    assert result.stderr.startswith("sgz serve: cannot load the model: "
-                                    if env == {} else "sgz serve: invalid setting: ")
+    assert result.stderr.startswith(
+        "sgz serve: cannot load the model: " if env == {} else "sgz serve: invalid setting: "
+    )
     assert message in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -99,6 +110,7 @@ def test_sgz_serve_refuses_to_start_without_a_usable_model(tmp_path, args, env, 
 def test_client_gone_steps_receive_once_and_leaves_nothing_waiting():
     """The disconnect check used before a batch runs: a receive() with nothing to say yet
     is abandoned without a trace; a disconnect is seen at once and remembered."""
+
     async def main():
         arrived = asyncio.Event()
         messages = []
@@ -124,11 +136,16 @@ def test_a_lone_request_does_not_wait_for_the_batch_timer():
     server = Server({"SGZ_MAX_WAIT_MS": "3000"}).wait_ready()
     try:
         for _ in range(2):
-            r = httpx.post(f"{server.url}/enhance", content=photo((512, 512)).read_bytes(),
-                           headers={"content-type": "image/png"}, timeout=30)
+            r = httpx.post(
+                f"{server.url}/enhance",
+                content=photo((512, 512)).read_bytes(),
+                headers={"content-type": "image/png"},
+                timeout=30,
+            )
             assert r.status_code == 200
-            timing = dict(part.strip().split(";dur=") for part in
-                          r.headers["server-timing"].split(","))
+            timing = dict(
+                part.strip().split(";dur=") for part in r.headers["server-timing"].split(",")
+            )
             assert float(timing["queue"]) < 1000, timing
     finally:
         server.close()

@@ -1,5 +1,6 @@
 """Training: USS is frozen and correct, gradients reach only EFE, a smoke run trains and
 resumes into a loadable checkpoint, and `sgz eval` scores real pairs."""
+
 import json
 import shutil
 import subprocess
@@ -74,9 +75,18 @@ def train_images(tmp_path, n: int):
 
 def test_smoke_train_resume_and_load(tmp_path):
     data = train_images(tmp_path, 4)
-    cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), crop=64, batch_size=2,
-                      max_steps=2, workers=0, checkpoint_every=1, scale_factor=4,
-                      keep_snapshots=True, objective={"sem_size": 64})
+    cfg = TrainConfig(
+        data=str(data),
+        out=str(tmp_path / "run"),
+        crop=64,
+        batch_size=2,
+        max_steps=2,
+        workers=0,
+        checkpoint_every=1,
+        scale_factor=4,
+        keep_snapshots=True,
+        objective={"sem_size": 64},
+    )
     path = train(cfg, progress=False)
     enhancer = load_model(path, device="cpu")
     assert enhancer.checkpoint.recipe["steps_done"] == 2
@@ -96,9 +106,18 @@ def test_smoke_train_resume_and_load(tmp_path):
 def test_init_from_a_checkpoint_and_bad_init(tmp_path):
     """--init starts from given weights: with lr 0 and no decay they come out unchanged."""
     data = train_images(tmp_path, 2)
-    cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), crop=64, batch_size=2,
-                      max_steps=1, workers=0, lr=0.0, weight_decay=0.0, init=str(SGZ_PUBLISHED),
-                      objective={"sem_size": 64})
+    cfg = TrainConfig(
+        data=str(data),
+        out=str(tmp_path / "run"),
+        crop=64,
+        batch_size=2,
+        max_steps=1,
+        workers=0,
+        lr=0.0,
+        weight_decay=0.0,
+        init=str(SGZ_PUBLISHED),
+        objective={"sem_size": 64},
+    )
     path = train(cfg, progress=False)
     assert load_model(path, device="cpu").sha256 == load_model(SGZ_PUBLISHED, device="cpu").sha256
     # with our level gain on top, a published start keeps its weights and the gain is identity
@@ -112,9 +131,25 @@ def test_init_from_a_checkpoint_and_bad_init(tmp_path):
     cfg.init, cfg.efe_level = str(tmp_path / "level" / "efe.pt"), False
     with pytest.raises(ValueError, match="--efe-level"):
         train(cfg, progress=False)
-    r = subprocess.run([sys.executable, "-m", "model.cli", "train", "--data", str(data),
-                        "--out", str(tmp_path / "bad"), "--init", str(tmp_path / "missing.pt"),
-                        "--max-steps", "1", "--no-progress"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "model.cli",
+            "train",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "bad"),
+            "--init",
+            str(tmp_path / "missing.pt"),
+            "--max-steps",
+            "1",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "missing.pt" in r.stderr
 
 
@@ -123,8 +158,9 @@ def test_init_from_a_checkpoint_and_bad_init(tmp_path):
 def test_smoke_train_on_cuda(tmp_path, amp):
     """The defaults (scale 12, EfficientNet-Lite0 USS) on the GPU, with and without bf16."""
     data = train_images(tmp_path, 6)
-    cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), max_steps=3, workers=2,
-                      device="cuda", amp=amp)
+    cfg = TrainConfig(
+        data=str(data), out=str(tmp_path / "run"), max_steps=3, workers=2, device="cuda", amp=amp
+    )
     path = train(cfg, progress=False)
     enhancer = load_model(path, device="cuda")
     assert enhancer.checkpoint.recipe["device"].startswith("cuda")
@@ -139,10 +175,24 @@ def test_sgz_eval_paired_json(tmp_path):
     for f in sorted((LOL / "low").glob("*.png"))[:3]:
         shutil.copy(f, low / f.name)
         shutil.copy(LOL / "high" / f.name, high / f.name)
-    r = subprocess.run([sys.executable, "-m", "training", "eval",
-                        "--checkpoint", str(SGZ_PUBLISHED),
-                        "--low", str(low), "--high", str(high), "--json"],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "training",
+            "eval",
+            "--checkpoint",
+            str(SGZ_PUBLISHED),
+            "--low",
+            str(low),
+            "--high",
+            str(high),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["images"] == 3
@@ -150,10 +200,26 @@ def test_sgz_eval_paired_json(tmp_path):
     assert 10 < s["psnr"] < 30 and 0 < s["ssim"] < 1 and s["gt_mean_psnr"] > s["psnr"]
     # the per-channel oracle can only remove more error than the global scale
     assert all(row["channel_gt_mean_psnr"] > row["gt_mean_psnr"] - 0.5 for row in report["rows"])
-    weaker = subprocess.run([sys.executable, "-m", "training", "eval", "--checkpoint",
-                             str(SGZ_PUBLISHED), "--low", str(low), "--high", str(high),
-                             "--json", "--strength", "0.5"],
-                            capture_output=True, text=True, timeout=300)
+    weaker = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "training",
+            "eval",
+            "--checkpoint",
+            str(SGZ_PUBLISHED),
+            "--low",
+            str(low),
+            "--high",
+            str(high),
+            "--json",
+            "--strength",
+            "0.5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert weaker.returncode == 0, weaker.stderr
     weaker = json.loads(weaker.stdout)
     assert weaker["strength"] == 0.5
@@ -165,28 +231,55 @@ def test_sgz_eval_unpaired_and_bad_checkpoint(tmp_path):
     low = tmp_path / "low"
     low.mkdir()
     shutil.copy(sorted((LOL / "low").glob("*.png"))[0], low / "a.png")
-    r = subprocess.run([sys.executable, "-m", "training", "eval",
-                        "--checkpoint", str(SGZ_PUBLISHED), "--low", str(low), "--json"],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "training",
+            "eval",
+            "--checkpoint",
+            str(SGZ_PUBLISHED),
+            "--low",
+            str(low),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert "piqe" in json.loads(r.stdout)["summary"]
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    r = subprocess.run([sys.executable, "-m", "training", "eval", "--checkpoint", str(bad),
-                        "--low", str(low)], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "training", "eval", "--checkpoint", str(bad), "--low", str(low)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and "bad.pt" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_cosine_schedule_decays_to_zero_and_resumes(tmp_path):
     data = train_images(tmp_path, 2)
-    cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), crop=64, batch_size=2,
-                      max_steps=2, workers=0, lr=1e-3, lr_schedule="cosine", scale_factor=4,
-                      checkpoint_every=1, objective={"sem_size": 64, "weights": {"sem": 0}})
+    cfg = TrainConfig(
+        data=str(data),
+        out=str(tmp_path / "run"),
+        crop=64,
+        batch_size=2,
+        max_steps=2,
+        workers=0,
+        lr=1e-3,
+        lr_schedule="cosine",
+        scale_factor=4,
+        checkpoint_every=1,
+        objective={"sem_size": 64, "weights": {"sem": 0}},
+    )
     train(cfg, progress=False)
     cfg.max_steps = 4  # resumed with a longer run: the schedule follows the new total
     train(cfg, resume=True, progress=False)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     # steps 1-2 ran as a 2-step run (1e-3, 5e-4); steps 3-4 as steps 2-3 of a 4-step run
-    assert [r["lr"] for r in log] == pytest.approx([1e-3, 5e-4, 5e-4, 1e-3 * (1 - 0.5 ** 0.5) / 2])
+    assert [r["lr"] for r in log] == pytest.approx([1e-3, 5e-4, 5e-4, 1e-3 * (1 - 0.5**0.5) / 2])
     with pytest.raises(ValueError, match="lr_schedule"):
         train(TrainConfig(data=str(data), lr_schedule="linear"), progress=False)

@@ -5,6 +5,7 @@ process with TRITON_INTERPRET=1 (it must be set before the kernel is defined), o
 crops small enough for the interpreter. With a GPU the same comparisons run on CUDA, at full
 photo sizes.
 """
+
 import importlib.util
 import json
 import os
@@ -20,8 +21,10 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # conftest, when run as a script
 from conftest import SGZ_PUBLISHED, SICE  # noqa: E402
 
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                  reason="triton is not installed (the `test` extra has it)")
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None,
+    reason="triton is not installed (the `test` extra has it)",
+)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -33,8 +36,10 @@ def photo(name: str) -> torch.Tensor:
 
 def layouts(image: torch.Tensor) -> dict[str, torch.Tensor]:
     """Planar and channels-last (what `DecodedImage.to_tensor` gives) copies of a batch."""
-    return {"planar": image.contiguous(),
-            "channels_last": image.contiguous(memory_format=torch.channels_last)}
+    return {
+        "planar": image.contiguous(),
+        "channels_last": image.contiguous(memory_format=torch.channels_last),
+    }
 
 
 def compare(device: str, cases: dict[str, torch.Tensor], steps: int = 8) -> dict:
@@ -57,32 +62,45 @@ def compare(device: str, cases: dict[str, torch.Tensor], steps: int = 8) -> dict
                 got = triton_path.apply_factor(x.to(device), r.to(device)).cpu()
                 diff = (got.int() - want.int()).abs()
                 out[f"{name} s={strength} {layout}"] = {
-                    "max": diff.max().item(), "share": (diff > 0).float().mean().item(),
+                    "max": diff.max().item(),
+                    "share": (diff > 0).float().mean().item(),
                     "same_layout": got.stride() == x.stride(),
-                    "shape_ok": got.shape == image.shape and got.dtype == torch.uint8}
+                    "shape_ok": got.shape == image.shape and got.dtype == torch.uint8,
+                }
                 if strength == 1.0:  # the denoising stage after the kernel (torch ops)
                     want_dn = eager.apply_factor(image, r, 1.0)
-                    got = triton_path.apply_factor(x.to(device), r.to(device), 1.0,
-                                                   DenoiseConfig()).cpu()
+                    got = triton_path.apply_factor(
+                        x.to(device), r.to(device), 1.0, DenoiseConfig()
+                    ).cpu()
                     diff = (got.int() - want_dn.int()).abs()
                     out[f"{name} denoise {layout}"] = {
-                        "max": diff.max().item(), "share": (diff > 0).float().mean().item(),
-                        "same_layout": True, "shape_ok": got.shape == image.shape}
+                        "max": diff.max().item(),
+                        "share": (diff > 0).float().mean().item(),
+                        "same_layout": True,
+                        "shape_ok": got.shape == image.shape,
+                    }
         # one map for the whole batch (the service's factor store never does it; the API may)
         if image.shape[0] > 1:
             r = eager.factor_lowres(image[:1])
             want = eager.apply_factor(image, r)
             got = triton_path.apply_factor(image.to(device), r.to(device)).cpu()
-            out[f"{name} one map"] = {"max": (got.int() - want.int()).abs().max().item(),
-                                      "share": 0.0, "same_layout": True, "shape_ok": True}
+            out[f"{name} one map"] = {
+                "max": (got.int() - want.int()).abs().max().item(),
+                "share": 0.0,
+                "same_layout": True,
+                "shape_ok": True,
+            }
     return out
 
 
 def interpreter_cases() -> dict[str, torch.Tensor]:
     img = photo("101_0_.png")
-    return {"41x57 crop": img[:, :, 100:141, 200:257], "1x1": img[:, :, :1, :1],
-            "2x700 strip": img[:, :, 300:302, :].repeat(1, 1, 1, 2)[..., :700],
-            "batch of 2": torch.cat([img[:, :, :23, :31], img[:, :, 200:223, 300:331]])}
+    return {
+        "41x57 crop": img[:, :, 100:141, 200:257],
+        "1x1": img[:, :, :1, :1],
+        "2x700 strip": img[:, :, 300:302, :].repeat(1, 1, 1, 2)[..., :700],
+        "batch of 2": torch.cat([img[:, :, :23, :31], img[:, :, 200:223, 300:331]]),
+    }
 
 
 def assert_close(results: dict) -> None:
@@ -97,8 +115,14 @@ def assert_close(results: dict) -> None:
 @pytest.mark.slow
 def test_kernel_matches_reference_in_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env,
-                          cwd=Path(__file__).resolve().parents[1], timeout=300)
+    done = subprocess.run(
+        [sys.executable, __file__],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
     # cases x strengths x layouts, cases x layouts denoised, one map, 3 steps
@@ -110,6 +134,7 @@ def test_kernel_matches_reference_in_interpreter():
 @needs_triton
 def test_cuda_default_is_triton_and_matches_reference():
     from model import load_model
+
     gpu = load_model(SGZ_PUBLISHED, device="cuda")
     assert gpu.backend == "triton"
     eager = load_model(SGZ_PUBLISHED, backend="eager", device="cpu")
@@ -139,6 +164,11 @@ def test_cuda_kernel_at_full_size():
 if __name__ == "__main__":  # the child of test_kernel_matches_reference_in_interpreter
     results = compare("cpu", interpreter_cases())
     img = photo("101_0_.png")[:, :, 50:70, 60:90]
-    results.update({f"{k} steps=3": v for k, v in compare("cpu", {"20x30": img}, steps=3).items()
-                    if k.startswith("20x30 s=1.0 planar")})
+    results.update(
+        {
+            f"{k} steps=3": v
+            for k, v in compare("cpu", {"20x30": img}, steps=3).items()
+            if k.startswith("20x30 s=1.0 planar")
+        }
+    )
     print(json.dumps(results))

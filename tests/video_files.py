@@ -1,4 +1,5 @@
 """Small real video files for the tests, written with PyAV, and what a test reads back."""
+
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -14,14 +15,24 @@ def scene(t: int, width: int, height: int) -> np.ndarray:
     img = np.empty((height, width, 3), np.uint8)
     img[:] = (np.linspace(8, 40, width)[None, :, None]).astype(np.uint8)
     x = (3 * t) % max(1, width - 12)
-    img[height // 4:height // 4 + 12, x:x + 12] = (70, 60, 50)
+    img[height // 4 : height // 4 + 12, x : x + 12] = (70, 60, 50)
     return img
 
 
-def make_video(path: Path, *, width: int = 96, height: int = 64, frames: int = 20,
-               audio: bool = False, durations_ms=(40,), rotation: int = 0,
-               pix_fmt: str = "yuv420p", codec: str = "libx264", transfer: int | None = None,
-               options: dict | None = None) -> list[float]:
+def make_video(
+    path: Path,
+    *,
+    width: int = 96,
+    height: int = 64,
+    frames: int = 20,
+    audio: bool = False,
+    durations_ms=(40,),
+    rotation: int = 0,
+    pix_fmt: str = "yuv420p",
+    codec: str = "libx264",
+    transfer: int | None = None,
+    options: dict | None = None,
+) -> list[float]:
     """Write a video; returns its frames' timestamps in seconds. `durations_ms` cycles: (40,)
     is 25 fps, (40, 40, 100) a variable frame rate."""
     stamps = []
@@ -47,8 +58,9 @@ def make_video(path: Path, *, width: int = 96, height: int = 64, frames: int = 2
         if a is not None:
             for k in range(int(t_ms / 1000 * 48000 / 1024) + 1):
                 tone = 0.1 * np.sin(2 * np.pi * 440 * (k * 1024 + np.arange(1024)) / 48000)
-                af = av.AudioFrame.from_ndarray(tone[None].astype(np.float32), format="fltp",
-                                                layout="mono")
+                af = av.AudioFrame.from_ndarray(
+                    tone[None].astype(np.float32), format="fltp", layout="mono"
+                )
                 af.sample_rate, af.pts = 48000, k * 1024
                 c.mux(a.encode(af))
             c.mux(a.encode(None))
@@ -57,8 +69,8 @@ def make_video(path: Path, *, width: int = 96, height: int = 64, frames: int = 2
 
 @dataclass
 class ReadBack:
-    frames: np.ndarray      # (T, H, W, 3) uint8
-    stamps: list[float]     # seconds
+    frames: np.ndarray  # (T, H, W, 3) uint8
+    stamps: list[float]  # seconds
     rotation: int
     audio_packets: int
     fps: float

@@ -1,4 +1,5 @@
 """`python -m training train|eval ...` mirrors `sgz train|eval`."""
+
 import argparse
 import sys
 

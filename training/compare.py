@@ -5,6 +5,7 @@ output, one row per image.
     python -m training.compare --variant off=denoise=0,exposure=model --variant default= \\
         --crop 200,150,240,160 --out crops.png IMAGE...     # 100% crops, one checkpoint
 """
+
 import argparse
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from model.imageio import decode_image, tensor_to_rgb
 
 
 def parse_options(text: str) -> dict:
-    """"denoise=2,exposure=model" -> the keyword arguments of `Enhancer.enhance`."""
+    """ "denoise=2,exposure=model" -> the keyword arguments of `Enhancer.enhance`."""
     options = {}
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
@@ -32,8 +33,13 @@ def parse_options(text: str) -> dict:
     return options
 
 
-def grid(images: list[Path], columns: list[tuple], labels: list[str], width: int,
-         crop: tuple[int, int, int, int] | None = None) -> Image.Image:
+def grid(
+    images: list[Path],
+    columns: list[tuple],
+    labels: list[str],
+    width: int,
+    crop: tuple[int, int, int, int] | None = None,
+) -> Image.Image:
     """columns: (enhancer, enhance options) per output column. With `crop` (x, y, w, h) each
     tile is that box of the full-size result, at 100% when width == w."""
     rows = []
@@ -42,10 +48,14 @@ def grid(images: list[Path], columns: list[tuple], labels: list[str], width: int
         tiles = [img.rgb] + [tensor_to_rgb(e.enhance(img.to_tensor(), **o)) for e, o in columns]
         if crop is not None:
             x, y, w, h = crop
-            tiles = [t[y:y + h, x:x + w] for t in tiles]
+            tiles = [t[y : y + h, x : x + w] for t in tiles]
         h = round(tiles[0].shape[0] * width / tiles[0].shape[1])
-        rows.append(np.concatenate(
-            [np.asarray(Image.fromarray(t).resize((width, h), Image.BILINEAR)) for t in tiles], 1))
+        rows.append(
+            np.concatenate(
+                [np.asarray(Image.fromarray(t).resize((width, h), Image.BILINEAR)) for t in tiles],
+                1,
+            )
+        )
     canvas = Image.fromarray(np.concatenate(rows, 0))
     draw = ImageDraw.Draw(canvas)
     for i, label in enumerate(["input"] + labels):
@@ -57,10 +67,19 @@ def grid(images: list[Path], columns: list[tuple], labels: list[str], width: int
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("images", nargs="+", type=Path)
-    p.add_argument("--checkpoint", action="append", default=None,
-                   help="one column per checkpoint (with --variant: the one checkpoint used)")
-    p.add_argument("--variant", action="append", default=None, metavar="LABEL=OPTIONS",
-                   help="one column per option set, e.g. off=denoise=0,exposure=model")
+    p.add_argument(
+        "--checkpoint",
+        action="append",
+        default=None,
+        help="one column per checkpoint (with --variant: the one checkpoint used)",
+    )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=None,
+        metavar="LABEL=OPTIONS",
+        help="one column per option set, e.g. off=denoise=0,exposure=model",
+    )
     p.add_argument("--label", action="append", default=None)
     p.add_argument("--width", type=int, default=320, help="width of each tile")
     p.add_argument("--crop", default=None, metavar="X,Y,W,H", help="a box of each image")

@@ -1,4 +1,5 @@
 """Training images: a folder of photos, random crops and flips, streamed by a DataLoader."""
+
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,10 @@ from model.imageio import IMAGE_SUFFIXES
 def list_images(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"training data folder {folder} does not exist "
-                                "(set --data; the default is ../shared/data/train)")
+        raise FileNotFoundError(
+            f"training data folder {folder} does not exist "
+            "(set --data; the default is ../shared/data/train)"
+        )
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise FileNotFoundError(f"no images in {folder}")
@@ -40,8 +43,9 @@ class CropDataset(Dataset):
         w, h = img.size
         if min(w, h) < self.crop:
             s = self.crop / min(w, h)
-            img = img.resize((max(self.crop, round(w * s)), max(self.crop, round(h * s))),
-                             Image.BILINEAR)
+            img = img.resize(
+                (max(self.crop, round(w * s)), max(self.crop, round(h * s))), Image.BILINEAR
+            )
             w, h = img.size
         x0 = int(rng.integers(0, w - self.crop + 1))
         y0 = int(rng.integers(0, h - self.crop + 1))
@@ -53,13 +57,19 @@ class CropDataset(Dataset):
         return torch.from_numpy(a.copy()).permute(2, 0, 1).float().div_(255)
 
 
-def make_loader(dataset: CropDataset, batch_size: int, workers: int, seed: int,
-                epoch: int, start_batch: int = 0) -> DataLoader:
+def make_loader(
+    dataset: CropDataset, batch_size: int, workers: int, seed: int, epoch: int, start_batch: int = 0
+) -> DataLoader:
     """The batches of one epoch, in a seeded order, from batch `start_batch` on (for resume)."""
     dataset.epoch = epoch
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(len(dataset), generator=g).tolist()
     usable = len(order) // batch_size * batch_size  # drop the ragged last batch
-    order = order[start_batch * batch_size: usable]
-    return DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=workers,
-                      pin_memory=torch.cuda.is_available())
+    order = order[start_batch * batch_size : usable]
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=order,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+    )

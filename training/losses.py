@@ -7,27 +7,35 @@ published checkpoint). L_bri's forms are named by their distance, `form` "l1" (p
 (code), or ours, "l3" and "log", because training may pair any with either set
 (`sgz train --bri-form`).
 """
+
 import math
 
 import torch
 import torch.nn.functional as F
 
-SPA_PATCH = 4          # Sec. 3.4 / Table 3: 4x4 pooled regions (A=4 best)
-SPA_DIAGONAL = 0.5     # Eq. 4: weight alpha of the 4 diagonal neighbours
-BRI_PATCH = 16         # Eq. 6: 16x16 non-overlapping patches
-BRI_E = 0.6            # Eq. 6 / Table 3: well-exposedness level E = 0.6 best
+SPA_PATCH = 4  # Sec. 3.4 / Table 3: 4x4 pooled regions (A=4 best)
+SPA_DIAGONAL = 0.5  # Eq. 4: weight alpha of the 4 diagonal neighbours
+BRI_PATCH = 16  # Eq. 6: 16x16 non-overlapping patches
+BRI_E = 0.6  # Eq. 6 / Table 3: well-exposedness level E = 0.6 best
 CHARBONNIER_EPS = 1e-6  # Eq. 5
 BRI_FORMS = ("l1", "l2", "l3", "log")  # L_bri's distances: paper, code, then ours
-LOG_OFFSET = 0.1       # ours: L_bri's "log" form measures log(m + 0.1), as log camera curves
-                       # offset black: it keeps the loss and its push (~1/m without it) finite
-                       # on near-black crops (docs/experiments/training-runs.md, finding 21)
-FOCAL_BETA = 1.0       # Eq. 8
-FOCAL_GAMMA = 2.0      # Eq. 8
+LOG_OFFSET = 0.1  # ours: L_bri's "log" form measures log(m + 0.1), as log camera curves
+# offset black: it keeps the loss and its push (~1/m without it) finite
+# on near-black crops (docs/experiments/training-runs.md, finding 21)
+FOCAL_BETA = 1.0  # Eq. 8
+FOCAL_GAMMA = 2.0  # Eq. 8
 
 # 3x3 kernels taking "centre minus neighbour" for the 8 neighbours, with their Eq. 4 weights.
-_NEIGHBOURS = [((1, 0), 1.0), ((1, 2), 1.0), ((0, 1), 1.0), ((2, 1), 1.0),
-               ((0, 0), SPA_DIAGONAL), ((0, 2), SPA_DIAGONAL),
-               ((2, 0), SPA_DIAGONAL), ((2, 2), SPA_DIAGONAL)]
+_NEIGHBOURS = [
+    ((1, 0), 1.0),
+    ((1, 2), 1.0),
+    ((0, 1), 1.0),
+    ((2, 1), 1.0),
+    ((0, 0), SPA_DIAGONAL),
+    ((0, 2), SPA_DIAGONAL),
+    ((2, 0), SPA_DIAGONAL),
+    ((2, 2), SPA_DIAGONAL),
+]
 
 
 def _neighbour_kernels(device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,14 +67,15 @@ def colour_constancy(y: torch.Tensor, variant: str = "paper") -> torch.Tensor:
     r, g, b = m[:, 0], m[:, 1], m[:, 2]
     pairs = [r - g, r - b, g - b]
     if variant == "paper":
-        return sum(torch.sqrt(d * d + CHARBONNIER_EPS ** 2) for d in pairs).mean()
+        return sum(torch.sqrt(d * d + CHARBONNIER_EPS**2) for d in pairs).mean()
     # clamp: sqrt's gradient at 0 is infinite, and 0 * inf = NaN when the three channel means
     # agree exactly (a grey crop): it stopped a scale-1 training run at step 99
     return torch.sqrt(sum((d * d) ** 2 for d in pairs).clamp_min(1e-30)).mean()
 
 
-def brightness(y: torch.Tensor, e: float = BRI_E, patch: int = BRI_PATCH,
-               form: str = "l1") -> torch.Tensor:
+def brightness(
+    y: torch.Tensor, e: float = BRI_E, patch: int = BRI_PATCH, form: str = "l1"
+) -> torch.Tensor:
     """L_bri, Eq. 6: mean luminance of each 16x16 patch against the level E
     (paper: "l1" distance; code: "l2"; ours: "l3", the cubed distance, and "log", the squared
     distance of log(m + 0.1) from log(E + 0.1)). At E = 0.65 a patch at 0.15 is pushed 5x harder
@@ -120,8 +129,9 @@ def factor_spread(x_r: torch.Tensor, luma: torch.Tensor, eps: float = 1e-6) -> t
     return (var_x - cov * cov / (var_l + eps)).clamp_min(0).mean()
 
 
-def semantic_focal(logits: torch.Tensor, beta: float = FOCAL_BETA,
-                   gamma: float = FOCAL_GAMMA) -> torch.Tensor:
+def semantic_focal(
+    logits: torch.Tensor, beta: float = FOCAL_BETA, gamma: float = FOCAL_GAMMA
+) -> torch.Tensor:
     """L_sem, Eq. 8: focal loss -beta (1 - p)^gamma log p, where p is USS's softmax probability
     of its own argmax class at each pixel (no labels: the target is the prediction)."""
     logp = F.log_softmax(logits, 1)

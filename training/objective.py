@@ -1,4 +1,5 @@
 """The SGZ training objective (Sec. 3.4, Eq. 3): a weighted sum of the five losses."""
+
 from dataclasses import dataclass
 
 import torch
@@ -16,10 +17,28 @@ from .options import option
 # own target); level: ours, each image's mean luminance against E (losses.exposure_level). In
 # neither set: off.
 DEFAULT_WEIGHTS = {
-    "paper": {"spa": 1.0, "rgb": 1.0, "bri": 1.0, "tv": 1.0, "sem": 0.1, "uni": 0.0,
-              "spread": 0.0, "smooth": 0.0, "level": 0.0},
-    "code": {"spa": 1.0, "rgb": 5.0, "bri": 10.0, "tv": 1600.0, "sem": 0.1, "uni": 0.0,
-             "spread": 0.0, "smooth": 0.0, "level": 0.0},
+    "paper": {
+        "spa": 1.0,
+        "rgb": 1.0,
+        "bri": 1.0,
+        "tv": 1.0,
+        "sem": 0.1,
+        "uni": 0.0,
+        "spread": 0.0,
+        "smooth": 0.0,
+        "level": 0.0,
+    },
+    "code": {
+        "spa": 1.0,
+        "rgb": 5.0,
+        "bri": 10.0,
+        "tv": 1600.0,
+        "sem": 0.1,
+        "uni": 0.0,
+        "spread": 0.0,
+        "smooth": 0.0,
+        "level": 0.0,
+    },
 }
 
 LEVEL_ON = ("image", "mean-map")  # what the "level" term measures (Objective.level_on)
@@ -30,32 +49,51 @@ TV_ON = ("efe", "full", "image")  # what L_tv smooths (Objective.tv_on)
 class Objective:
     """The loss; `sgz train` has one option per field (training/options.py), `--w-TERM` for
     each weight."""
-    variant: str = option("code", "the paper's loss forms and weights or the published code's "
-                          "(the form of L_rgb, L_bri and L_tv)", flag="loss",
-                          choices=tuple(DEFAULT_WEIGHTS))
-    weights: dict | None = option(None, "per-term weight over the variant's; 0 switches a term "
-                                  "off", cli=False)
+
+    variant: str = option(
+        "code",
+        "the paper's loss forms and weights or the published code's "
+        "(the form of L_rgb, L_bri and L_tv)",
+        flag="loss",
+        choices=tuple(DEFAULT_WEIGHTS),
+    )
+    weights: dict | None = option(
+        None, "per-term weight over the variant's; 0 switches a term off", cli=False
+    )
     exposure: float = option(losses.BRI_E, "E of L_bri (Table 3: 0.6)")
     spa_patch: int = option(losses.SPA_PATCH, "pooling of L_spa (Table 3: 4)")
     # larger asks for exposure over a wider area and leaves local contrast to the image
-    bri_patch: int = option(losses.BRI_PATCH, "patch side of L_bri (Eq. 6: 16; the crop size: "
-                            "one exposure per crop)")
+    bri_patch: int = option(
+        losses.BRI_PATCH, "patch side of L_bri (Eq. 6: 16; the crop size: one exposure per crop)"
+    )
     # ours, for training speed (the paper feeds USS the image as is); every logged run used 128
-    sem_size: int | None = option(128, "USS sees the enhanced image resized to this longer side "
-                                  "(0: as is)")
-    sem_batch: int | None = option(None, "USS sees only the first K images per batch (default: "
-                                   "all)")
-    tv_on: str | None = option(None, "what L_tv smooths: x_r at EFE's resolution, x_r upsampled, "
-                               "or Y (default: efe for --loss code, image for --loss paper)",
-                               choices=TV_ON)
-    bri_form: str | None = option(None, "L_bri's distance to E; l3, log: ours, steeper in the "
-                                  "distance (default: l1 for --loss paper, l2 for --loss code)",
-                                  choices=losses.BRI_FORMS)
-    level_exposure: float | None = option(None, "E of L_level, each image's mean luminance "
-                                          "(default: --exposure)")
+    sem_size: int | None = option(
+        128, "USS sees the enhanced image resized to this longer side (0: as is)"
+    )
+    sem_batch: int | None = option(
+        None, "USS sees only the first K images per batch (default: all)"
+    )
+    tv_on: str | None = option(
+        None,
+        "what L_tv smooths: x_r at EFE's resolution, x_r upsampled, "
+        "or Y (default: efe for --loss code, image for --loss paper)",
+        choices=TV_ON,
+    )
+    bri_form: str | None = option(
+        None,
+        "L_bri's distance to E; l3, log: ours, steeper in the "
+        "distance (default: l1 for --loss paper, l2 for --loss code)",
+        choices=losses.BRI_FORMS,
+    )
+    level_exposure: float | None = option(
+        None, "E of L_level, each image's mean luminance (default: --exposure)"
+    )
     # "mean-map" moves the map's level only, leaving its structure to the other terms
-    level_on: str = option("image", "L_level on Y, or on the input enhanced by x_r's per-image "
-                           "channel means", choices=LEVEL_ON)
+    level_on: str = option(
+        "image",
+        "L_level on Y, or on the input enhanced by x_r's per-image channel means",
+        choices=LEVEL_ON,
+    )
 
     def __post_init__(self):
         if self.variant not in DEFAULT_WEIGHTS:
@@ -70,9 +108,14 @@ class Objective:
         if self.bri_form not in losses.BRI_FORMS:
             raise ValueError(f"bri_form must be one of {losses.BRI_FORMS}, got {self.bri_form!r}")
 
-    def __call__(self, y: torch.Tensor, x: torch.Tensor, x_r: torch.Tensor,
-                 uss=None, x_r_efe: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, dict[str, float]]:
+    def __call__(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        x_r: torch.Tensor,
+        uss=None,
+        x_r_efe: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """y: enhanced, x: input, x_r: the factor map RIE used (full size), x_r_efe: the same
         map at EFE's resolution (defaults to x_r, as when training at scale 1)."""
         w, v, terms = self.weights, self.variant, {}
@@ -121,6 +164,11 @@ class Objective:
         if self.sem_size and max(y.shape[-2:]) > self.sem_size:
             h, w = y.shape[-2:]
             s = self.sem_size / max(h, w)
-            y = F.interpolate(y, size=(max(1, round(h * s)), max(1, round(w * s))),
-                              mode="bilinear", align_corners=False, antialias=True)
+            y = F.interpolate(
+                y,
+                size=(max(1, round(h * s)), max(1, round(w * s))),
+                mode="bilinear",
+                align_corners=False,
+                antialias=True,
+            )
         return y

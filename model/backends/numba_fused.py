@@ -10,6 +10,7 @@ docs/performance.md, "What the fast path does". Kernels are compiled on first us
 disk (`Enhancer.warmup()` does it at start) and release the GIL. It matches the eager
 reference within 1 grey level (tests/test_fast.py): only float summation order differs.
 """
+
 import importlib.util
 import threading
 
@@ -28,6 +29,7 @@ def launch(kernel, *args) -> None:
     """Launch a parallel numba kernel: one at a time per process (numba's workqueue pool is not
     safe for concurrent launches), on as many threads as torch's setting (one knob for both)."""
     from ..kernels import numba
+
     with _launch:
         numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
         kernel(*args)
@@ -37,9 +39,16 @@ def fold(block) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(depthwise 3x3, pointwise matrix, bias) with the depthwise bias folded into the
     pointwise one: pw @ (dw * x + bd) + bp = pw @ (dw * x) + (pw @ bd + bp)."""
     from ..kernels import TINY
-    dw, bd, pw, bp = (t.detach().cpu().double() for t in (
-        block.depth_conv.weight, block.depth_conv.bias,
-        block.point_conv.weight, block.point_conv.bias))
+
+    dw, bd, pw, bp = (
+        t.detach().cpu().double()
+        for t in (
+            block.depth_conv.weight,
+            block.depth_conv.bias,
+            block.point_conv.weight,
+            block.point_conv.bias,
+        )
+    )
     pw = pw[:, :, 0, 0]
     folded = tuple(t.float().numpy().copy() for t in (dw[:, 0], pw, pw @ bd + bp))
     for t in folded:  # near-dead weights: see kernels.TINY
@@ -49,6 +58,7 @@ def fold(block) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 class NumbaBackend(Backend):
     """Inputs: uint8 (N, 3, H, W) CPU tensors, planar or channels-last."""
+
     name = "numba"
 
     @classmethod
@@ -71,6 +81,7 @@ class NumbaBackend(Backend):
         padding at a band's cut edge reaches one row further per 3x3 block, so rows HALO or
         more from the cut are exact, and each band keeps only those."""
         from ..kernels import HALO, MIN_BAND_ROWS, efe_items, efe_one
+
         # a channels-last batch as an (N, 3, H, W) view: the downscale reads only 4 pixels
         # per EFE pixel, in any layout
         img = images.numpy() if channels_last(images) else images.contiguous().numpy()
@@ -94,13 +105,12 @@ class NumbaBackend(Backend):
         if n == 1 and len(rows) == 2:
             hi[0], lo[1] = cut, cut - (h - hb)
         if len(rows) == 1:  # on the calling thread: waking the pool would cost more
-            efe_one(img[0], ys[0][0], ys[1][0], ys[2][0], *xs, *self.weights, out[0], lo[0],
-                    hi[0])
+            efe_one(img[0], ys[0][0], ys[1][0], ys[2][0], *xs, *self.weights, out[0], lo[0], hi[0])
         else:
             launch(efe_items, img, which, *ys, *xs, *self.weights, out, lo, hi)
         out = out[:, :, 1:-1, 1:-1]
         if n == 1 and len(rows) == 2:
-            out = np.concatenate([out[:1, :, :hi[0]], out[1:, :, lo[1]:]], axis=2)
+            out = np.concatenate([out[:1, :, : hi[0]], out[1:, :, lo[1] :]], axis=2)
         out = np.ascontiguousarray(out)
         if self.level is not None:  # the kernels run the paper's EFE; the gain needs only the mean
             mu = downscaled_mean(img, (y0, y1, ly), xs)
@@ -109,10 +119,16 @@ class NumbaBackend(Backend):
             np.clip(out, -1, 1, out=out)  # as efe.apply_level
         return torch.from_numpy(out)
 
-    def apply_factor(self, images: torch.Tensor, r_low: torch.Tensor, denoise: float = 0.0,
-                     config: DenoiseConfig = NO_DENOISE) -> torch.Tensor:
+    def apply_factor(
+        self,
+        images: torch.Tensor,
+        r_low: torch.Tensor,
+        denoise: float = 0.0,
+        config: DenoiseConfig = NO_DENOISE,
+    ) -> torch.Tensor:
         from ..kernels import rie_uint8
         from ..kernels_dn import denoise_numba
+
         check_factor(images, r_low)
         if denoise > 0 and not channels_last(images):  # its kernels read channels-last rows
             cl = images.contiguous(memory_format=torch.channels_last)
@@ -130,24 +146,32 @@ class NumbaBackend(Backend):
             return torch.from_numpy(out).view(n, H, W, c).permute(0, 3, 1, 2)
         img = images.contiguous().numpy().reshape(n * c, H, W)  # planes as 1-channel images
         out = np.empty_like(img)
-        launch(rie_uint8, img, r.reshape(n_r * c, 1, h, w), *row_taps, *col_taps, self.steps,
-               out)
+        launch(rie_uint8, img, r.reshape(n_r * c, 1, h, w), *row_taps, *col_taps, self.steps, out)
         return torch.from_numpy(out).view(n, c, H, W)
 
     def frame_noise(self, frames: torch.Tensor, cell: int, quantile: float) -> np.ndarray:
         from ..kernels_temporal import noise_sigma
+
         n, c, H, W = frames.shape
         rows = frames.permute(0, 2, 3, 1).contiguous().numpy().reshape(n, H, W * c)
         return noise_sigma(rows, cell, quantile)
 
     def temporal_filter(self, acc, frame, out, k, radius, min_weight, spare):
         from ..kernels_temporal import recursive_filter
+
         H, W, c = frame.shape
         if spare is None or spare.shape != acc.shape:
             spare = torch.empty_like(acc)
-        launch(recursive_filter, frame.contiguous().numpy().reshape(H, W * c),
-               acc.numpy().reshape(H, W * c), spare.numpy().reshape(H, W * c),
-               out.numpy().reshape(H, W * c), np.float32(k), radius, np.float32(min_weight))
+        launch(
+            recursive_filter,
+            frame.contiguous().numpy().reshape(H, W * c),
+            acc.numpy().reshape(H, W * c),
+            spare.numpy().reshape(H, W * c),
+            out.numpy().reshape(H, W * c),
+            np.float32(k),
+            radius,
+            np.float32(min_weight),
+        )
         return spare
 
 
@@ -157,6 +181,7 @@ def downscaled_mean(img: np.ndarray, ys: tuple, xs: tuple) -> np.ndarray:
     weighted sum over the few source rows and columns it reads. A serial numba loop, not torch
     or BLAS: their thread pools, woken right after a numba kernel, cost more than the sum."""
     from ..kernels_rows import weighted_rows
+
     (y0, y1, ly), (x0, x1, lx) = ys, xs
     H, W = img.shape[-2:]
     wr, wc = np.zeros(H, np.float32), np.zeros(W, np.float32)

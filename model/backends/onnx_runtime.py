@@ -6,6 +6,7 @@ the network half (images -> x_r low-res) and the full-size half ((images, x_r) -
 separate sessions, so exposure and strength apply to x_r between them as on every backend, and
 denoising runs after, in the torch reference (model/denoise.py). Needs the `onnx` extra.
 """
+
 import importlib.util
 
 import numpy as np
@@ -22,12 +23,14 @@ def _onnxruntime():
         import onnxruntime
     except ImportError:
         from ..export import EXTRA_HINT
+
         raise ImportError(f"the onnxruntime backend needs ONNX Runtime: {EXTRA_HINT}") from None
     return onnxruntime
 
 
 class OnnxRuntimeBackend(Backend):
     """Inputs: uint8 (N, 3, H, W) CPU tensors."""
+
     name = "onnxruntime"
 
     @classmethod
@@ -43,6 +46,7 @@ class OnnxRuntimeBackend(Backend):
         super().__init__(efe, scale_factor, steps)
         ort = _onnxruntime()
         from ..export import export_parts, require_onnx
+
         require_onnx()
         lowres, apply = export_parts(efe, scale_factor, steps)
         options = ort.SessionOptions()
@@ -55,13 +59,19 @@ class OnnxRuntimeBackend(Backend):
         x = np.ascontiguousarray(images.numpy())
         return torch.from_numpy(self.lowres.run(None, {"images": x})[0])
 
-    def apply_factor(self, images: torch.Tensor, r_low: torch.Tensor, denoise: float = 0.0,
-                     config: DenoiseConfig = NO_DENOISE) -> torch.Tensor:
+    def apply_factor(
+        self,
+        images: torch.Tensor,
+        r_low: torch.Tensor,
+        denoise: float = 0.0,
+        config: DenoiseConfig = NO_DENOISE,
+    ) -> torch.Tensor:
         check_factor(images, r_low)
         x = np.ascontiguousarray(images.numpy())
         r = r_low.detach().to("cpu", torch.float32).expand(images.shape[0], -1, -1, -1)
-        out = torch.from_numpy(self.apply.run(
-            None, {"images": x, "factor_lowres": np.ascontiguousarray(r.numpy())})[0])
+        out = torch.from_numpy(
+            self.apply.run(None, {"images": x, "factor_lowres": np.ascontiguousarray(r.numpy())})[0]
+        )
         if denoise > 0:
             out = denoise_reference(images, out, r_low, denoise, config, self.steps)
         return out

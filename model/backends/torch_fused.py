@@ -2,6 +2,7 @@
 where Triton cannot run, a CPU without numba). EFE's input is gathered from the 4 source pixels
 of each of its pixels (`resample.efe_input`), not from a float copy of the whole image, and the
 RIE steps run in place on one float copy: the same roundings as the eager reference."""
+
 import torch
 
 from ..denoise import DenoiseConfig
@@ -17,8 +18,13 @@ class TorchBackend(Backend):
     def factor_lowres(self, images: torch.Tensor) -> torch.Tensor:
         return self.efe(efe_input(images, self.scale_factor))
 
-    def apply_factor(self, images: torch.Tensor, r_low: torch.Tensor, denoise: float = 0.0,
-                     config: DenoiseConfig = NO_DENOISE) -> torch.Tensor:
+    def apply_factor(
+        self,
+        images: torch.Tensor,
+        r_low: torch.Tensor,
+        denoise: float = 0.0,
+        config: DenoiseConfig = NO_DENOISE,
+    ) -> torch.Tensor:
         check_factor(images, r_low)
         x = images.float().div_(255)
         r = upsample_factor(r_low.to(images.device, torch.float32), tuple(images.shape[-2:]))

@@ -2,6 +2,7 @@
 full-size pass, factor upsampling + RIE + rounding, as one Triton kernel, and the denoiser's
 last pass as another (model/triton_kernels.py). On a CPU tensor it runs only under Triton's
 interpreter (`TRITON_INTERPRET=1`: the tests' way to check it without a GPU)."""
+
 import importlib.util
 import logging
 import os
@@ -28,8 +29,9 @@ def cell_taps_on(n: int, cell: int, device: torch.device):
 
 def c_compiler() -> str | None:
     """The compiler Triton would use: $CC, else cc, gcc or clang on the PATH."""
-    return os.environ.get("CC") or next(filter(None, map(shutil.which, ("cc", "gcc", "clang"))),
-                                        None)
+    return os.environ.get("CC") or next(
+        filter(None, map(shutil.which, ("cc", "gcc", "clang"))), None
+    )
 
 
 def installed() -> bool:
@@ -45,8 +47,10 @@ class TritonBackend(TorchBackend):
             return Availability(False, "triton is not installed (the gpu extra)")
         if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
             return Availability(True)
-        return Availability(False, "the triton backend runs on CUDA GPUs only (the CPU only "
-                                   "under TRITON_INTERPRET=1)")
+        return Availability(
+            False,
+            "the triton backend runs on CUDA GPUs only (the CPU only under TRITON_INTERPRET=1)",
+        )
 
     def __init__(self, efe: EFE, scale_factor: float, steps: int):
         # cuDNN's depthwise convolutions run faster on NHWC maps (bench/gpu_efe.py); Module.to
@@ -58,9 +62,15 @@ class TritonBackend(TorchBackend):
         x = efe_input(images, self.scale_factor).contiguous(memory_format=torch.channels_last)
         return self.efe(x).contiguous()
 
-    def apply_factor(self, images: torch.Tensor, r_low: torch.Tensor, denoise: float = 0.0,
-                     config: DenoiseConfig = NO_DENOISE) -> torch.Tensor:
+    def apply_factor(
+        self,
+        images: torch.Tensor,
+        r_low: torch.Tensor,
+        denoise: float = 0.0,
+        config: DenoiseConfig = NO_DENOISE,
+    ) -> torch.Tensor:
         from .. import triton_kernels  # imported on first use: triton is slow to import
+
         check_factor(images, r_low)
         cl = channels_last(images)
         if not cl:
@@ -74,17 +84,34 @@ class TritonBackend(TorchBackend):
         s_r_n = r.stride(0) if r.shape[0] == n else 0
         with torch.cuda.device(images.device) if images.is_cuda else nullcontext():
             triton_kernels.rie_uint8[(rows * blocks,)](
-                images, out, r, *device_taps(h, H, True, images.device),
-                *device_taps(w, W, True, images.device), H, W, blocks,
-                images.stride(0), images.stride(2), images.stride(1),
-                out.stride(0), out.stride(2), out.stride(1), s_r_n, r.stride(1), r.stride(2),
-                STEPS=self.steps, CHANNELS_LAST=cl, BLOCK=triton_kernels.BLOCK)
+                images,
+                out,
+                r,
+                *device_taps(h, H, True, images.device),
+                *device_taps(w, W, True, images.device),
+                H,
+                W,
+                blocks,
+                images.stride(0),
+                images.stride(2),
+                images.stride(1),
+                out.stride(0),
+                out.stride(2),
+                out.stride(1),
+                s_r_n,
+                r.stride(1),
+                r.stride(2),
+                STEPS=self.steps,
+                CHANNELS_LAST=cl,
+                BLOCK=triton_kernels.BLOCK,
+            )
         if denoise > 0:  # statistics and coefficients in torch ops, the full-size pass fused
             out = self._denoise(images, out, r, denoise, config)
         return out
 
     def _denoise(self, images, enhanced, r, denoise, config):
         from .. import triton_kernels
+
         coef = coefficients(images, enhanced, r, denoise, config, self.steps).contiguous()
         out = torch.empty_like(enhanced)
         (n, _, H, W), (hc, wc) = enhanced.shape, coef.shape[-2:]
@@ -92,7 +119,20 @@ class TritonBackend(TorchBackend):
         s_n, s_c, s_y, s_x = enhanced.stride()
         with torch.cuda.device(images.device) if images.is_cuda else nullcontext():
             triton_kernels.denoise_apply[(n * H * blocks,)](
-                enhanced, out, coef, *cell_taps_on(H, config.cell, images.device),
-                *cell_taps_on(W, config.cell, images.device), H, W, blocks, hc, wc,
-                s_n, s_y, s_x, s_c, BLOCK=triton_kernels.BLOCK)
+                enhanced,
+                out,
+                coef,
+                *cell_taps_on(H, config.cell, images.device),
+                *cell_taps_on(W, config.cell, images.device),
+                H,
+                W,
+                blocks,
+                hc,
+                wc,
+                s_n,
+                s_y,
+                s_x,
+                s_c,
+                BLOCK=triton_kernels.BLOCK,
+            )
         return out
