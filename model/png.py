@@ -3,7 +3,7 @@ imagecodecs) for the common 8-bit images, with the GIL released in every heavy s
 
 Pillow's writer at compress_level 1 spends ~10x the model's time on a 1200x900 photo, and its
 reader ~2x libpng's; the choices and their measurements are in docs/performance.md
-("PNG and WebP"). Anything unusual (palette, 16-bit, interlaced, EXIF, colour-keyed) is left to
+("Image coding"). Anything unusual (palette, 16-bit, interlaced, EXIF, colour-keyed) is left to
 Pillow by returning None, so behaviour there is unchanged.
 """
 

@@ -23,6 +23,7 @@ from .metrics import Metrics
 from .middleware import ServiceMiddleware
 from .runtime import Runtime
 from .settings import Settings
+from .shared_jobs import SharedJobs
 
 log = logging.getLogger("sgz.service")
 
@@ -47,7 +48,10 @@ def create_app(settings: Settings | None = None, *, enhancer: Enhancer | None = 
         logs.startup(settings, model)
         runtime = Runtime(settings, model, metrics)
         app.state.runtime = runtime
+        # the job routes' view: this replica's jobs, with SGZ_REDIS_URL every replica's
+        app.state.jobs = SharedJobs.open(settings, runtime.jobs, metrics.registry)
         runtime.start()
+        app.state.jobs.start()
         warm_up = asyncio.create_task(runtime.warm_up())
         try:
             yield
@@ -63,6 +67,7 @@ def create_app(settings: Settings | None = None, *, enhancer: Enhancer | None = 
             with contextlib.suppress(BaseException):
                 await warm_up
             await runtime.factors.close()
+            await app.state.jobs.close()  # after the jobs: their records go with their files
             log.info("stopped", extra={"event": "stopped"})
 
     app = FastAPIOffline(

@@ -12,15 +12,18 @@ from model.video import EncoderOptions
 
 from .errors import ApiError, Responses
 from .job_record import CANCELLED, DONE, FAILED, JobOptions
-from .jobs import JobManager
 from .routes import Denoise, Exposure, Strength, exposure_level, runtime
+from .shared_jobs import SharedJobs
 from .uploads import VIDEO_BODY
 
 router = APIRouter(tags=["video jobs"])
 
 
 JOB = {"description": "the job: state, progress, input, options"}
-UNKNOWN: Responses = {404: {"description": "unknown job, deleted, or expired"}}
+UNKNOWN: Responses = {
+    404: {"description": "unknown job, deleted, or expired"},
+    503: {"description": "with SGZ_REDIS_URL: Redis down and the job not on this replica"},
+}
 ERRORS: Responses = {
     code: {"description": text}
     for code, text in {
@@ -35,8 +38,9 @@ ERRORS: Responses = {
 }
 
 
-def jobs(request: Request) -> JobManager:
-    return runtime(request).jobs
+def jobs(request: Request) -> SharedJobs:
+    """This replica's jobs, and with SGZ_REDIS_URL the other replicas' (service/job_store.py)."""
+    return request.app.state.jobs
 
 
 @router.post("/jobs", status_code=202, openapi_extra=VIDEO_BODY, responses={202: JOB, **ERRORS})
@@ -83,13 +87,14 @@ async def create_job(
     rt = runtime(request)
     rt.check_ready()
     job = await rt.jobs.create(request, JobOptions(strength, denoise, level, temporal, encoder))
+    await jobs(request).created(job)
     return JSONResponse(job.view(), status_code=202, headers={"Location": f"/jobs/{job.id}"})
 
 
 @router.get("/jobs/{job_id}", responses={200: JOB, **UNKNOWN})
 async def get_job(request: Request, job_id: str) -> JSONResponse:
     """A job's state (queued, running, done, failed, cancelled), progress and options."""
-    return JSONResponse(jobs(request).get(job_id).view())
+    return JSONResponse((await jobs(request).find(job_id)).view())
 
 
 @router.get(
@@ -105,7 +110,7 @@ async def get_job(request: Request, job_id: str) -> JSONResponse:
 )
 async def get_result(request: Request, job_id: str) -> FileResponse:
     """The enhanced video (MP4, or WebM for vp9), with HTTP Range support."""
-    job = jobs(request).get(job_id)
+    job = await jobs(request).find(job_id)
     if job.state != DONE:
         code = {FAILED: "job_failed", CANCELLED: "job_cancelled"}.get(job.state, "job_not_done")
         why = f": {job.error}" if job.error else ""
@@ -114,14 +119,14 @@ async def get_result(request: Request, job_id: str) -> FileResponse:
         )
     try:
         stat = os.stat(job.output)
-    except FileNotFoundError:  # deleted or expired in between
-        raise ApiError(404, "unknown_job", f"job {job_id} was just deleted") from None
+    except FileNotFoundError:  # deleted or expired in between, or on a folder not shared
+        raise await jobs(request).result_gone(job) from None
     _check_range(request.headers.get("range"), stat.st_size)
     return FileResponse(
         job.output,
         media_type=job.media_type,
         stat_result=stat,
-        filename=f"{job_id}{job.options.suffix}",
+        filename=f"{job_id}{job.output.suffix}",
     )
 
 
@@ -147,5 +152,4 @@ def _check_range(header: str | None, size: int) -> None:
 async def delete_job(request: Request, job_id: str) -> JSONResponse:
     """Cancel a queued or running job and delete its files (its record says `cancelled`
     until it expires); a finished job is deleted altogether. Answers with its final state."""
-    manager = jobs(request)
-    return JSONResponse(await manager.delete(manager.get(job_id)))
+    return JSONResponse(await jobs(request).delete(job_id))

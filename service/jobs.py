@@ -4,7 +4,7 @@ Each job owns a folder under the manager's root (a fresh folder, removed at shut
 the upload and the result. Jobs live in memory and in that folder only: none survives a
 restart. A small pool runs them (`max_running_jobs`); the queue in front of it is bounded
 (`max_queued_jobs`); finished jobs are forgotten, files and all, `job_result_ttl_s` after
-they finish.
+they finish. With SGZ_REDIS_URL, service/shared_jobs.py shows them to the other replicas.
 
 The model steps of a job run in the batcher's inference thread, the one that runs image
 batches, so the two take turns on the model (see `JobManager._run_model`).
@@ -66,6 +66,9 @@ class JobManager:
             settings.jobs_dir.mkdir(parents=True, exist_ok=True)
         # our own folder even inside SGZ_JOBS_DIR: removing it at shutdown removes only ours
         self.root = Path(tempfile.mkdtemp(prefix="sgz-jobs-", dir=settings.jobs_dir))
+        # shared by the replicas (SGZ_REDIS_URL): the disk budget is for all of them together
+        shared = settings.jobs_dir if settings.redis_url is not None else None
+        self.disk_root = shared or self.root
         self.jobs: dict[str, Job] = {}
         self.pool = ThreadPoolExecutor(
             settings.max_running_jobs, thread_name_prefix="sgz-job", initializer=thread_initializer
@@ -86,14 +89,17 @@ class JobManager:
     def get(self, job_id: str) -> Job:
         job = self.jobs.get(job_id)
         if job is None:
-            raise ApiError(
-                404,
-                "unknown_job",
-                f"no job {job_id!r}: unknown, deleted, or "
-                f"finished more than {self.settings.job_result_ttl_s:g} s ago "
-                "(SGZ_JOB_RESULT_TTL_S); jobs do not survive a restart",
-            )
+            raise self.unknown(job_id)
         return job
+
+    def unknown(self, job_id: str) -> ApiError:
+        return ApiError(
+            404,
+            "unknown_job",
+            f"no job {job_id!r}: unknown, deleted, or "
+            f"finished more than {self.settings.job_result_ttl_s:g} s ago "
+            "(SGZ_JOB_RESULT_TTL_S); jobs do not survive a restart",
+        )
 
     # Creating -----------------------------------------------------------------------------
 
@@ -101,7 +107,7 @@ class JobManager:
         """Stream the upload to disk, probe it, queue the job. Nothing is left behind when
         any step refuses it."""
         self._check_room()
-        used = await asyncio.to_thread(_disk_used, self.root)
+        used = await asyncio.to_thread(_disk_used, self.disk_root)
         length = request.headers.get("content-length", "")
         self._check_disk(used, int(length) if length.isdigit() else 0)
         job_id = uuid.uuid4().hex

@@ -93,7 +93,7 @@ class Settings(BaseSettings):
     redis_url: SecretStr | None = Field(
         None,
         description="redis://[:password@]host:port/db: "
-        "keep factor maps in Redis, shared by every replica; "
+        "keep factor maps and video job records in Redis, shared by every replica; "
         "unset = in this process",
     )
     redis_timeout_s: float = Field(
@@ -132,7 +132,8 @@ class Settings(BaseSettings):
         None,
         description="where uploads and results go (a fresh "
         "folder inside it, removed at shutdown); unset = the "
-        "system's temporary folder",
+        "system's temporary folder; with redis_url, a folder every replica mounts "
+        "lets any replica serve any job's result",
     )
     max_running_jobs: int = Field(1, ge=1, description="video jobs enhanced at once")
     max_queued_jobs: int = Field(

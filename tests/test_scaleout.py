@@ -50,10 +50,21 @@ def enhanced_count(server: Server) -> float:
 
 
 @pytest.fixture(scope="module")
-def fleet():
+def jobs_dir(tmp_path_factory) -> Path:
+    """One jobs folder for both replicas: the shared volume of docker-compose.replicas.yml."""
+    return tmp_path_factory.mktemp("shared-jobs")
+
+
+@pytest.fixture(scope="module")
+def fleet(jobs_dir):
     redis = RedisServer()
     # a 1 s grace: long enough for nginx to meet a 503 shutting_down, short for teardown
-    env = {"SGZ_REDIS_URL": redis.url, "SGZ_IO_THREADS": "2", "SGZ_SHUTDOWN_GRACE_S": "1"}
+    env = {
+        "SGZ_REDIS_URL": redis.url,
+        "SGZ_IO_THREADS": "2",
+        "SGZ_SHUTDOWN_GRACE_S": "1",
+        "SGZ_JOBS_DIR": str(jobs_dir),
+    }
     replicas = [Server(env) for _ in range(2)]
     front = None
     try:
@@ -80,10 +91,20 @@ def test_compose_nginx_defines_every_placeholder_and_the_service_limits():
         assert nginx["environment"][name].endswith(f":-{getattr(defaults, name[4:].lower())}}}")
     assert "ports" not in sgz and sgz["environment"]["SGZ_REDIS_URL"].startswith("redis://redis:")
     assert "resolve" in nginx["environment"]["SGZ_UPSTREAM_SERVERS"]  # follows --scale
-    # video jobs: one replica takes them all, and it serves images too
-    assert nginx["environment"]["SGZ_JOBS_UPSTREAM_SERVERS"] == "server sgz-jobs:8000 resolve;"
-    assert "server sgz-jobs:8000" in nginx["environment"]["SGZ_UPSTREAM_SERVERS"]
+    # video jobs go to every replica, as images do...
+    upstreams = nginx["environment"]["SGZ_UPSTREAM_SERVERS"]
+    assert nginx["environment"]["SGZ_JOBS_UPSTREAM_SERVERS"] == upstreams
+    assert "server sgz-jobs:8000" in upstreams and "server sgz:8000" in upstreams
     assert compose["services"]["sgz-jobs"] == sgz
+    # ...since every replica shares Redis and mounts one jobs volume, owned by the image's user
+    jobs = sgz["environment"]["SGZ_JOBS_DIR"]
+    assert f"jobs:{jobs}" in sgz["volumes"] and "jobs" in compose["volumes"]
+    owner = compose["services"]["jobs-volume"]
+    assert owner["command"][0] == "chown" and owner["volumes"] == [f"jobs:{jobs}"]
+    uid = re.search(r"--uid (\d+)", (ROOT / "docker" / "Dockerfile").read_text())
+    assert uid and owner["command"][1] == uid[1]
+    done = {"condition": "service_completed_successfully"}
+    assert sgz["depends_on"]["jobs-volume"] == done
     assert all(k[4:].lower() in Settings.model_fields for k in sgz["environment"])
 
 
@@ -191,7 +212,8 @@ def test_redis_down_keeps_enhancing_and_says_so_then_recovers(fleet):
 
 
 @needs_binaries
-def test_video_jobs_through_nginx_stay_with_the_replica_that_took_them(fleet, tmp_path):
+def test_video_jobs_through_nginx_pinned_to_one_replica(fleet, tmp_path):
+    """The pinning option (render_nginx sends /jobs to the first replica only)."""
     from video_files import make_video
 
     _, replicas, front = fleet
@@ -264,6 +286,121 @@ def test_memory_store_has_the_same_interface_and_bounds_by_age_and_map_size():
         assert await store.status() == {"backend": "memory", "available": True}
 
     asyncio.run(go())
+
+
+def post_video(server: Server, video: Path, **params) -> str:
+    r = httpx.post(
+        f"{server.url}/jobs",
+        content=video.read_bytes(),
+        params=params,
+        headers={"content-type": "video/mp4"},
+        timeout=60,
+    )
+    assert r.status_code == 202, r.text
+    return r.json()["id"]
+
+
+def poll(server: Server, job_id: str, until, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        r = httpx.get(f"{server.url}/jobs/{job_id}")
+        assert r.status_code == 200, r.text
+        if until(job := r.json()):
+            return job
+        assert job["state"] in ("queued", "running") and time.monotonic() < deadline, job
+        time.sleep(0.1)
+
+
+@needs_binaries
+def test_a_video_job_is_answered_served_and_deleted_by_any_replica(fleet, jobs_dir, tmp_path):
+    """Made on A; polled, downloaded (whole and by range) and deleted through B."""
+    from video_files import make_video
+
+    _, (a, b), _ = fleet
+    make_video(tmp_path / "clip.mp4", frames=10)
+    job_id = post_video(a, tmp_path / "clip.mp4")
+    done = poll(b, job_id, lambda job: job["state"] == "done")
+    assert done == httpx.get(f"{a.url}/jobs/{job_id}").json()  # the record is A's own view
+    assert done["frames_done"] == 10 and done["result"] == f"/jobs/{job_id}/result"
+    whole = httpx.get(a.url + done["result"], timeout=30)
+    from_b = httpx.get(b.url + done["result"], timeout=30)
+    assert from_b.status_code == 200 and from_b.headers["content-type"] == "video/mp4"
+    assert from_b.content == whole.content and len(whole.content) == done["output_bytes"]
+    part = httpx.get(b.url + done["result"], headers={"range": "bytes=10-99"})
+    assert part.status_code == 206 and part.content == whole.content[10:100]
+    assert part.headers["content-range"] == f"bytes 10-99/{len(whole.content)}"
+    assert_error(
+        httpx.get(b.url + done["result"], headers={"range": f"bytes={len(whole.content)}-"}),
+        416,
+        "range_not_satisfiable",
+    )
+
+    assert len(list(jobs_dir.glob(f"*/{job_id}/output.mp4"))) == 1
+    r = httpx.delete(f"{b.url}/jobs/{job_id}")  # finished: B deletes files and record
+    assert r.status_code == 200 and r.json()["state"] == "done"
+    assert not list(jobs_dir.glob(f"*/{job_id}"))
+    for replica in (a, b):
+        for method, path in (
+            ("GET", f"/jobs/{job_id}"),
+            ("GET", f"/jobs/{job_id}/result"),
+            ("DELETE", f"/jobs/{job_id}"),
+            ("GET", "/jobs/" + "0" * 32),
+        ):
+            assert_error(httpx.request(method, replica.url + path), 404, "unknown_job")
+
+
+@needs_binaries
+def test_a_job_running_on_one_replica_is_cancelled_through_another(fleet, jobs_dir, tmp_path):
+    from video_files import make_video
+
+    _, (a, b), _ = fleet
+    frames = 600  # 320x240 with x265's slower preset: still running when B cancels it
+    make_video(tmp_path / "long.mp4", width=320, height=240, frames=frames)
+    job_id = post_video(a, tmp_path / "long.mp4", codec="hevc", preset="slower")
+    poll(b, job_id, lambda job: job["state"] == "running" and job["frames_done"] > 0)
+    start = time.monotonic()
+    r = httpx.delete(f"{b.url}/jobs/{job_id}", timeout=40)
+    assert r.status_code == 200 and r.json()["state"] == "cancelled", r.text
+    assert time.monotonic() - start < 10  # A saw the flag and stopped, not ran to the end
+    for replica in (a, b):
+        job = httpx.get(f"{replica.url}/jobs/{job_id}").json()
+        assert job["state"] == "cancelled" and job["frames_done"] < frames, job
+        assert_error(httpx.get(f"{replica.url}/jobs/{job_id}/result"), 409, "job_cancelled")
+    assert f"job {job_id} cancelled through another replica" in a.log()
+    deadline = time.monotonic() + 5
+    while list(jobs_dir.glob(f"*/{job_id}")):  # A removes its files, as for its own DELETE
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+@needs_binaries
+def test_jobs_with_redis_down_stay_local_then_are_shared_again(fleet, tmp_path):
+    from video_files import make_video
+
+    redis, (a, b), _ = fleet
+    make_video(tmp_path / "clip.mp4", frames=6)
+    redis.stop()
+    try:
+        job_id = post_video(a, tmp_path / "clip.mp4")  # made and run locally
+        done = poll(a, job_id, lambda job: job["state"] == "done")
+        assert httpx.get(a.url + done["result"]).status_code == 200
+        start = time.monotonic()
+        assert_error(httpx.get(f"{b.url}/jobs/{job_id}"), 503, "job_store_unavailable")
+        assert_error(httpx.get(f"{a.url}/jobs/{'0' * 32}"), 503, "job_store_unavailable")
+        assert time.monotonic() - start < 2  # a dead Redis fails fast
+        failed = metric(
+            httpx.get(a.url + "/metrics").text, "sgz_job_store_errors_total", operation="put"
+        )
+        assert failed >= 1
+    finally:
+        redis.start()
+    # A writes the record of the job it finished meanwhile: B finds it, result and all
+    deadline = time.monotonic() + 10
+    while (r := httpx.get(f"{b.url}/jobs/{job_id}")).status_code != 200:
+        assert r.status_code in (503, 404) and time.monotonic() < deadline, r.text
+        time.sleep(0.2)
+    assert r.json() == httpx.get(f"{a.url}/jobs/{job_id}").json()
+    assert httpx.get(b.url + done["result"]).content == httpx.get(a.url + done["result"]).content
 
 
 @needs_binaries
