@@ -335,7 +335,14 @@ def test_a_video_job_is_answered_served_and_deleted_by_any_replica(fleet, jobs_d
         "range_not_satisfiable",
     )
 
-    assert len(list(jobs_dir.glob(f"*/{job_id}/output.mp4"))) == 1
+    # a replica that cannot see the file (a jobs folder not shared) says so, naming the owner
+    (output,) = jobs_dir.glob(f"*/{job_id}/output.mp4")
+    output.rename(output.with_suffix(".hidden"))
+    unseen = httpx.get(b.url + done["result"])
+    assert_error(unseen, 503, "job_result_unavailable")
+    assert "SGZ_JOBS_DIR" in unseen.json()["detail"]
+    output.with_suffix(".hidden").rename(output)
+
     r = httpx.delete(f"{b.url}/jobs/{job_id}")  # finished: B deletes files and record
     assert r.status_code == 200 and r.json()["state"] == "done"
     assert not list(jobs_dir.glob(f"*/{job_id}"))
