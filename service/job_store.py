@@ -6,12 +6,11 @@ replica runs (service/shared_jobs.py does that with them).
                  `media_type`; and `cancel` = "1", set by another replica asked to DELETE it
 Every write sets the TTL `job_result_ttl_s`, as long as the owner keeps a finished job. Calls
 have the short timeouts, the one retry and the breaker of service/redis_store.py: a Redis that
-is down costs a request at most one short wait per BREAKER_S.
+is down costs a request at most one short wait a second (redis_store.Breaker).
 """
 
 import json
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,12 +18,12 @@ from prometheus_client import Counter
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+
+from .redis_store import Breaker
 
 log = logging.getLogger("sgz.jobs")
 
 KEY = "sgz:job:"
-BREAKER_S = 1.0  # after a failure, how long calls fail at once instead of waiting on Redis
 # set the flag only on a record that exists: a job already expired must not come back without a TTL
 CANCEL = """if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('HSET', KEYS[1], 'cancel', '1')
@@ -50,13 +49,14 @@ class RedisJobStore:
             decode_responses=True,
         )
         self._cancel = self._redis.register_script(CANCEL)
-        self._down_until = 0.0
-        self._down = False
         self.errors = Counter(
             "sgz_job_store_errors",
             "Job store calls that failed (Redis unreachable or too slow), by operation",
             ["operation"],
             registry=registry,
+        )
+        self._breaker = Breaker(
+            self.errors, JobStoreUnavailable, "jobs are local", "job records are shared again"
         )
 
     async def put(self, job_id: str, record: dict[str, str]) -> bool:
@@ -86,22 +86,7 @@ class RedisJobStore:
         await self._redis.aclose()
 
     async def _call(self, operation: str, fn, *args, **kwargs):
-        if time.monotonic() < self._down_until:
-            raise JobStoreUnavailable("Redis failed a call less than a second ago")
-        try:
-            result = await fn(*args, **kwargs)
-        except (RedisError, OSError) as e:
-            self.errors.labels(operation).inc()
-            self._down_until = time.monotonic() + BREAKER_S
-            if not self._down:
-                name = type(e).__name__
-                log.warning("Redis unavailable (%s: %s): jobs are local until it is back", name, e)
-            self._down = True
-            raise JobStoreUnavailable(f"Redis: {type(e).__name__}") from None
-        if self._down:
-            log.info("Redis is back: job records are shared again")
-            self._down = False
-        return result
+        return await self._breaker.call(operation, fn, *args, **kwargs)
 
 
 @dataclass(frozen=True)

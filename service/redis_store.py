@@ -93,6 +93,35 @@ def unpack(data: bytes) -> StoredFactor:
     return StoredFactor(torch.from_numpy(lowres.copy()), (height, width))
 
 
+class Breaker:
+    """Redis calls that fail fast: after a failure every call fails at once for BREAKER_S, so a
+    dead Redis costs a request at most one short wait a second; one log line when Redis goes
+    away and one when it is back. Shared by the factor and the job stores."""
+
+    def __init__(self, errors: Counter, unavailable: type[Exception], lost: str, back: str):
+        self.errors, self.unavailable, self.lost, self.back = errors, unavailable, lost, back
+        self.down_until = 0.0  # monotonic time until which Redis is not called
+        self.down = False
+
+    async def call(self, operation: str, fn, *args, **kwargs):
+        if time.monotonic() < self.down_until:
+            raise self.unavailable("Redis failed a call less than a second ago")
+        try:
+            result = await fn(*args, **kwargs)
+        except (RedisError, OSError) as e:
+            self.errors.labels(operation).inc()
+            self.down_until = time.monotonic() + BREAKER_S
+            if not self.down:
+                name = type(e).__name__
+                log.warning("Redis unavailable (%s: %s): %s until it is back", name, e, self.lost)
+            self.down = True
+            raise self.unavailable(f"Redis: {type(e).__name__}") from None
+        if self.down:
+            log.info("Redis is back: %s", self.back)
+            self.down = False
+        return result
+
+
 class RedisFactorStore:
     backend = "redis"
 
@@ -117,13 +146,17 @@ class RedisFactorStore:
             decode_responses=False,
         )
         self._put = self._redis.register_script(PUT)
-        self._down_until = 0.0  # monotonic time until which Redis is not called
-        self._down = False
         self.errors = Counter(
             "sgz_factor_store_errors",
             "Factor store calls that failed (Redis unreachable or too slow), by operation",
             ["operation"],
             registry=registry,
+        )
+        self._breaker = Breaker(
+            self.errors,
+            FactorStoreUnavailable,
+            "factor maps are not kept",
+            "factor maps are kept again",
         )
 
     @classmethod
@@ -184,22 +217,4 @@ class RedisFactorStore:
         await self._redis.aclose()
 
     async def _call(self, operation: str, fn, *args, **kwargs):
-        if time.monotonic() < self._down_until:
-            raise FactorStoreUnavailable("Redis failed a call less than a second ago")
-        try:
-            result = await fn(*args, **kwargs)
-        except (RedisError, OSError) as e:
-            self.errors.labels(operation).inc()
-            self._down_until = time.monotonic() + BREAKER_S
-            if not self._down:
-                log.warning(
-                    "Redis unavailable (%s: %s): factor maps are not kept until it is back",
-                    type(e).__name__,
-                    e,
-                )
-            self._down = True
-            raise FactorStoreUnavailable(f"Redis: {type(e).__name__}") from None
-        if self._down:
-            log.info("Redis is back: factor maps are kept again")
-            self._down = False
-        return result
+        return await self._breaker.call(operation, fn, *args, **kwargs)
