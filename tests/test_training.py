@@ -175,53 +175,25 @@ def test_sgz_eval_paired_json(tmp_path):
     for f in sorted((LOL / "low").glob("*.png"))[:3]:
         shutil.copy(f, low / f.name)
         shutil.copy(LOL / "high" / f.name, high / f.name)
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "training",
-            "eval",
-            "--checkpoint",
-            str(SGZ_PUBLISHED),
-            "--low",
-            str(low),
-            "--high",
-            str(high),
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stderr
-    report = json.loads(r.stdout)
+
+    def sgz_eval(*extra: str) -> dict:
+        args = ["--checkpoint", str(SGZ_PUBLISHED), "--low", str(low), "--high", str(high)]
+        r = subprocess.run(
+            [sys.executable, "-m", "training", "eval", *args, "--json", *extra],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    report = sgz_eval()
     assert report["images"] == 3
     s = report["summary"]
     assert 10 < s["psnr"] < 30 and 0 < s["ssim"] < 1 and s["gt_mean_psnr"] > s["psnr"]
     # the per-channel oracle can only remove more error than the global scale
     assert all(row["channel_gt_mean_psnr"] > row["gt_mean_psnr"] - 0.5 for row in report["rows"])
-    weaker = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "training",
-            "eval",
-            "--checkpoint",
-            str(SGZ_PUBLISHED),
-            "--low",
-            str(low),
-            "--high",
-            str(high),
-            "--json",
-            "--strength",
-            "0.5",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert weaker.returncode == 0, weaker.stderr
-    weaker = json.loads(weaker.stdout)
+    weaker = sgz_eval("--strength", "0.5")
     assert weaker["strength"] == 0.5
     assert weaker["summary"]["brightness"] < s["brightness"]
 
