@@ -1,10 +1,10 @@
 """Fast, standard PNG: a writer (Up filter + ISA-L deflate) and a reader (libpng through
 imagecodecs) for the common 8-bit images, with the GIL released in every heavy step.
 
-Pillow's writer at compress_level 1 spends ~10x the model's time on a 1200x900 photo, and its
-reader ~2x libpng's; the choices and their measurements are in docs/performance.md
-("Image coding"). Anything unusual (palette, 16-bit, interlaced, EXIF, colour-keyed) is left to
-Pillow by returning None, so behaviour there is unchanged.
+Pillow's writer, even at compress_level 1, costs more than the model step, and its reader more
+than libpng; the choices and their measurements are in docs/performance.md ("Image coding").
+Anything unusual (palette, 16-bit, interlaced, EXIF, colour-keyed) is left to Pillow by
+returning None, so behaviour there is unchanged.
 """
 
 import zlib
@@ -37,8 +37,8 @@ def _chunk(tag: bytes, data: bytes | memoryview) -> bytes:
 def encode_png(pixels: np.ndarray, level: int = 1) -> bytes:
     """(H, W) or (H, W, C) uint8 with C in 1-4 -> PNG bytes, lossless.
 
-    Every row uses the Up filter: on photos it compresses as well as libpng's per-row choice
-    (within ~2%) and is one vectorised subtraction, where Paeth's would cost 10x more."""
+    Every row uses the Up filter: on photos it compresses about as well as a per-row choice and is
+    one vectorised subtraction (docs/performance.md, "Image coding")."""
     if pixels.dtype != np.uint8:
         raise ValueError(f"encode_png needs uint8 pixels, got {pixels.dtype}")
     a = pixels if pixels.ndim == 3 else pixels[:, :, None]

@@ -151,7 +151,7 @@ async def _multipart_file(
     """The multipart body's file `field` (400 `missing` without it), the form closed after."""
     try:
         # Starlette spools a part over 1 MB to a temporary file; an image (already bounded by
-        # max_bytes) stays in memory instead: 3-4 ms less for a 2 MB PNG (docs/performance.md)
+        # max_bytes) stays in memory instead (docs/performance.md, "Image coding")
         parser = MultiPartParser(request.headers, request.stream(), max_files=1, max_fields=16)
         parser.spool_max_size = in_memory
         form = await parser.parse()
