@@ -14,12 +14,13 @@ FACTOR = "factor"
 
 @dataclass(frozen=True, eq=False)
 class Work:
-    image: torch.Tensor  # (1, 3, H, W) uint8, on the CPU
+    image: torch.Tensor  # (1, 3, H, W) uint8, on the CPU or (decoded there) the model's GPU
     strength: float = 1.0  # scales the factor map; 1 = the model
     task: str = ENHANCE  # FACTOR: only the factor map, no RIE
     denoise: float = DENOISE
     exposure: float | str | None = "auto"  # as Enhancer.enhance takes it
     trace: object = None  # the request's span context: the batch span links to it (tracing.py)
+    on_device: bool = False  # the answer stays on the model's device (it is encoded there)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -39,7 +40,7 @@ class Work:
 
 @dataclass(frozen=True)
 class Output:
-    image: torch.Tensor | None  # (1, 3, H, W) uint8 on the CPU; None for FACTOR
+    image: torch.Tensor | None  # (1, 3, H, W) uint8 on the CPU (on_device: the GPU); FACTOR: None
     factor_lowres: torch.Tensor  # (3, h, w) float32 on the CPU, the strength already applied
 
 
@@ -55,7 +56,8 @@ def stack(images: list[torch.Tensor]) -> torch.Tensor:
 
 
 def run_batch(enhancer: Enhancer, works: list[Work]) -> list[Output]:
-    images = stack([w.image for w in works])
+    # one device for the batch: a GPU model gets JPEGs decoded there and others from the CPU
+    images = stack([w.image.to(enhancer.device) for w in works])
     if works[0].task == FACTOR:
         r_low = enhancer.factor_lowres(images).cpu()
         return [Output(None, r.clone()) for r in r_low]
@@ -72,9 +74,13 @@ def run_batch(enhancer: Enhancer, works: list[Work]) -> list[Output]:
         r_low = enhancer.expose(images, enhancer.factor_lowres(images), exposure)
         r_low = r_low * scale.to(r_low.device).view(-1, 1, 1, 1)
         out = enhancer.apply_factor(images, r_low, denoise)
-    out, r_low = out.cpu(), r_low.cpu()
+    r_low = r_low.cpu()  # waits for the batch's kernels: answers left on the GPU are complete
+    host = out.cpu() if not all(w.on_device for w in works) else out
     # clone: a stored factor map must not keep the whole batch's tensor alive
-    return [Output(out[i : i + 1], r_low[i].clone()) for i in range(len(works))]
+    return [
+        Output((out if w.on_device else host)[i : i + 1], r_low[i].clone())
+        for i, w in enumerate(works)
+    ]
 
 
 def warmup_images() -> list[Work]:

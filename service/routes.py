@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from model.enhancer import DENOISE, MAX_DENOISE, parse_exposure
+from model.gpu_jpeg import GpuJpeg
 from model.imageio import MEDIA_TYPES, encode_image, output_format, tensor_to_rgb
 
 from .errors import ApiError, Responses
@@ -113,10 +114,12 @@ async def enhance(
     level = exposure_level(exposure)
     rt.check_ready()
     decoded, tensor = await rt.receive_image(request, timing)
-    out = await rt.infer(request, Work(tensor, strength, ENHANCE, denoise, level), timing)
-    factor_id = await rt.factors.save(out.factor_lowres, tuple(tensor.shape[-2:]))
     fmt = output_format(format, decoded.format)
-    body = await rt.encode(_encode, out.image, decoded, fmt, quality, timing=timing)
+    gpu = rt.gpu_jpeg if fmt == "JPEG" and not decoded.gray else None
+    work = Work(tensor, strength, ENHANCE, denoise, level, on_device=gpu is not None)
+    out = await rt.infer(request, work, timing)
+    factor_id = await rt.factors.save(out.factor_lowres, tuple(tensor.shape[-2:]))
+    body = await rt.encode(_encode, out.image, decoded, fmt, quality, gpu, timing=timing)
     return Response(
         body,
         media_type=MEDIA_TYPES[fmt],
@@ -124,7 +127,11 @@ async def enhance(
     )
 
 
-def _encode(image, decoded, fmt: str, quality: int) -> bytes:
+def _encode(image, decoded, fmt: str, quality: int, gpu: GpuJpeg | None = None) -> bytes:
+    if gpu is not None and image.is_cuda:  # None back: the GPU failed, the CPU encodes
+        body = gpu.encode(image, quality)
+        if body is not None:
+            return body
     return encode_image(tensor_to_rgb(image), decoded.alpha, decoded.gray, fmt, quality)
 
 
@@ -240,6 +247,7 @@ async def readyz(request: Request, with_key: Authorized):
     ready = {
         "status": "ready",
         "device": str(rt.enhancer.device),
+        "jpeg_codec": "gpu" if rt.gpu_jpeg is not None else "cpu",
         "factor_store": await rt.factors.status(),
     }
     return {**ready, "checkpoint_sha256": rt.enhancer.sha256} if with_key else ready

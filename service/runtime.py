@@ -18,6 +18,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from model import Enhancer
+from model.gpu_jpeg import GpuDecoded, GpuJpeg, open_gpu_jpeg
 from model.imageio import DecodedImage, ImageDecodeError, ImageTooLarge, decode_image
 
 from . import tracing
@@ -32,6 +33,8 @@ from .settings import Settings
 from .uploads import client_gone, read_image_bytes
 
 log = logging.getLogger("sgz.service")
+# an upload decoded: what its answer is encoded by, and its pixels (1, 3, H, W)
+Decoded = tuple[DecodedImage | GpuDecoded, torch.Tensor]
 
 
 @dataclass
@@ -55,6 +58,10 @@ class Runtime:
         self.ready = False
         self.factors = open_factor_store(settings, metrics.registry)  # Redis when set
         self.coming = 0  # requests being read or decoded: the batcher's jobs on their way
+        self.gpu_jpeg, why = open_gpu_jpeg(settings.jpeg_codec, enhancer.device)
+        if self.gpu_jpeg is None and settings.jpeg_codec == "gpu":
+            raise RuntimeError(f"SGZ_JPEG_CODEC=gpu, but {why.partition(': ')[2] or why}")
+        log.info("%s", why)
         # Separate pools: under load, the encodes of finished batches do not queue behind the
         # decodes of newly arrived uploads.
         lower = partial(lower_priority, settings.worker_nice)
@@ -135,7 +142,7 @@ class Runtime:
                 {"Retry-After": str(self.settings.retry_after_s)},
             )
 
-    async def receive_image(self, request, timing: Timing) -> tuple[DecodedImage, torch.Tensor]:
+    async def receive_image(self, request, timing: Timing) -> Decoded:
         """Read the upload and decode it, counted in `coming` all the while. The count drops
         just before the caller submits (nothing awaits in between), so the batcher never
         sees a request as neither coming nor queued."""
@@ -148,7 +155,7 @@ class Runtime:
         finally:
             self.coming -= 1
 
-    async def decode(self, data: bytes, timing: Timing) -> tuple[DecodedImage, torch.Tensor]:
+    async def decode(self, data: bytes, timing: Timing) -> Decoded:
         if not data:
             raise ApiError(400, "empty_image", "the upload is empty: no image bytes")
         if self.batcher.full:  # no point decoding what cannot be queued
@@ -157,7 +164,7 @@ class Runtime:
         try:
             with tracing.span("decode", **{"sgz.image.bytes": len(data)}):
                 decoded, tensor = await self.run_in(
-                    self.decode_pool, _decode, data, self.settings.max_pixels
+                    self.decode_pool, _decode, data, self.settings.max_pixels, self.gpu_jpeg
                 )
         except ImageTooLarge as e:
             raise ApiError(413, "image_too_large", f"{e} (SGZ_MAX_PIXELS)") from None
@@ -224,7 +231,11 @@ def lower_priority(nice: int) -> None:
         log.warning("could not lower a worker thread's priority (nice %d): %s", nice, e)
 
 
-def _decode(data: bytes, max_pixels: int) -> tuple[DecodedImage, torch.Tensor]:
+def _decode(data: bytes, max_pixels: int, gpu: GpuJpeg | None) -> Decoded:
+    if gpu is not None:  # None back: not a JPEG the GPU takes, or it failed: the CPU's turn
+        got = gpu.decode(data, max_pixels)
+        if got is not None:
+            return got
     decoded = decode_image(data, max_pixels=max_pixels)
     return decoded, decoded.to_tensor()
 

@@ -7,6 +7,7 @@ import difflib
 import os
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -223,6 +224,12 @@ class Settings(BaseSettings):
         description="nice value of the threads that "
         "decode, run the model and encode (Linux), so that they never "
         "starve the event loop that reads requests; 0 = no change",
+    )
+    jpeg_codec: Literal["auto", "gpu", "cpu"] = Field(
+        "auto",
+        description="where JPEGs are decoded and encoded: gpu = nvImageCodec on the model's "
+        "GPU (start-up fails without it), cpu = libjpeg-turbo, auto = the GPU when the model "
+        "runs on one and nvImageCodec works there, else the CPU",
     )
     warmup: bool = Field(True, description="run the model once before reporting ready")
     shutdown_timeout_s: int = Field(
