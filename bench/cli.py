@@ -74,10 +74,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--servers",
         default="sgz,naive,litserve",
-        help="sgz, naive, litserve, and sgz@REV: our service at git revision REV "
-        "(a before/after comparison in the same run)",
+        help="sgz, naive, litserve, sgz-cpujpeg (ours with SGZ_JPEG_CODEC=cpu), and sgz@REV: "
+        "our service at git revision REV (a before/after comparison in the same run)",
     )
     g.add_argument("--concurrency", default="1,8,32,64")
+    g.add_argument(
+        "--load-processes",
+        type=int,
+        default=1,
+        help="load client processes sharing each concurrency level (a GPU host: one per few "
+        "cores; one Python client tops out near a thousand requests a second)",
+    )
     g.add_argument(
         "--duration", type=float, default=6.0, help="seconds of load per server, level and round"
     )
@@ -215,6 +222,7 @@ def bench(args: argparse.Namespace) -> int:
             log=lambda s: print(s, flush=True),
             device=args.device,
             query=args.query,
+            load_processes=max(1, args.load_processes),
         )
         print(http_table(results["http"]))
     if "video" in parts:

@@ -38,6 +38,7 @@ async def run(
     concurrency: int,
     duration: float,
     warmup_requests: int,
+    keep_latencies: bool = False,
 ) -> dict:
     counter = itertools.count()
     latencies, statuses, bad = [], {}, 0
@@ -71,11 +72,17 @@ async def run(
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
+    result = summary(concurrency, elapsed, latencies, statuses)
+    result["failed"] = bad
+    return {**result, "latencies_s": latencies} if keep_latencies else result
+
+
+def summary(concurrency: int, elapsed: float, latencies: list[float], statuses: dict) -> dict:
     return {
         "concurrency": concurrency,
         "duration_s": elapsed,
         "ok": len(latencies),
-        "failed": bad,
+        "failed": 0,
         "statuses": statuses,
         "throughput_rps": len(latencies) / elapsed,
         "p50_ms": 1000 * percentile(latencies, 50),
@@ -97,6 +104,9 @@ def main() -> None:
         default=None,
         help="unmeasured requests first (default: the concurrency)",
     )
+    p.add_argument(
+        "--latencies", action="store_true", help="also print every latency (s), to merge clients"
+    )
     args = p.parse_args()
     images = [
         (f.suffix, f.read_bytes()) for f in sorted(Path(args.images).iterdir()) if f.suffix in MAGIC
@@ -104,7 +114,9 @@ def main() -> None:
     if not images:
         sys.exit(f"load_client: no .jpg or .png files in {args.images}")
     warm = args.concurrency if args.warmup_requests is None else args.warmup_requests
-    result = asyncio.run(run(args.url, images, args.concurrency, args.duration, warm))
+    result = asyncio.run(
+        run(args.url, images, args.concurrency, args.duration, warm, args.latencies)
+    )
     print(json.dumps(result))
 
 

@@ -62,8 +62,9 @@ class GpuJpeg:
     def _coders(self):
         local = self._local
         if not hasattr(local, "decoder"):
-            local.decoder = self.nv.Decoder(device_id=self.device.index)
-            local.encoder = self.nv.Encoder(device_id=self.device.index)
+            # one helper thread each: the service runs a coder per pool thread already
+            local.decoder = self.nv.Decoder(device_id=self.device.index, max_num_cpu_threads=1)
+            local.encoder = self.nv.Encoder(device_id=self.device.index, max_num_cpu_threads=1)
         return local.decoder, local.encoder
 
     def _stream(self) -> int:

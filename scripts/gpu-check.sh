@@ -11,6 +11,8 @@
 #   scripts/gpu-check.sh train   scale-1 training runs side by side for TRAIN_S seconds; with
 #                                RESUME=runs.tgz (an earlier lease's $OUT/runs.tgz, carried)
 #                                they continue from its state.pt files
+#   scripts/gpu-check.sh prepare-jpeg then jpeg   JPEG coding on the GPU: tests, coding rate
+#                                against the CPU, HTTP with GPU vs CPU coding (docs/performance.md)
 #   scripts/gpu-check.sh prepare-train   as prepare, for `grid` alone: the wheels training
 #                                needs and every TRAIN_EVERY-th training image (default 2: 1001
 #                                of 2002, ~38 MB; all of them are over a call's 64 MiB)
@@ -72,6 +74,52 @@ PY
   find "$SHARED/data/train" -name '*.jpg' | sort | head -n "${TRAIN_IMAGES:-650}" \
     | xargs -I{} cp {} shared/data/train/
   du -sh "$WHEELS" shared
+  ;;
+prepare-jpeg)
+  # for `jpeg`: the service's wheels, nvImageCodec with nvJPEG (CUDA 13, as the image's torch),
+  # and a few photos of each size (~45 MB together)
+  SHARED=${SHARED:-../shared}
+  ignore_copies
+  rm -rf "$WHEELS" shared
+  fetch_wheels 'fastapi|fastapi[-_]offline|starlette|pydantic|pydantic[-_]core|pydantic[-_]settings|python[-_]dotenv|typing[-_]inspection|annotated[-_]types|annotated[-_]doc|uvicorn|python[-_]multipart|simplejpeg|isal|redis|opentelemetry[-_]api'
+  .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 -d "$WHEELS" nvidia-nvimgcodec-cu13==0.9.0.20 \
+    nvidia-nvjpeg==13.3.2.43
+  mkdir -p shared/data/sice-real shared/peers
+  cp "$SHARED/peers/sgz-published.pth" shared/peers/
+  .venv/bin/python - "$SHARED/data/sice-real" shared/data/sice-real <<'PY'
+import shutil, sys
+from pathlib import Path
+from PIL import Image
+src, dst = map(Path, sys.argv[1:])
+quota = {(512, 512): 8, (1920, 1080): 4, (1080, 1920): 6}
+for f in sorted(src.glob("*.png")):
+    size = Image.open(f).size
+    if quota.get(size, 0) > 0:
+        quota[size] -= 1
+        shutil.copy(f, dst / f.name)
+PY
+  du -sh "$WHEELS" shared
+  ;;
+jpeg)
+  # JPEG coding on the GPU (model/gpu_jpeg.py): its tests, its rate against the CPU's, and
+  # the service over HTTP with GPU coding against CPU coding and the naive endpoint
+  stage versions
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import torch; from nvidia import nvimgcodec as n; print('torch', torch.__version__, 'nvimgcodec', n.__version__, n.__cuda_version__)" 2>&1 | grep -v -i "nvjpeg2k\|nvtiff"
+  python3 -c "import logging; logging.basicConfig(level=logging.INFO); from model.gpu_jpeg import open_gpu_jpeg; print(open_gpu_jpeg('gpu', 'cuda')[1])" 2>&1 | grep -v -i "nvjpeg2k\|nvtiff"
+  stage tests
+  SGZ_TEST_DEVICE=cuda timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_jpeg.py \
+    2>&1 | tee "$OUT/tests-jpeg.log" | tail -8
+  stage "coding rate"
+  timeout 90 python3 -m bench.jpeg_gpu --shared "$SGZ_SHARED" --threads 1,4,16 --seconds 3 \
+    2>&1 | grep -v -i "nvjpeg2k\|nvtiff" | tee "$OUT/jpeg-gpu.log"
+  stage HTTP
+  timeout 240 python3 -m model.cli bench --device cuda --parts http --servers sgz,sgz-cpujpeg,naive \
+    --cases jpeg:1200x900 --concurrency "${LEVELS:-1,8,32,64,256}" --load-processes 8 \
+    --duration "${DURATION:-4}" --rounds 1 --out "$OUT/bench-http-jpeg.json" 2>&1 \
+    | grep -v -i "nvjpeg2k\|nvtiff" | tee "$OUT/bench-http-jpeg.log" | tail -30
   ;;
 prepare-train)
   SHARED=${SHARED:-../shared}

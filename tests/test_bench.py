@@ -140,6 +140,35 @@ def test_http_bench_smoke(tmp_path):
     assert "png:160x120 c=3: sgz/litserve throughput" in r.stdout or "sgz" not in servers
 
 
+def test_http_bench_splits_load_over_client_processes(tmp_path):
+    out = tmp_path / "http.json"
+    r = sgz_bench(
+        "--parts",
+        "http",
+        "--servers",
+        "sgz-cpujpeg",
+        "--concurrency",
+        "3",
+        "--load-processes",
+        "2",
+        "--duration",
+        "1.5",
+        "--rounds",
+        "1",
+        "--cases",
+        "jpeg:160x120",
+        "--out",
+        str(out),
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    (level,) = json.loads(out.read_text())["http"]["cases"][0]["servers"][0]["levels"]
+    (turn,) = level["rounds"]
+    assert turn["processes"] == 2 and turn["concurrency"] == 3 and "latencies_s" not in turn
+    assert turn["ok"] > 0 and turn["failed"] == 0
+    assert turn["throughput_rps"] > 0 and turn["p50_ms"] <= turn["p95_ms"] <= turn["p99_ms"]
+
+
 def test_http_cases_parse_and_refuse():
     assert [c.name for c in parse_cases("jpeg:1200x900, png")] == ["jpeg:1200x900", "png:mixed"]
     for bad in ("gif:1200x900", "jpeg:big", "png:10x10", ""):
