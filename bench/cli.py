@@ -74,8 +74,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--servers",
         default="sgz,naive,litserve",
-        help="sgz, naive, litserve, sgz-cpujpeg (ours with SGZ_JPEG_CODEC=cpu), and sgz@REV: "
-        "our service at git revision REV (a before/after comparison in the same run)",
+        help="sgz, naive, litserve, sgz-cpujpeg (ours with SGZ_JPEG_CODEC=cpu), sgz@REV: "
+        "our service at git revision REV (a before/after comparison in the same run); "
+        "KIND*N: N processes of it, the load shared between them",
     )
     g.add_argument("--concurrency", default="1,8,32,64")
     g.add_argument(
@@ -158,7 +159,7 @@ def bench(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"sgz bench: bad argument: {e}", file=sys.stderr)
         return 2
-    servers = {s.partition("@")[0] for s in _list(args.servers)}
+    servers = {s.partition("@")[0].partition("*")[0] for s in _list(args.servers)}
     unknown = (parts - set(PARTS)) | (set(paths) - set(PATHS)) | (servers - set(SERVERS))
     if unknown:
         print(f"sgz bench: unknown part, path or server {sorted(unknown)}", file=sys.stderr)
@@ -393,7 +394,7 @@ def http_table(res: dict) -> str:
 
 
 def _case_ratios(ce: dict) -> list[str]:
-    ours = next((s for s in ce["servers"] if s["server"] == "sgz"), None)
+    ours = next((s for s in ce["servers"] if s["server"].startswith("sgz")), None)
     out = []
     for s in ce["servers"]:
         if ours is None or s is ours:
@@ -402,7 +403,7 @@ def _case_ratios(ce: dict) -> list[str]:
             tput = round_ratios(mine, theirs, "throughput_rps")
             p99 = round_ratios(mine, theirs, "p99_ms")
             out.append(
-                f"{ce['case']} c={mine['concurrency']}: sgz/{s['server']} throughput "
+                f"{ce['case']} c={mine['concurrency']}: {ours['server']}/{s['server']} throughput "
                 f"{statistics.median(tput):.2f}x ({' '.join(f'{x:.2f}' for x in tput)}), "
                 f"p99 {statistics.median(p99):.2f}x ({' '.join(f'{x:.2f}' for x in p99)})"
             )

@@ -219,10 +219,52 @@ class ServerProcess:
             )
 
 
-def load(url: str, images: Path, concurrency: int, duration: float, processes: int = 1) -> dict:
+class ServerGroup:
+    """`KIND*N`: N processes of one server, each on its own port, which the load clients share
+    out between them (scale-out on one host, with no proxy in front). RSS: the first one's."""
+
+    def __init__(self, servers: list[ServerProcess]):
+        self.servers = servers
+        self.proc, self.url, self.query = servers[0].proc, servers[0].url, ""
+
+    @property
+    def urls(self) -> list[str]:
+        return [s.url for s in self.servers]
+
+    def wait_ready(self, timeout: float) -> float:
+        return max(s.wait_ready(timeout) for s in self.servers)
+
+    def pause(self) -> None:
+        for s in self.servers:
+            s.pause()
+
+    def resume(self) -> None:
+        for s in self.servers:
+            s.resume()
+
+    def stop(self) -> None:
+        for s in self.servers:
+            s.stop()
+
+
+def start_server(kind: str, checkpoint, log_dir: Path, **kwargs) -> ServerProcess | ServerGroup:
+    """`KIND` as one process, `KIND*N` as N of them."""
+    base, _, n = kind.partition("*")
+    if not n:
+        return ServerProcess(kind, checkpoint, log_dir, **kwargs)
+    folders = [Path(log_dir) / f"{base.replace('@', '-')}-{i}" for i in range(int(n))]
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+    return ServerGroup([ServerProcess(base, checkpoint, f, **kwargs) for f in folders])
+
+
+def load(
+    url: str | list[str], images: Path, concurrency: int, duration: float, processes: int = 1
+) -> dict:
     """bench/load_client.py against `url` (with any query string), in `processes` processes
     sharing the concurrency (one Python client tops out near a thousand requests a second)."""
-    processes = max(1, min(processes, concurrency))
+    urls = [url] if isinstance(url, str) else url
+    processes = max(1, len(urls), min(processes, concurrency))
     shares = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
     clients = [
         subprocess.Popen(
@@ -231,7 +273,7 @@ def load(url: str, images: Path, concurrency: int, duration: float, processes: i
                 "-m",
                 "bench.load_client",
                 "--url",
-                url,
+                urls[i % len(urls)],
                 "--images",
                 str(images),
                 "--concurrency",
@@ -245,7 +287,7 @@ def load(url: str, images: Path, concurrency: int, duration: float, processes: i
             text=True,
             cwd=ROOT,
         )
-        for share in shares
+        for i, share in enumerate(shares)
     ]
     results = []
     for client in clients:
@@ -366,10 +408,10 @@ def _start(
         entry = {"server": kind, "rss_peak": 0}
         results["servers"].append(entry)
         # sgz serve reads the query from each request; the baselines are told it at start-up
-        ours = kind.partition("@")[0].startswith("sgz")
+        ours = kind.startswith("sgz")
         extra = ("--query", query) if not ours and query else ()
         try:
-            server = ServerProcess(kind, checkpoint, tmp, device=device, extra_args=extra)
+            server = start_server(kind, checkpoint, tmp, device=device, extra_args=extra)
         except RuntimeError as e:  # a revision that cannot be checked out
             entry["error"] = str(e)
             log(f"  {kind}: {e}")
@@ -388,7 +430,7 @@ def _start(
 
 
 def _turn(
-    server: ServerProcess,
+    server: ServerProcess | ServerGroup,
     entry: dict,
     case: dict,
     images: Path,
@@ -403,7 +445,8 @@ def _turn(
     try:
         with RssSampler(server.proc.pid) as rss:
             query = f"?{server.query}" if server.query else ""
-            level = load(server.url + "/enhance" + query, images, c, duration, load_processes)
+            urls = [u + "/enhance" + query for u in getattr(server, "urls", [server.url])]
+            level = load(urls, images, c, duration, load_processes)
         entry["rss_peak"] = max(entry["rss_peak"], rss.peak)
         case["turns"][entry["server"]][c].append(level)
         log(

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from model import gpu_jpeg
 from model.gpu_jpeg import open_gpu_jpeg
 from model.imageio import decode_image, encode_image
 
@@ -48,6 +49,7 @@ def main() -> None:
     p.add_argument("--threads", default="1,4,16")
     p.add_argument("--batches", default="8,32", help="images per batched nvImageCodec call")
     p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--helpers", default="0,4", help="nvImageCodec helper threads per coder to try")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         write_case(Path(args.shared), Case("jpeg", args.size), Path(tmp))
@@ -76,6 +78,19 @@ def main() -> None:
         print(line, flush=True)
     if gpu is None:
         return
+    # where the GPU's time goes: decode alone, encode alone, and nvImageCodec's helper threads
+    answer = gpu.decode(photos[0], None)
+    assert answer is not None
+    for threads in map(int, args.threads.split(",")):
+        d = rate(lambda b: gpu.decode(b, None), photos, threads, args.seconds)
+        e = rate(lambda _: gpu.encode(answer[1], 90), photos, threads, args.seconds)
+        print(f"threads {threads:3d}: GPU decode only {d:8.1f}, encode only {e:8.1f}", flush=True)
+    for helpers in map(int, args.helpers.split(",")):
+        gpu_jpeg.CODER_THREADS = helpers
+        gpu, _ = open_gpu_jpeg("gpu", "cuda")  # new coders per thread, `helpers` threads each
+        for threads in map(int, args.threads.split(",")):
+            g = rate(on_gpu, photos, threads, args.seconds)
+            print(f"threads {threads:3d}, {helpers} helper threads each: GPU {g:8.1f}", flush=True)
     nv, local = gpu.nv, threading.local()
     params = nv.EncodeParams(
         quality_type=nv.QualityType.QUALITY,

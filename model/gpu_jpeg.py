@@ -22,6 +22,7 @@ from model.imageio import ORIENTATION
 log = logging.getLogger("sgz.gpu_jpeg")
 
 CODECS = ("auto", "gpu", "cpu")  # SGZ_JPEG_CODEC / --jpeg-codec
+CODER_THREADS = 1  # nvImageCodec's helper threads per decoder and encoder (one per pool thread)
 INSTALL_HINT = "pip install 'sgz-serve[jpeg-cu12]' (or [jpeg-cu13], as torch's CUDA)"
 
 
@@ -62,9 +63,9 @@ class GpuJpeg:
     def _coders(self):
         local = self._local
         if not hasattr(local, "decoder"):
-            # one helper thread each: the service runs a coder per pool thread already
-            local.decoder = self.nv.Decoder(device_id=self.device.index, max_num_cpu_threads=1)
-            local.encoder = self.nv.Encoder(device_id=self.device.index, max_num_cpu_threads=1)
+            index, threads = self.device.index, CODER_THREADS
+            local.decoder = self.nv.Decoder(device_id=index, max_num_cpu_threads=threads)
+            local.encoder = self.nv.Encoder(device_id=index, max_num_cpu_threads=threads)
         return local.decoder, local.encoder
 
     def _stream(self) -> int:

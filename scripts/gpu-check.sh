@@ -111,12 +111,14 @@ jpeg)
   python3 -c "import logging; logging.basicConfig(level=logging.INFO); from model.gpu_jpeg import open_gpu_jpeg; print(open_gpu_jpeg('gpu', 'cuda')[1])" 2>&1 | grep -v -i "nvjpeg2k\|nvtiff"
   stage tests
   SGZ_TEST_DEVICE=cuda timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_jpeg.py \
-    2>&1 | tee "$OUT/tests-jpeg.log" | tail -8
+    -k "${TESTS_K:-}" 2>&1 | tee "$OUT/tests-jpeg.log" | tail -8
   stage "coding rate"
-  timeout 90 python3 -m bench.jpeg_gpu --shared "$SGZ_SHARED" --threads 1,4,16 --seconds 3 \
+  timeout 90 python3 -m bench.jpeg_gpu --shared "$SGZ_SHARED" --threads "${THREADS:-1,4,16}" \
+    --helpers "${HELPERS:-0,4}" --batches "${BATCHES:-8,32}" --seconds 3 \
     2>&1 | grep -v -i "nvjpeg2k\|nvtiff" | tee "$OUT/jpeg-gpu.log"
   stage HTTP
-  timeout 240 python3 -m model.cli bench --device cuda --parts http --servers sgz,sgz-cpujpeg,naive \
+  timeout 240 python3 -m model.cli bench --device cuda --parts http \
+    --servers "${SERVERS:-sgz,sgz-cpujpeg,naive}" \
     --cases jpeg:1200x900 --concurrency "${LEVELS:-1,8,32,64,256}" --load-processes 8 \
     --duration "${DURATION:-4}" --rounds 1 --out "$OUT/bench-http-jpeg.json" 2>&1 \
     | grep -v -i "nvjpeg2k\|nvtiff" | tee "$OUT/bench-http-jpeg.log" | tail -30

@@ -53,6 +53,8 @@ def test_cpu_model_codes_jpeg_on_the_cpu_and_says_why():
 
 def test_without_nvimgcodec_a_gpu_model_falls_back_to_the_cpu(monkeypatch):
     monkeypatch.setitem(sys.modules, "nvidia.nvimgcodec", None)  # import raises ImportError
+    if "nvidia" in sys.modules:  # where it is installed and imported already
+        monkeypatch.delattr(sys.modules["nvidia"], "nvimgcodec", raising=False)
     gpu, why = open_gpu_jpeg("auto", "cuda:0")
     assert gpu is None and "nvImageCodec is not installed" in why and "jpeg-cu12" in why
 
