@@ -114,3 +114,25 @@ def test_prometheus_scrapes_the_service_metrics(compose):
     assert "/metrics" in {route.path for route in router.routes}
     (target,) = job["static_configs"][0]["targets"]
     assert target == f"sgz:{DEFAULTS.port}" and "sgz" in compose["services"]
+
+
+def test_cuda_image_installs_the_gpu_jpeg_extra_matching_torchs_cuda():
+    import tomllib
+
+    run = next(r for r in dockerfile()["RUN"] if "jpeg-cu12" in r)
+    choose = run.split("&&")[0]  # the `case` that picks the extras
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = extras["optional-dependencies"]
+    for index, want in [
+        ("https://download.pytorch.org/whl/cpu", "otel"),
+        ("https://download.pytorch.org/whl/cu128", "otel,jpeg-cu12"),
+        ("https://download.pytorch.org/whl/cu130", "otel,jpeg-cu13"),
+    ]:
+        out = subprocess.run(
+            ["bash", "-c", f"{choose}; echo $x"],
+            env={"TORCH_INDEX_URL": index, "PATH": os.environ["PATH"]},
+            capture_output=True,
+            text=True,
+        )
+        assert out.stdout.strip() == want, (index, out.stderr)
+        assert all(name in extras for name in want.split(","))
