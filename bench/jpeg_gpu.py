@@ -49,6 +49,7 @@ def main() -> None:
     p.add_argument("--threads", default="1,4,16")
     p.add_argument("--batches", default="8,32", help="images per batched nvImageCodec call")
     p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--own-streams", action="store_true", help="also: a CUDA stream per thread")
     p.add_argument("--helpers", default="0,4", help="nvImageCodec helper threads per coder to try")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,6 +86,13 @@ def main() -> None:
         d = rate(lambda b: gpu.decode(b, None), photos, threads, args.seconds)
         e = rate(lambda _: gpu.encode(answer[1], 90), photos, threads, args.seconds)
         print(f"threads {threads:3d}: GPU decode only {d:8.1f}, encode only {e:8.1f}", flush=True)
+    if args.own_streams:  # each thread on its own CUDA stream, against torch's current one
+        gpu_jpeg.OWN_STREAMS = True
+        gpu, _ = open_gpu_jpeg("gpu", "cuda")
+        for threads in map(int, args.threads.split(",")):
+            g = rate(on_gpu, photos, threads, args.seconds)
+            print(f"threads {threads:3d}, own CUDA streams: GPU {g:8.1f}", flush=True)
+        gpu_jpeg.OWN_STREAMS = False
     for helpers in map(int, args.helpers.split(",")):
         gpu_jpeg.CODER_THREADS = helpers
         gpu, _ = open_gpu_jpeg("gpu", "cuda")  # new coders per thread, `helpers` threads each

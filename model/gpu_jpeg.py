@@ -23,6 +23,10 @@ log = logging.getLogger("sgz.gpu_jpeg")
 
 CODECS = ("auto", "gpu", "cpu")  # SGZ_JPEG_CODEC / --jpeg-codec
 CODER_THREADS = 1  # nvImageCodec's helper threads per decoder and encoder (one per pool thread)
+# Each pool thread on its own CUDA stream, synchronised before the pixels or bytes are handed
+# on: an experiment for `bench.jpeg_gpu --own-streams` (off: torch's current stream, the path
+# measured in docs/performance.md, whose per-image calls did not scale over threads)
+OWN_STREAMS = False
 INSTALL_HINT = "pip install 'sgz-serve[jpeg-cu12]' (or [jpeg-cu13], as torch's CUDA)"
 
 
@@ -66,11 +70,12 @@ class GpuJpeg:
             index, threads = self.device.index, CODER_THREADS
             local.decoder = self.nv.Decoder(device_id=index, max_num_cpu_threads=threads)
             local.encoder = self.nv.Encoder(device_id=index, max_num_cpu_threads=threads)
+            local.stream = torch.cuda.Stream(self.device) if OWN_STREAMS else None
         return local.decoder, local.encoder
 
-    def _stream(self) -> int:
+    def _stream(self) -> torch.cuda.Stream:
         # torch's current stream, so the pixels are ordered with the model's kernels
-        return torch.cuda.current_stream(self.device).cuda_stream
+        return self._local.stream or torch.cuda.current_stream(self.device)
 
     def decode(self, data: bytes, max_pixels: int | None) -> tuple[GpuDecoded, torch.Tensor] | None:
         """(meta, (1, 3, H, W) uint8 channels-last on the GPU), or None: the CPU's turn (not an
@@ -81,10 +86,16 @@ class GpuJpeg:
         w, h = size
         try:
             decoder, _ = self._coders()
-            image = decoder.decode(data, params=self._decode_params, cuda_stream=self._stream())
-            if image is None:
-                return None
-            hwc = torch.from_dlpack(image)  # (H, W, 3) on the GPU; keeps the image alive
+            stream = self._stream()
+            with torch.cuda.stream(stream):
+                image = decoder.decode(
+                    data, params=self._decode_params, cuda_stream=stream.cuda_stream
+                )
+                if image is None:
+                    return None
+                hwc = torch.from_dlpack(image)  # (H, W, 3) on the GPU; keeps the image alive
+            if self._local.stream is not None:
+                stream.synchronize()  # complete before the model's stream reads it
         except Exception as e:  # a CUDA or nvImageCodec error: the CPU decodes this one
             self._failed("decode", e)
             return None
@@ -103,11 +114,12 @@ class GpuJpeg:
                 quality_value=quality,
                 chroma_subsampling=self.nv.ChromaSubsampling.CSS_420,
             )
-            stream = self._stream()
-            pixels = self.nv.as_image(  # a view of the tensor; keeps it alive
-                hwc.contiguous(), stream, sample_format=self.nv.SampleFormat.I_RGB
-            )
-            out = encoder.encode(pixels, "jpeg", params=params, cuda_stream=stream)
+            stream = self._stream()  # the answer is complete: run_batch waited for its batch
+            with torch.cuda.stream(stream):
+                pixels = self.nv.as_image(  # a view of the tensor; keeps it alive
+                    hwc.contiguous(), stream.cuda_stream, sample_format=self.nv.SampleFormat.I_RGB
+                )
+                out = encoder.encode(pixels, "jpeg", params=params, cuda_stream=stream.cuda_stream)
         except Exception as e:
             self._failed("encode", e)
             return None

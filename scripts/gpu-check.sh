@@ -114,7 +114,7 @@ jpeg)
     -k "${TESTS_K:-}" 2>&1 | tee "$OUT/tests-jpeg.log" | tail -8
   stage "coding rate"
   timeout 90 python3 -m bench.jpeg_gpu --shared "$SGZ_SHARED" --threads "${THREADS:-1,4,16}" \
-    --helpers "${HELPERS:-0,4}" --batches "${BATCHES:-8,32}" --seconds 3 \
+    --helpers "${HELPERS:-0,4}" --batches "${BATCHES:-8,32}" --own-streams --seconds 3 \
     2>&1 | grep -v -i "nvjpeg2k\|nvtiff" | tee "$OUT/jpeg-gpu.log"
   stage HTTP
   timeout 240 python3 -m model.cli bench --device cuda --parts http \
