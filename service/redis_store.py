@@ -61,8 +61,13 @@ while redis.call('ZCARD', index) > 0 and
       (redis.call('ZCARD', index) >= max_items or total + nbytes > max_bytes) do
   drop(redis.call('ZRANGE', index, 0, 0)[1])
 end
+-- after the newest even within the same millisecond, so the oldest is always dropped first
+-- (formatted: Lua would print a fractional score with too few digits)
+local newest = redis.call('ZRANGE', index, -1, -1, 'WITHSCORES')[2]
+local score = now
+if newest and tonumber(newest) >= score then score = tonumber(newest) + 0.001 end
 redis.call('SET', prefix .. id, value, 'PX', ttl)
-redis.call('ZADD', index, now, id)
+redis.call('ZADD', index, string.format('%.3f', score), id)
 redis.call('HSET', sizes, id, nbytes)
 total = total + nbytes
 redis.call('SET', total_key, total, 'PX', ttl)
