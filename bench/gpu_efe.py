@@ -12,7 +12,7 @@ import torch
 
 from model import EFE
 
-from .cli import table
+from .tables import table
 
 
 def variants():

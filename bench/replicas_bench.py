@@ -29,7 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .http_bench import ServerProcess, free_port, load, write_jpegs
+from .http_bench import load, write_jpegs
+from .servers import ServerProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 NGINX_TEMPLATE = ROOT / "deploy" / "nginx" / "nginx.conf.template"

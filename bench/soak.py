@@ -25,7 +25,7 @@ import httpx
 import psutil
 from PIL import Image
 
-from .http_bench import RssSampler, ServerProcess, tree_rss
+from .servers import RssSampler, ServerProcess, tree_rss
 from .video_clips import default_shared
 
 MIX = (

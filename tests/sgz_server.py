@@ -11,7 +11,7 @@ import httpx
 from conftest import SGZ_PUBLISHED, SICE
 from PIL import Image
 
-from bench.http_bench import ServerProcess
+from bench.servers import ServerProcess
 
 SGZ = Path(sys.executable).with_name("sgz")
 # The device the served model runs on: cpu in CI; SGZ_TEST_DEVICE=cuda on a GPU machine runs

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from sgz_server import Server
 
-from bench.http_bench import free_port
+from bench.servers import free_port
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]

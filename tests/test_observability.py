@@ -31,7 +31,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
 from opentelemetry.trace import SpanKind  # noqa: E402
 
-from bench.http_bench import free_port  # noqa: E402
+from bench.servers import free_port  # noqa: E402
 from service import logs, tracing  # noqa: E402
 
 API_KEY = "observability-test-key-0123456789"

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from sgz_server import Server, photo
 
-from bench.http_bench import free_port
+from bench.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "docker" / "prometheus.yml"

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from sgz_server import Server, metric, photo
 
-from bench.http_bench import RssSampler
+from bench.servers import RssSampler
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from sgz_server import BROWSER, FACTOR_ATOL, SGZ, Server, assert_error, photo
 
-from bench.http_bench import free_port
+from bench.servers import free_port
 from model import upsample_factor
 from model.imageio import decode_image
 
