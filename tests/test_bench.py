@@ -140,29 +140,15 @@ def test_http_bench_smoke(tmp_path):
     assert "png:160x120 c=3: sgz/litserve throughput" in r.stdout or "sgz" not in servers
 
 
-def test_http_bench_splits_load_over_client_processes(tmp_path):
+def test_http_bench_runs_replicas_and_splits_load_over_client_processes(tmp_path):
     out = tmp_path / "http.json"
-    r = sgz_bench(
-        "--parts",
-        "http",
-        "--servers",
-        "sgz-cpujpeg",
-        "--concurrency",
-        "3",
-        "--load-processes",
-        "2",
-        "--duration",
-        "1.5",
-        "--rounds",
-        "1",
-        "--cases",
-        "jpeg:160x120",
-        "--out",
-        str(out),
-        timeout=300,
-    )
+    args = "--parts http --servers sgz-cpujpeg*2 --concurrency 3 --load-processes 2 --duration 1.5"
+    args += " --rounds 1 --cases jpeg:160x120"
+    r = sgz_bench(*args.split(), "--out", str(out), timeout=300)
     assert r.returncode == 0, r.stderr
-    (level,) = json.loads(out.read_text())["http"]["cases"][0]["servers"][0]["levels"]
+    (server,) = json.loads(out.read_text())["http"]["cases"][0]["servers"]
+    assert server["server"] == "sgz-cpujpeg*2"  # two processes, one load client on each
+    (level,) = server["levels"]
     (turn,) = level["rounds"]
     assert turn["processes"] == 2 and turn["concurrency"] == 3 and "latencies_s" not in turn
     assert turn["ok"] > 0 and turn["failed"] == 0
