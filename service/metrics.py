@@ -81,6 +81,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.coded = Counter(
+            "sgz_images_coded",
+            "Images decoded and encoded, by stage (decode, encode) and device (gpu, cpu)",
+            ["stage", "device"],
+            registry=r,
+        )
         self.batch_size = Histogram(
             "sgz_batch_size", "Images per forward pass", buckets=BATCH_BUCKETS, registry=r
         )

@@ -119,7 +119,8 @@ async def enhance(
     work = Work(tensor, strength, ENHANCE, denoise, level, on_device=gpu is not None)
     out = await rt.infer(request, work, timing)
     factor_id = await rt.factors.save(out.factor_lowres, tuple(tensor.shape[-2:]))
-    body = await rt.encode(_encode, out.image, decoded, fmt, quality, gpu, timing=timing)
+    body, device = await rt.encode(_encode, out.image, decoded, fmt, quality, gpu, timing=timing)
+    rt.metrics.coded.labels("encode", device).inc()
     return Response(
         body,
         media_type=MEDIA_TYPES[fmt],
@@ -127,12 +128,15 @@ async def enhance(
     )
 
 
-def _encode(image, decoded, fmt: str, quality: int, gpu: GpuJpeg | None = None) -> bytes:
+def _encode(
+    image, decoded, fmt: str, quality: int, gpu: GpuJpeg | None = None
+) -> tuple[bytes, str]:
+    """The answer's bytes, and the device that encoded them."""
     if gpu is not None and image.is_cuda:  # None back: the GPU failed, the CPU encodes
         body = gpu.encode(image, quality)
         if body is not None:
-            return body
-    return encode_image(tensor_to_rgb(image), decoded.alpha, decoded.gray, fmt, quality)
+            return body, "gpu"
+    return encode_image(tensor_to_rgb(image), decoded.alpha, decoded.gray, fmt, quality), "cpu"
 
 
 def _factor_header(factor_id: str | None) -> dict[str, str]:

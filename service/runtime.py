@@ -10,9 +10,11 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import partial
+from typing import TypeVar
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -33,6 +35,7 @@ from .settings import Settings
 from .uploads import client_gone, read_image_bytes
 
 log = logging.getLogger("sgz.service")
+T = TypeVar("T")
 # an upload decoded: what its answer is encoded by, and its pixels (1, 3, H, W)
 Decoded = tuple[DecodedImage | GpuDecoded, torch.Tensor]
 
@@ -179,6 +182,7 @@ class Runtime:
             ) from None
         timing.decode = time.perf_counter() - start
         self.metrics.decode.observe(timing.decode)
+        self.metrics.coded.labels("decode", "gpu" if tensor.is_cuda else "cpu").inc()
         return decoded, tensor
 
     async def infer(self, request, work: Work, timing: Timing) -> Output:
@@ -207,7 +211,7 @@ class Runtime:
         self.metrics.queue_wait.observe(result.queue_s)
         return result.value
 
-    async def encode(self, fn, *args, timing: Timing) -> bytes:
+    async def encode(self, fn: Callable[..., T], *args, timing: Timing) -> T:
         start = time.perf_counter()
         with tracing.span("encode"):
             body = await self.run_in(self.encode_pool, fn, *args)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import SICE
 from PIL import Image
-from sgz_server import DEVICE, Server, photo
+from sgz_server import DEVICE, Server, metric, photo
 
 from model.gpu_jpeg import GpuDecoded, open_gpu_jpeg, upright_rgb_jpeg
 from model.imageio import decode_image, encode_image
@@ -94,6 +94,10 @@ def test_service_on_the_cpu_reports_cpu_coding_and_refuses_a_gpu_it_cannot_have(
         assert "JPEG coding on the CPU: the model runs on cpu" in s.log()
         r = httpx.post(s.url + "/enhance", files={"image": ("a.jpg", jpeg(photo((512, 512))))})
         assert r.status_code == 200 and r.content.startswith(b"\xff\xd8")
+        text = httpx.get(s.url + "/metrics").text
+        for stage in ("decode", "encode"):
+            assert metric(text, "sgz_images_coded_total", stage=stage, device="cpu") == 1
+            assert metric(text, "sgz_images_coded_total", stage=stage, device="gpu") == 0
     s = Server({"SGZ_JPEG_CODEC": "gpu"})
     try:
         with pytest.raises(RuntimeError, match="exited"):
@@ -171,5 +175,8 @@ def test_service_codes_jpeg_on_the_gpu_like_the_cpu():
             assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
             bad = httpx.post(s.url + "/enhance", files={"image": ("a.jpg", sent[0][:3000])})
             assert bad.status_code in (200, 400)  # as the CPU path: truncated JPEGs may decode
+            text = httpx.get(s.url + "/metrics").text
+            for stage in ("decode", "encode"):  # the four JPEGs on the chosen device
+                assert metric(text, "sgz_images_coded_total", stage=stage, device=codec) >= 4
     for a, b in zip(answers["gpu"], answers["cpu"], strict=True):
         assert a.shape == b.shape and np.abs(a - b).mean() < 2.0
