@@ -21,7 +21,7 @@ from model.imageio import ORIENTATION
 
 log = logging.getLogger("sgz.gpu_jpeg")
 
-CODECS = ("auto", "gpu", "cpu")  # SGZ_JPEG_CODEC / --jpeg-codec
+CODECS = ("auto", "gpu", "cpu")  # SGZ_JPEG_CODEC
 CODER_THREADS = 1  # nvImageCodec's helper threads per decoder and encoder (one per pool thread)
 # Each pool thread on its own CUDA stream, synchronised before the pixels or bytes are handed
 # on: an experiment for `bench.jpeg_gpu --own-streams` (off: torch's current stream, the path
