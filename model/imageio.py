@@ -110,7 +110,7 @@ def _decode_jpeg(img: Image.Image, data: bytes) -> DecodedImage | None:
 
 
 def _decode_png(img: Image.Image, data: bytes) -> DecodedImage | None:
-    """An 8-bit RGB(A) PNG by libpng (model/png.py): the same pixels as Pillow's reader
+    """An 8-bit RGB(A) PNG by model/png.py's reader: the same pixels as Pillow's reader
     (tests/test_imageio.py), faster and with the GIL released. None: Pillow's turn."""
     if img.format != "PNG" or img.mode not in ("RGB", "RGBA"):
         return None

@@ -19,7 +19,7 @@ from typing import TypeVar
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from model import Enhancer
+from model import Enhancer, png
 from model.gpu_jpeg import GpuDecoded, GpuJpeg, open_gpu_jpeg
 from model.imageio import DecodedImage, ImageDecodeError, ImageTooLarge, decode_image
 
@@ -109,6 +109,7 @@ class Runtime:
                 # the queue so that metrics count only real traffic. Enhancer.warmup compiles
                 # the kernels for both layouts (decoded JPEGs arrive channels-last)
                 await self.batcher.run_in_worker(self.enhancer.warmup)
+                await asyncio.to_thread(png.warmup)  # the PNG reader's kernels
                 await self.batcher.run_in_worker(run_batch, self.enhancer, warmup_images())
             except Exception:
                 log.exception("warm-up failed: the service stays not ready")
