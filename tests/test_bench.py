@@ -1,6 +1,7 @@
 """`sgz bench` on tiny settings: the real command, real servers over real sockets, real JPEGs.
 These check that the harness measures what it says; they assert no speed."""
 
+import asyncio
 import importlib.util
 import json
 import subprocess
@@ -13,7 +14,7 @@ import torch
 from conftest import SGZ_PUBLISHED, SHARED
 
 from bench.http_cases import enhance_kwargs, parse_cases
-from bench.load_client import percentile
+from bench.load_client import percentile, run
 from bench.model_bench import PublishedSGZ, photos, published_step, work
 from model import load_model
 
@@ -64,6 +65,64 @@ def test_percentile_is_nearest_rank():
     values = list(range(1, 101))
     assert percentile(values, 50) == 50 and percentile(values, 99) == 99
     assert percentile([7.0], 99) == 7.0 and np.isnan(percentile([], 50))
+
+
+def test_load_client_reads_every_framing_and_counts_failures():
+    """The load client's own HTTP/1.1 against a real socket: answers framed by Content-Length,
+    chunked or the connection's close all count; a wrong status or format and a reset fail."""
+    png = b"\x89PNG" + bytes(range(256)) * 40
+    seen = []
+
+    async def handle(reader, writer):
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                break
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            body = await reader.readexactly(length)
+            seen.append(body)
+            kind = len(seen) % 5
+            if kind == 0:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(png) + png)
+            elif kind == 1:
+                half = len(png) // 2
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    + b"%x\r\n" % half
+                    + png[:half]
+                    + b"\r\n"
+                    + b"%x;ext=1\r\n" % (len(png) - half)
+                    + png[half:]
+                    + b"\r\n0\r\n\r\n"
+                )
+            elif kind == 2:
+                writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + png)
+                await writer.drain()
+                writer.close()
+                return
+            elif kind == 3:
+                writer.write(b"HTTP/1.1 503 Busy\r\nContent-Length: 2\r\n\r\n{}")
+            else:  # a reset mid-answer
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 99999\r\n\r\n\x89PNG")
+                writer.close()
+                return
+            await writer.drain()
+        writer.close()
+
+    async def main():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            return await run(f"http://127.0.0.1:{port}/enhance?x=1", [(".png", png)], 2, 0.5, 0)
+
+    result = asyncio.run(main())
+    assert seen and all(b'name="image"' in body and png in body for body in seen)
+    statuses = result["statuses"]
+    assert statuses["503"] >= 1 and statuses["IncompleteReadError"] >= 1
+    assert result["ok"] >= 3 * statuses["503"] - 3 and result["failed"] == sum(
+        n for code, n in statuses.items() if code != "200"
+    )
 
 
 def test_model_bench_smoke(tmp_path):
