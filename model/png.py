@@ -38,8 +38,9 @@ def _crc(tag: bytes, data: bytes | memoryview) -> int:
     return _deflate.crc32(data, _deflate.crc32(tag))  # ISA-L's: ~4x zlib's
 
 
-def _chunk(tag: bytes, data: bytes | memoryview) -> bytes:
-    return len(data).to_bytes(4, "big") + tag + bytes(data) + _crc(tag, data).to_bytes(4, "big")
+def _chunk(tag: bytes, data: bytes | memoryview) -> list[bytes | memoryview]:
+    """A chunk's pieces, to be joined once with the rest of the file (no copy of `data` here)."""
+    return [len(data).to_bytes(4, "big"), tag, data, _crc(tag, data).to_bytes(4, "big")]
 
 
 def encode_png(pixels: np.ndarray, level: int = 1) -> bytes:
@@ -60,8 +61,10 @@ def encode_png(pixels: np.ndarray, level: int = 1) -> bytes:
     np.subtract(flat[1:], flat[:-1], out=rows[1:, 1:])  # uint8 arithmetic wraps mod 256, as PNG's
     data = memoryview(_deflate.compress(rows, level))
     ihdr = w.to_bytes(4, "big") + h.to_bytes(4, "big") + bytes([8, COLOUR_TYPES[c], 0, 0, 0])
-    idat = [_chunk(b"IDAT", data[i : i + IDAT_BYTES]) for i in range(0, len(data), IDAT_BYTES)]
-    return b"".join([SIGNATURE, _chunk(b"IHDR", ihdr), *idat, _chunk(b"IEND", b"")])
+    pieces = [SIGNATURE, *_chunk(b"IHDR", ihdr)]
+    for i in range(0, len(data), IDAT_BYTES):
+        pieces += _chunk(b"IDAT", data[i : i + IDAT_BYTES])
+    return b"".join([*pieces, *_chunk(b"IEND", b"")])
 
 
 def warmup() -> None:
