@@ -32,6 +32,9 @@ def percentile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
 
 
+# servers close kept-alive connections left idle (uvicorn after 5 s): one that waited this long
+# in the pool (between warm-up and load) is reopened instead of reused
+REOPEN_IDLE_S = 2.0
 TIMEOUT_S = 300  # a request unanswered this long counts as failed (TimeoutError)
 MAGIC = {".jpg": b"\xff\xd8", ".png": b"\x89PNG"}
 MEDIA = {".jpg": "image/jpeg", ".png": "image/png"}
@@ -64,8 +67,12 @@ class Connection:
     def __init__(self, host: str, port: int):
         self.host, self.port = host, port
         self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        self.used = 0.0  # when the last answer ended
 
     async def post(self, raw: bytes) -> tuple[int, bytes]:
+        stale = time.perf_counter() - self.used > REOPEN_IDLE_S
+        if self.streams is not None and (stale or self.streams[0].at_eof()):
+            self.close()  # as httpx does: never race the server's close of an idle connection
         if self.streams is None:
             self.streams = await asyncio.open_connection(self.host, self.port, limit=1 << 20)
         reader, writer = self.streams
@@ -87,6 +94,7 @@ class Connection:
             raise
         if headers.get("connection") == "close":
             self.close()
+        self.used = time.perf_counter()
         return status, body
 
     @staticmethod

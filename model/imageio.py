@@ -110,21 +110,22 @@ def _decode_jpeg(img: Image.Image, data: bytes) -> DecodedImage | None:
 
 
 def _decode_png(img: Image.Image, data: bytes) -> DecodedImage | None:
-    """An 8-bit RGB(A) PNG by model/png.py's reader: the same pixels as Pillow's reader
-    (tests/test_imageio.py), faster and with the GIL released. None: Pillow's turn."""
-    if img.format != "PNG" or img.mode not in ("RGB", "RGBA"):
+    """An 8-bit gray or colour PNG, with or without alpha, by model/png.py's reader: what
+    Pillow's reader and _split_modes give (tests/test_png_reader.py), faster and with the GIL
+    released. None: Pillow's turn."""
+    if img.format != "PNG" or img.mode not in ("L", "LA", "RGB", "RGBA"):
         return None
     pixels = decode_png(data)
     if pixels is None or pixels.shape[:2] != (img.height, img.width):
         return None
-    if pixels.shape[2] == 3:
-        return DecodedImage(rgb=pixels, alpha=None, gray=False, format="PNG")
-    return DecodedImage(
-        rgb=np.ascontiguousarray(pixels[:, :, :3]),
-        alpha=np.ascontiguousarray(pixels[:, :, 3]),
-        gray=False,
-        format="PNG",
-    )
+    channels = pixels.shape[2]
+    gray = channels < 3
+    if gray:  # as Pillow's convert("RGB") of L: the level in every channel
+        rgb = np.repeat(pixels[:, :, :1], 3, axis=2)
+    else:
+        rgb = pixels if channels == 3 else np.ascontiguousarray(pixels[:, :, :3])
+    alpha = None if channels in (1, 3) else np.ascontiguousarray(pixels[:, :, -1])
+    return DecodedImage(rgb=rgb, alpha=alpha, gray=gray, format="PNG")
 
 
 def _split_modes(img: Image.Image, fmt: str) -> DecodedImage:

@@ -29,7 +29,7 @@ except ImportError:
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 COLOUR_TYPES = {1: 0, 2: 4, 3: 2, 4: 6}  # channels -> PNG colour type (gray, GA, RGB, RGBA)
-RGB_RGBA = {(8, 2): 3, (8, 6): 4}  # (bit depth, colour type) decode_png reads -> channels
+READS = {(8, 0): 1, (8, 4): 2, (8, 2): 3, (8, 6): 4}  # (bit depth, colour type) -> channels
 UP = 2  # PNG filter type 2: each byte minus the byte above it
 IDAT_BYTES = 1 << 22  # split image data into 4 MiB chunks (any size is legal; small is polite)
 
@@ -74,9 +74,9 @@ def warmup() -> None:
 
 
 def decode_png(data: bytes) -> np.ndarray | None:
-    """8-bit RGB or RGBA, non-interlaced PNG without EXIF or colour key -> (H, W, 3 or 4)
-    uint8. None for anything else, or anything damaged, so that Pillow decodes it and words the
-    error."""
+    """8-bit gray, gray + alpha, RGB or RGBA, non-interlaced PNG without EXIF or colour key ->
+    (H, W, 1-4) uint8. None for anything else, or anything damaged, so that Pillow decodes it
+    and words the error."""
     header = _header(data)
     if header is None or imagecodecs is None:
         return None
@@ -103,11 +103,11 @@ def _header(data: bytes) -> tuple[int, int, int] | None:
         return None
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     depth, colour, compression, filtering, interlace = data[24:29]
-    if not (0 < width < 1 << 31 and 0 < height < 1 << 31) or (depth, colour) not in RGB_RGBA:
+    if not (0 < width < 1 << 31 and 0 < height < 1 << 31) or (depth, colour) not in READS:
         return None
     if compression or filtering or interlace:  # only method 0 exists; Adam7 left to Pillow
         return None
-    return width, height, RGB_RGBA[depth, colour]
+    return width, height, READS[depth, colour]
 
 
 def _image_data(data: memoryview) -> bytes | memoryview | None:

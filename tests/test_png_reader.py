@@ -11,19 +11,25 @@ import pytest
 from conftest import SICE
 from PIL import Image
 
-from model import png
+from model import imageio, png
 from model.imageio import ImageDecodeError, decode_image
 from model.kernels_png import GROUP, LANES
 
 
 def photo_pixels(height: int, width: int, channels: int, seed: int = 0) -> np.ndarray:
-    """A real photo resized to height x width, with a varying alpha when channels is 4."""
-    src = sorted(SICE.glob("*.png"))[seed % 8]
-    rgb = np.asarray(Image.open(src).convert("RGB").resize((width, height)))
-    if channels == 3:
-        return rgb
+    """A real photo resized to height x width: gray (1), gray + alpha (2), RGB (3) or RGBA (4),
+    the alpha varying."""
+    src = Image.open(sorted(SICE.glob("*.png"))[seed % 8]).resize((width, height))
+    colour = np.asarray(src.convert("L" if channels < 3 else "RGB")).reshape(height, width, -1)
+    if channels in (1, 3):
+        return colour
     alpha = (np.arange(height * width) * 7 % 256).astype(np.uint8).reshape(height, width, 1)
-    return np.concatenate([rgb, alpha], axis=2)
+    return np.concatenate([colour, alpha], axis=2)
+
+
+def pillow_reads(data: bytes) -> np.ndarray:
+    pixels = np.asarray(Image.open(io.BytesIO(data)))
+    return pixels.reshape(*pixels.shape[:2], -1)
 
 
 def filtered(pixels: np.ndarray, types: np.ndarray) -> bytes:
@@ -46,7 +52,7 @@ def chunk(tag: bytes, data: bytes) -> bytes:
 
 def png_file(pixels: np.ndarray, types: np.ndarray, idat_parts: int = 1, extra=b"") -> bytes:
     h, w, bpp = pixels.shape
-    ihdr = w.to_bytes(4, "big") + h.to_bytes(4, "big") + bytes([8, {3: 2, 4: 6}[bpp], 0, 0, 0])
+    ihdr = w.to_bytes(4, "big") + h.to_bytes(4, "big") + bytes([8, png.COLOUR_TYPES[bpp], 0, 0, 0])
     data = zlib.compress(filtered(pixels, types), 6)
     cuts = np.linspace(0, len(data), idat_parts + 1).astype(int)
     idat = b"".join(chunk(b"IDAT", data[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True))
@@ -64,14 +70,14 @@ LAYOUTS = [  # (height, width): one row, under a band, bands and a partial one, 
 ]
 
 
-@pytest.mark.parametrize("channels", [3, 4])
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
 @pytest.mark.parametrize(("height", "width"), LAYOUTS)
 def test_every_filter_type_row_by_row_gives_the_exact_pixels(height, width, channels):
     pixels = photo_pixels(height, width, channels, seed=height + width)
     rng = np.random.default_rng(height * width)
     for types in (rng.integers(0, 5, height), np.full(height, 4), np.full(height, 3)):
         data = png_file(pixels, types.astype(np.uint8))
-        assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), pixels)  # the file
+        assert np.array_equal(pillow_reads(data), pixels)  # the file is what we meant
         assert np.array_equal(png.decode_png(data), pixels), types[:8]
 
 
@@ -93,10 +99,10 @@ def test_reused_buffers_do_not_leak_between_layouts():
 def test_pillow_written_photos_read_the_same_as_pillow():
     for f in sorted(SICE.glob("*.png"))[:6]:
         rgb = Image.open(f).convert("RGB").resize((333, 250))
-        for img in (rgb, rgb.convert("RGBA")):
+        for img in (rgb, rgb.convert("RGBA"), rgb.convert("L"), rgb.convert("LA")):
             buf = io.BytesIO()
             img.save(buf, "PNG")
-            assert np.array_equal(png.decode_png(buf.getvalue()), np.asarray(img)), f.name
+            assert np.array_equal(png.decode_png(buf.getvalue()), pillow_reads(buf.getvalue()))
 
 
 def test_damaged_or_unusual_files_go_to_pillow():
@@ -155,3 +161,18 @@ def test_ancillary_chunks_are_ignored_like_libpng():
     data = png_file(pixels, np.full(33, 1, np.uint8), extra=extra)
     assert np.array_equal(png.decode_png(data), pixels)
     assert np.array_equal(decode_image(data).alpha, pixels[:, :, 3])
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA"])
+def test_decode_image_gives_what_the_pillow_route_gives(mode):
+    img = Image.open(sorted(SICE.glob("*.png"))[2]).resize((97, 45)).convert("RGBA")
+    img.putalpha(Image.fromarray(photo_pixels(45, 97, 2)[:, :, 1]))
+    buf = io.BytesIO()
+    img.convert(mode).save(buf, "PNG")
+    fast = decode_image(buf.getvalue())
+    slow = imageio._split_modes(Image.open(io.BytesIO(buf.getvalue())), "PNG")
+    assert (fast.gray, fast.format, fast.rgb.shape) == (slow.gray, slow.format, slow.rgb.shape)
+    assert np.array_equal(fast.rgb, slow.rgb) and fast.rgb.flags.c_contiguous
+    assert (fast.alpha is None) == (slow.alpha is None)
+    if slow.alpha is not None:
+        assert np.array_equal(fast.alpha, slow.alpha)
