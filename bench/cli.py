@@ -70,7 +70,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--servers",
         default="sgz,naive,litserve",
-        help="sgz, naive, litserve, sgz-cpujpeg (ours with SGZ_JPEG_CODEC=cpu), sgz@REV: "
+        help="sgz, naive, litserve, sgz-cpujpeg (ours with SGZ_JPEG_CODEC=cpu), sgz-gpubatch "
+        "(ours with SGZ_JPEG_GPU_BATCH=32), sgz@REV: "
         "our service at git revision REV (a before/after comparison in the same run); "
         "KIND*N: N processes of it, the load shared between them",
     )

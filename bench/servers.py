@@ -19,8 +19,12 @@ SERVERS = {
     "naive": (["-m", "bench.naive_server"], "/readyz"),
     "litserve": (["-m", "bench.litserve_server"], "/health"),
     "sgz-cpujpeg": (["-m", "model.cli", "serve"], "/readyz"),  # JPEG coded on the CPU
+    "sgz-gpubatch": (["-m", "model.cli", "serve"], "/readyz"),  # GPU JPEG coding in batches
 }
-SERVER_ENV = {"sgz-cpujpeg": {"SGZ_JPEG_CODEC": "cpu"}}
+SERVER_ENV = {
+    "sgz-cpujpeg": {"SGZ_JPEG_CODEC": "cpu"},
+    "sgz-gpubatch": {"SGZ_JPEG_GPU_BATCH": "32"},
+}
 
 
 def free_port() -> int:

@@ -118,7 +118,7 @@ jpeg)
     2>&1 | grep -v -i "nvjpeg2k\|nvtiff" | tee "$OUT/jpeg-gpu.log"
   stage HTTP
   timeout 240 python3 -m model.cli bench --device cuda --parts http \
-    --servers "${SERVERS:-sgz,sgz-cpujpeg,naive}" \
+    --servers "${SERVERS:-sgz,sgz-gpubatch,sgz-cpujpeg,naive}" \
     --cases jpeg:1200x900 --concurrency "${LEVELS:-1,8,32,64,256}" --load-processes 8 \
     --duration "${DURATION:-4}" --rounds 1 --out "$OUT/bench-http-jpeg.json" 2>&1 \
     | grep -v -i "nvjpeg2k\|nvtiff" | tee "$OUT/bench-http-jpeg.log" | tail -30

@@ -61,7 +61,9 @@ class Runtime:
         self.ready = False
         self.factors = open_factor_store(settings, metrics.registry)  # Redis when set
         self.coming = 0  # requests being read or decoded: the batcher's jobs on their way
-        self.gpu_jpeg, why = open_gpu_jpeg(settings.jpeg_codec, enhancer.device)
+        self.gpu_jpeg, why = open_gpu_jpeg(
+            settings.jpeg_codec, enhancer.device, settings.jpeg_gpu_batch
+        )
         if self.gpu_jpeg is None and settings.jpeg_codec == "gpu":
             raise RuntimeError(f"SGZ_JPEG_CODEC=gpu, but {why.partition(': ')[2] or why}")
         log.info("%s", why)

@@ -231,6 +231,14 @@ class Settings(BaseSettings):
         "GPU (start-up fails without it), cpu = libjpeg-turbo, auto = the GPU when the model "
         "runs on one and nvImageCodec works there, else the CPU",
     )
+    jpeg_gpu_batch: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="with JPEG coding on the GPU: 1 = each pool thread decodes and encodes its "
+        "own images; N > 1 = the pool threads hand them to one decoding and one encoding "
+        "thread that code up to N at a time (docs/service.md, 'JPEG on the GPU')",
+    )
     warmup: bool = Field(True, description="run the model once before reporting ready")
     shutdown_timeout_s: int = Field(
         30, ge=1, description="on SIGTERM, how long in-flight requests may take to finish"

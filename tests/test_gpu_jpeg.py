@@ -4,6 +4,9 @@ the CPU path and that the service answers through it."""
 
 import io
 import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -13,7 +16,7 @@ from conftest import SICE
 from PIL import Image
 from sgz_server import DEVICE, Server, metric, photo
 
-from model.gpu_jpeg import GpuDecoded, open_gpu_jpeg, upright_rgb_jpeg
+from model.gpu_jpeg import BatchLane, GpuDecoded, open_gpu_jpeg, upright_rgb_jpeg
 from model.imageio import decode_image, encode_image
 from service.inference import ENHANCE, Work, run_batch
 
@@ -85,6 +88,51 @@ def test_answers_asked_on_device_stay_on_the_models_device():
     assert all(o.image.device == enhancer.device for o in out)
 
 
+def test_batch_lane_gathers_calls_from_threads_and_answers_each_its_own():
+    """The lane that batches GPU coding, run here with libjpeg-turbo as its batch function:
+    every caller gets its own image back, calls queued while a batch runs form the next one."""
+    sent = [jpeg(f, (96 + 8 * i, 64)) for i, f in enumerate(sorted(SICE.glob("*.png"))[:12])]
+    seen_threads, sizes = set(), []
+
+    def decode_all(batch):
+        seen_threads.add(threading.current_thread().name)
+        sizes.append(len(batch))
+        time.sleep(0.02)  # a batch takes a while: meanwhile the others queue
+        return [decode_image(data).rgb for data in batch]
+
+    lane = BatchLane("test-lane", decode_all, max_batch=5)
+    try:
+        with ThreadPoolExecutor(12) as pool:
+            got = list(pool.map(lane, sent * 3))
+        assert seen_threads == {"test-lane"} and max(sizes) == 5 and sum(sizes) == 36
+        assert lane.batches == len(sizes) < 36 and lane.items == 36
+        for data, rgb in zip(sent * 3, got, strict=True):
+            assert np.array_equal(rgb, decode_image(data).rgb)
+        assert lane(sent[0]).shape == (64, 96, 3)  # alone: a batch of one, at once
+        assert sizes[-1] == 1
+    finally:
+        lane.close()
+
+
+def test_batch_lane_failure_reaches_the_whole_batch_and_the_lane_goes_on():
+    calls = []
+
+    def fails_first(batch):
+        calls.append(list(batch))
+        if len(calls) == 1:
+            raise RuntimeError("CUDA error: out of memory")
+        return [x * 2 for x in batch]
+
+    lane = BatchLane("test-lane", fails_first, max_batch=8)
+    try:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            lane(1)
+        assert lane(21) == 42
+    finally:
+        lane.close()
+    assert not any(t.name == "test-lane" for t in threading.enumerate())
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(DEVICE != "cpu", reason="the CPU service's choice")
 def test_service_on_the_cpu_reports_cpu_coding_and_refuses_a_gpu_it_cannot_have():
@@ -146,6 +194,34 @@ def test_gpu_encode_is_a_standard_jpeg_as_good_as_the_cpus(gpu):
         err, err_cpu = np.abs(back - rgb).mean(), np.abs(ref - rgb).mean()
         assert err < err_cpu * 1.25 + 0.1, (err, err_cpu)
         assert 0.5 < len(ours) / len(cpu) < 1.5
+
+
+@gpu_only
+def test_gpu_batches_code_like_single_calls(gpu):
+    batched, why = open_gpu_jpeg("gpu", "cuda", batch=8)
+    assert batched is not None and "in batches of up to 8" in why
+    decode_lane, encode_lane = batched._lanes
+    before = decode_lane.items, encode_lane.items  # the start-up self-test's
+    sent = sice_jpegs(6) + [photo((512, 512)).read_bytes(), b"\xff\xd8\xff\xe0garbage"]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda d: batched.decode(d, None), sent * 2))
+    for data, result in zip(sent * 2, got, strict=True):
+        single = gpu.decode(data, None)
+        if single is None:
+            assert result is None
+            continue
+        assert result[0] == single[0] and result[1].shape == single[1].shape
+        # batches may go to the GPU's hardware JPEG decoder, which rounds its own way
+        assert (result[1].float() - single[1].float()).abs().mean() < 1.0
+    pixels = [r[1] for r in got if r is not None]
+    with ThreadPoolExecutor(8) as pool:
+        coded = list(pool.map(lambda t: batched.encode(t, 90), pixels))
+    for tensor, data in zip(pixels, coded, strict=True):
+        back = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(float)
+        rgb = tensor[0].permute(1, 2, 0).cpu().numpy().astype(float)
+        assert np.abs(back - rgb).mean() < 3.0
+    # the PNG and the garbage never reach the lane: the CPU's
+    assert (decode_lane.items, encode_lane.items) == (before[0] + 12, before[1] + len(pixels))
 
 
 @gpu_only
