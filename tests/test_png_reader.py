@@ -176,3 +176,20 @@ def test_decode_image_gives_what_the_pillow_route_gives(mode):
     assert (fast.alpha is None) == (slow.alpha is None)
     if slow.alpha is not None:
         assert np.array_equal(fast.alpha, slow.alpha)
+
+
+def test_damaged_bytes_never_give_wrong_pixels():
+    """Random damage to a real PNG: the reader returns Pillow's pixels or leaves it to Pillow;
+    it never returns other pixels, raises or hangs."""
+    pixels = photo_pixels(70, 45, 3, seed=5)
+    good = png_file(pixels, (np.arange(70) % 5).astype(np.uint8), idat_parts=3)
+    rng = np.random.default_rng(7)
+    for _ in range(300):
+        data = bytearray(good)
+        if rng.random() < 0.3:
+            data = data[: rng.integers(8, len(data))]
+        for at in rng.integers(8, len(data), rng.integers(1, 4)):
+            data[at] ^= 1 << int(rng.integers(0, 8))
+        got = png.decode_png(bytes(data))
+        if got is not None:
+            assert np.array_equal(got.reshape(pixels.shape), pixels)
