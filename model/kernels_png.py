@@ -20,7 +20,7 @@ from .kernels import serial
 
 LANES = 32  # rows per band: four AVX2 float32 vectors per step
 GROUP = 8  # bands per pass: the skewed copies stay in L2 (~1 MB each at 1200 pixels wide)
-SCRATCH_BYTES = 8 << 20  # per reused array and decoding thread: rows up to ~4,000 RGBA pixels
+SCRATCH_BYTES = 4 << 20  # per kept array and decoding thread: rows up to 4K RGBA (bigger: fresh)
 PAETH = 4  # filter types: 0 None, 1 Sub, 2 Up, 3 Average, 4 Paeth
 _local = threading.local()
 
