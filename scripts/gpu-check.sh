@@ -12,7 +12,10 @@
 #                                RESUME=runs.tgz (an earlier lease's $OUT/runs.tgz, carried)
 #                                they continue from its state.pt files
 #   scripts/gpu-check.sh prepare-jpeg then jpeg   JPEG coding on the GPU: tests, coding rate
-#                                against the CPU, HTTP with GPU vs CPU coding (docs/performance.md)
+#                                against the CPU, HTTP with GPU coding per image and batched
+#                                (sgz-gpubatch) vs CPU coding (docs/performance.md); knobs:
+#                                TESTS_K THREADS HELPERS BATCHES SERVERS LEVELS DURATION
+#                                HTTP_TIMEOUT
 #   scripts/gpu-check.sh prepare-train   as prepare, for `grid` alone: the wheels training
 #                                needs and every TRAIN_EVERY-th training image (default 2: 1001
 #                                of 2002, ~38 MB; all of them are over a call's 64 MiB)
@@ -117,7 +120,7 @@ jpeg)
     --helpers "${HELPERS:-0,4}" --batches "${BATCHES:-8,32}" --own-streams --seconds 3 \
     2>&1 | grep -v -i "nvjpeg2k\|nvtiff" | tee "$OUT/jpeg-gpu.log"
   stage HTTP
-  timeout 240 python3 -m model.cli bench --device cuda --parts http \
+  timeout "${HTTP_TIMEOUT:-330}" python3 -m model.cli bench --device cuda --parts http \
     --servers "${SERVERS:-sgz,sgz-gpubatch,sgz-cpujpeg,naive}" \
     --cases jpeg:1200x900 --concurrency "${LEVELS:-1,8,32,64,256}" --load-processes 8 \
     --duration "${DURATION:-4}" --rounds 1 --out "$OUT/bench-http-jpeg.json" 2>&1 \
