@@ -30,6 +30,7 @@ CODER_THREADS = 1  # nvImageCodec's helper threads per decoder and encoder (one 
 # on: an experiment for `bench.jpeg_gpu --own-streams` (off: torch's current stream, the path
 # measured in docs/performance.md, whose per-image calls did not scale over threads)
 OWN_STREAMS = False
+LANE_TIMEOUT_S = 60.0  # a batch lane that stalls this long: the waiting images go to the CPU
 INSTALL_HINT = "pip install 'sgz-serve[jpeg-cu12]' (or [jpeg-cu13], as torch's CUDA)"
 
 
@@ -67,7 +68,7 @@ class BatchLane:
     def __call__(self, item):
         done: Future = Future()
         self._queue.put((item, done))
-        return done.result()
+        return done.result(timeout=LANE_TIMEOUT_S)  # raises TimeoutError: the caller falls back
 
     def close(self) -> None:
         self._queue.put(None)
