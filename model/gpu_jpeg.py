@@ -114,7 +114,6 @@ class GpuJpeg:
             color_spec=nvimgcodec.ColorSpec.SRGB,
             allow_any_depth=False,
         )
-        self.batch = batch
         self._lanes: tuple[BatchLane, BatchLane] | None = None
         if batch > 1:
             self._lanes = (
@@ -143,7 +142,7 @@ class GpuJpeg:
             return None
         w, h = size
         try:
-            hwc = self._lanes[0](data) if self._lanes else self._decode_many([data], one=True)[0]
+            hwc = self._lanes[0](data) if self._lanes else self._decode_many([data])[0]
         except Exception as e:  # a CUDA or nvImageCodec error: the CPU decodes this one
             self._failed("decode", e)
             return None
@@ -153,9 +152,10 @@ class GpuJpeg:
             return None
         return GpuDecoded(w, h), hwc.permute(2, 0, 1)[None]
 
-    def _decode_many(self, datas: list[bytes], one: bool = False) -> list[torch.Tensor | None]:
-        """(H, W, 3) uint8 tensors on the GPU (None where nvImageCodec declined); `one`: a
-        single image's call, not a batch's."""
+    def _decode_many(self, datas: list[bytes]) -> list[torch.Tensor | None]:
+        """(H, W, 3) uint8 tensors on the GPU (None where nvImageCodec declined); without
+        lanes, nvImageCodec's single-image call (the path measured image by image)."""
+        one = self._lanes is None
         decoder, _ = self._coders()
         stream = self._stream()
         with torch.cuda.stream(stream):
@@ -178,14 +178,15 @@ class GpuJpeg:
         try:
             if self._lanes:
                 return self._lanes[1]((hwc, quality))
-            return self._encode_many([(hwc, quality)], one=True)[0]
+            return self._encode_many([(hwc, quality)])[0]
         except Exception as e:
             self._failed("encode", e)
             return None
 
-    def _encode_many(self, items: list, one: bool = False) -> list[bytes | None]:
+    def _encode_many(self, items: list) -> list[bytes | None]:
         """((H, W, 3) uint8 on the GPU, quality) -> JPEG bytes or None, one call per quality
-        asked for."""
+        asked for; without lanes, nvImageCodec's single-image call."""
+        one = self._lanes is None
         _, encoder = self._coders()
         stream = self._stream()  # the answers are complete: run_batch waited for their batch
         out: list[bytes | None] = [None] * len(items)
