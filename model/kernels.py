@@ -329,44 +329,50 @@ def rie_rows(img, rows, y0, y1, ly, steps, out, n, ya, yb):
     """Rows ya to yb - 1 of image n: RIE with the factor between `factor_rows` rows."""
     one = np.float32(1)
     nr = n % rows.shape[0]
+    v = np.empty(img.shape[2], np.float32)  # one row of RIE's float output
     for y in range(ya, yb):
         ra, rb, wa, wb = rows[nr, y0[y]], rows[nr, y1[y]], one - ly[y], ly[y]
         if steps == STEPS:
-            _rie_row_fixed(img[n, y], ra, rb, wa, wb, out[n, y])
+            _rie_row_fixed(img[n, y], ra, rb, wa, wb, v)
         else:
-            _rie_row(img[n, y], ra, rb, wa, wb, steps, out[n, y])
+            _rie_row(img[n, y], ra, rb, wa, wb, steps, v)
+        _round_row(v, out[n, y])
 
 
 @_compile(parallel=False, fastmath={"contract"})
-def _rie_row_fixed(src, ra, rb, wa, wb, dst):
-    """One row, STEPS steps: a loop count known when compiling lets the compiler unroll the
-    steps and keep each pixel in a register, so the loop over x vectorises. Multiply-adds
-    may fuse (one rounding instead of two), and the input is scaled by 1/255 instead of divided
-    by 255 (a vector division is slow: docs/performance.md, "One pass for the rest"): still
-    within 1 grey level of the reference."""
-    zero, one, s = np.float32(0), np.float32(1), np.float32(255)
-    inv = one / s
+def _rie_row_fixed(src, ra, rb, wa, wb, v):
+    """One row, STEPS steps, into floats v: a loop count known when compiling lets the compiler
+    unroll the steps and keep each pixel in a register, so the loop over x vectorises.
+    Multiply-adds may fuse (one rounding instead of two), and the input is scaled by 1/255
+    instead of divided by 255 (a vector division is slow: docs/performance.md, "One pass for
+    the rest"): still within 1 grey level of the reference. Rounding to uint8 in a loop of its
+    own (`_round_row`) took 0.7x the time of rounding here (docs/performance.md, ibid.)."""
+    inv = np.float32(1) / np.float32(255)
     for x in range(src.shape[0]):
         r = ra[x] * wa + rb[x] * wb
-        v = np.float32(src[x]) * inv
+        p = np.float32(src[x]) * inv
         for _ in range(STEPS):  # Eq. 1: x_t = x_{t-1} + x_r * (x_{t-1}^2 - x_{t-1})
-            v = v + r * (v * v - v)
-        dst[x] = np.uint8(np.rint(min(max(v, zero), one) * s))
+            p = p + r * (p * p - p)
+        v[x] = p
+
+
+@fused
+def _round_row(v, dst):
+    """dst = round(255 * clip(v, 0, 1)) as uint8."""
+    zero, one, s = np.float32(0), np.float32(1), np.float32(255)
+    for x in range(v.shape[0]):
+        dst[x] = np.uint8(np.rint(min(max(v[x], zero), one) * s))
 
 
 @serial
-def _rie_row(src, ra, rb, wa, wb, steps, dst):
-    """One row, any number of steps: each step a pass over the row (held in L1)."""
-    zero, one, s = np.float32(0), np.float32(1), np.float32(255)
-    inv = one / s  # as in _rie_row_fixed
+def _rie_row(src, ra, rb, wa, wb, steps, v):
+    """One row, any number of steps, into floats v: each step a pass over the row (in L1)."""
+    inv = np.float32(1) / np.float32(255)  # as in _rie_row_fixed
     W = src.shape[0]
     r = np.empty(W, np.float32)
-    v = np.empty(W, np.float32)
     for x in range(W):
         r[x] = ra[x] * wa + rb[x] * wb
         v[x] = np.float32(src[x]) * inv
     for _ in range(steps):  # Eq. 1
         for x in range(W):
             v[x] = v[x] + r[x] * (v[x] * v[x] - v[x])
-    for x in range(W):
-        dst[x] = np.uint8(np.rint(min(max(v[x], zero), one) * s))

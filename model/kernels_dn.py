@@ -24,19 +24,7 @@ from .denoise import (
 )
 from .kernels import factor_rows, prange, rie_rows
 from .kernels_guided import coefficients, scratch_size, window_reciprocals
-from .kernels_rows import (
-    _add,
-    _add_both,
-    _cell_reduce,
-    _fill,
-    _luma,
-    _planes,
-    _sum,
-    _to_float,
-    fused,
-    kernel,
-    serial,
-)
+from .kernels_rows import _cell_reduce, _fill, _luma, _luv, _sum, _to_float, fused, kernel, serial
 from .resample import taps
 
 STATS_BAND = 8  # cell rows per job of `cell_stats`
@@ -80,18 +68,13 @@ def _stats_job(img, out, cell, sums, noise, n, band):
     W = WC // 3
     acc = np.empty((PLANES, W), np.float32)
     f = np.empty(WC, np.float32)
-    planes = np.empty((3, W), np.float32)
+    planes = np.empty((3, W), np.float32)  # planes[0]: Immerkaer's |L * N| along the row
     lum = np.empty((3, W), np.float32)  # the input's luma at rows 0, 2 and 1 of the cell
     for i in range(band * STATS_BAND, min(sums.shape[2], (band + 1) * STATS_BAND)):
         _fill(acc.reshape(-1), np.float32(0))
         for y in range(i * cell, min(H, (i + 1) * cell), 2):  # even rows (denoise._cell_sums)
-            _planes(out[n, y], f, planes[0], planes[1], planes[2])
-            for p in range(3):
-                _add_both(acc[p], acc[3 + p], planes[p])
             k = min((y - i * cell) // 2, 2)  # rows 0 and 2 are kept; lum[2] is scratch here
-            _to_float(img[n, y], f)
-            _luma(f, lum[k])
-            _add(acc[6], lum[k])
+            _stats_row(out[n, y], img[n, y], acc, lum[k])
         for p in range(PLANES):
             _cell_reduce(acc[p], cell, sums[n, p, i])
         y = i * cell + 1  # Immerkaer's row, between the two even rows kept in lum
@@ -102,6 +85,22 @@ def _stats_job(img, out, cell, sums, noise, n, band):
             _immerkaer(lum[0], lum[2], lum[1], planes[0])
             for b in range(noise.shape[2]):
                 noise[n, i, b] = _sum(planes[0, b * NOISE_BLOCK : (b + 1) * NOISE_BLOCK])
+
+
+@fused
+def _stats_row(px, src, acc, lum):
+    """acc[0:3] += L, R - L, B - L of the output row px, acc[3:6] += their squares, acc[6] and
+    lum = the input row src's luma: one loop over the interleaved pixels (it vectorises)."""
+    for x in range(lum.shape[0]):
+        L, u, v = _luv(px, x)
+        acc[0, x] += L
+        acc[1, x] += u
+        acc[2, x] += v
+        acc[3, x] += L * L
+        acc[4, x] += u * u
+        acc[5, x] += v * v
+        lum[x] = _luv(src, x)[0]
+        acc[6, x] += lum[x]
 
 
 @fused
@@ -135,25 +134,16 @@ def apply(out, coef, cell, y0, y1, ly, x0, x1, lx):
 
 @serial
 def _apply_job(out, coef, y0, y1, ly, x0, x1, lx, n, blk):
-    H, WC = out.shape[1:]
-    W = WC // 3
-    if True:
-        ya, yb = blk * APPLY_ROWS, min(H, (blk + 1) * APPLY_ROWS)
-        rows = np.empty((2, 6, W), np.float32)  # cell rows i in slot i % 2, along x
-        held = np.full(2, -1, np.int64)
-        f = np.empty(WC, np.float32)
-        planes = np.empty((3, W), np.float32)
-        for y in range(ya, yb):
-            for i in (y0[y], y1[y]):
-                if held[i % 2] != i:
-                    held[i % 2] = i
-                    for p in range(6):
-                        _upsample_row(coef[n, p, i], x0, x1, lx, rows[i % 2, p])
-            _planes(out[n, y], f, planes[0], planes[1], planes[2])
-            ra, rb = rows[y0[y] % 2], rows[y1[y] % 2]
-            for p in range(3):
-                _filter(ra[2 * p], rb[2 * p], ra[2 * p + 1], rb[2 * p + 1], ly[y], planes[p])
-            _store(planes[0], planes[1], planes[2], out[n, y])
+    ya, yb = blk * APPLY_ROWS, min(out.shape[1], (blk + 1) * APPLY_ROWS)
+    rows = np.empty((2, 6, out.shape[2] // 3), np.float32)  # cell rows i in slot i % 2, along x
+    held = np.full(2, -1, np.int64)
+    for y in range(ya, yb):
+        for i in (y0[y], y1[y]):
+            if held[i % 2] != i:
+                held[i % 2] = i
+                for p in range(6):
+                    _upsample_row(coef[n, p, i], x0, x1, lx, rows[i % 2, p])
+        _apply_row(out[n, y], rows[y0[y] % 2], rows[y1[y] % 2], ly[y])
 
 
 @serial
@@ -185,21 +175,21 @@ def _up4(s, dst, end):
 
 
 @fused
-def _filter(a0, a1, b0, b1, wb, p):
-    """p = A p + B, (A, B) between two cell rows at weight wb."""
-    wa = np.float32(1) - wb
-    for x in range(p.shape[0]):
-        p[x] = (a0[x] * wa + a1[x] * wb) * p[x] + (b0[x] * wa + b1[x] * wb)
-
-
-@fused
-def _store(lum, u, v, px):
-    """R = L + u, G = L - u - v, B = L + v, rounded into a channels-last uint8 row."""
+def _apply_row(px, ra, rb, wb):
+    """px (3 W uint8, channels-last) rewritten: q = A p + B on L, R - L, B - L, (A, B) between
+    the coefficient rows ra and rb (6, W) at weight wb, then R = L + u, G = L - u - v,
+    B = L + v rounded. One loop over the interleaved pixels: it vectorises, and a loop per
+    plane through float rows took 1.5x as long (docs/performance.md, "The denoising stage")."""
     zero, one, s = np.float32(0), np.float32(1), np.float32(255)
-    for x in range(lum.shape[0]):
-        px[3 * x] = np.uint8(np.rint(min(max(lum[x] + u[x], zero), one) * s))
-        px[3 * x + 1] = np.uint8(np.rint(min(max(lum[x] - u[x] - v[x], zero), one) * s))
-        px[3 * x + 2] = np.uint8(np.rint(min(max(lum[x] + v[x], zero), one) * s))
+    wa = one - wb
+    for x in range(ra.shape[1]):
+        L, u, v = _luv(px, x)
+        L = (ra[0, x] * wa + rb[0, x] * wb) * L + (ra[1, x] * wa + rb[1, x] * wb)
+        u = (ra[2, x] * wa + rb[2, x] * wb) * u + (ra[3, x] * wa + rb[3, x] * wb)
+        v = (ra[4, x] * wa + rb[4, x] * wb) * v + (ra[5, x] * wa + rb[5, x] * wb)
+        px[3 * x] = np.uint8(np.rint(min(max(L + u, zero), one) * s))
+        px[3 * x + 1] = np.uint8(np.rint(min(max(L - u - v, zero), one) * s))
+        px[3 * x + 2] = np.uint8(np.rint(min(max(L + v, zero), one) * s))
 
 
 _local = threading.local()

@@ -27,14 +27,6 @@ def _add(acc, p):
         acc[x] += p[x]
 
 
-@fused
-def _add_both(acc, acc2, p):
-    """acc += p, acc2 += p^2."""
-    for x in range(acc.shape[0]):
-        acc[x] += p[x]
-        acc2[x] += p[x] * p[x]
-
-
 @_compile(parallel=False, fastmath={"contract", "reassoc"})
 def _sum(p):
     """A vectorised (reassociated) sum."""
@@ -113,14 +105,17 @@ def _luma(f, lum):
 
 
 @fused
-def _planes(px, f, lum, u, v):
-    """L, R - L, B - L of a channels-last uint8 row, in [0, 1] units (one loop per plane)."""
-    _to_float(px, f)
-    _luma(f, lum)
-    for x in range(lum.shape[0]):
-        u[x] = f[3 * x] - lum[x]
-    for x in range(lum.shape[0]):
-        v[x] = f[3 * x + 2] - lum[x]
+def _luv(px, x):
+    """L = (R + G + B) / 3, R - L and B - L of pixel x of a channels-last uint8 row, in [0, 1]
+    units (a helper of loops over pixels: inlined, they vectorise)."""
+    inv = np.float32(1 / 255)
+    r, g, b = (
+        np.float32(px[3 * x]) * inv,
+        np.float32(px[3 * x + 1]) * inv,
+        np.float32(px[3 * x + 2]) * inv,
+    )
+    lum = (r + g + b) * THIRD
+    return lum, r - lum, b - lum
 
 
 @serial
