@@ -65,8 +65,8 @@ def _ab_row(inv_c, m, var, noise2, k, a, b):
         mean = m[j] * inv_c[j]
         v = max(var[j] * inv_c[j] - mean * mean, np.float32(0))
         eps = k * noise2[j]
-        a[j] = v / (v + eps) if eps > 0 else np.float32(1)  # no added noise: the identity
-        b[j] = mean - a[j] * mean
+        aj = v / (v + eps) if eps > 0 else np.float32(1)  # no added noise: the identity
+        a[j], b[j] = aj, mean - aj * mean
 
 
 @fused

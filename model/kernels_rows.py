@@ -10,7 +10,7 @@ import numpy as np
 from .kernels import _compile
 
 kernel, serial = _compile(parallel=True), _compile(parallel=False)
-fused = _compile(parallel=False, fastmath={"contract"})
+fused = _compile(parallel=False, fastmath={"contract"}, error_model="numpy")
 
 THIRD = np.float32(1 / 3)
 
