@@ -183,75 +183,28 @@ def _tanh(src, dst, n):
 @fused
 def _pointwise4(p, q, r, t, d, bp, bq, br, bt, ap, aq, ar, at, n):
     """ap[:n] = bp + sum_i p[i] * d[i, :n], and the same for q, r, t: four output channels at
-    once, so each load of d feeds four multiply-adds. Summed in order of i, 8 channels per
-    pass over the accumulators (loaded and stored once per pass, not once per channel)."""
+    once, so each load of d feeds four multiply-adds. Summed in order of i, 4 channels per pass
+    over the accumulators: their 16 weights stay in registers (with 8 channels per pass, 32
+    weights did not fit in AVX2's 16 and were reloaded from the stack for every vector:
+    docs/performance.md, "What the fast path does")."""
     cin = p.shape[0]
     for j in range(n):
         ap[j], aq[j], ar[j], at[j] = bp, bq, br, bt
     i = 0
-    while i + 8 <= cin:
-        d0, d1, d2, d3, d4, d5, d6, d7 = (
-            d[i],
-            d[i + 1],
-            d[i + 2],
-            d[i + 3],
-            d[i + 4],
-            d[i + 5],
-            d[i + 6],
-            d[i + 7],
-        )
-        p0, p1, p2, p3, p4, p5, p6, p7 = p[i : i + 8]
-        q0, q1, q2, q3, q4, q5, q6, q7 = q[i : i + 8]
-        r0, r1, r2, r3, r4, r5, r6, r7 = r[i : i + 8]
-        t0, t1, t2, t3, t4, t5, t6, t7 = t[i : i + 8]
+    while i + 4 <= cin:
+        d0, d1, d2, d3 = d[i], d[i + 1], d[i + 2], d[i + 3]
+        p0, p1, p2, p3 = p[i : i + 4]
+        q0, q1, q2, q3 = q[i : i + 4]
+        r0, r1, r2, r3 = r[i : i + 4]
+        t0, t1, t2, t3 = t[i : i + 4]
         for j in range(n):
-            e0, e1, e2, e3, e4, e5, e6, e7 = d0[j], d1[j], d2[j], d3[j], d4[j], d5[j], d6[j], d7[j]
-            ap[j] = (
-                ap[j]
-                + p0 * e0
-                + p1 * e1
-                + p2 * e2
-                + p3 * e3
-                + p4 * e4
-                + p5 * e5
-                + p6 * e6
-                + p7 * e7
-            )
-            aq[j] = (
-                aq[j]
-                + q0 * e0
-                + q1 * e1
-                + q2 * e2
-                + q3 * e3
-                + q4 * e4
-                + q5 * e5
-                + q6 * e6
-                + q7 * e7
-            )
-            ar[j] = (
-                ar[j]
-                + r0 * e0
-                + r1 * e1
-                + r2 * e2
-                + r3 * e3
-                + r4 * e4
-                + r5 * e5
-                + r6 * e6
-                + r7 * e7
-            )
-            at[j] = (
-                at[j]
-                + t0 * e0
-                + t1 * e1
-                + t2 * e2
-                + t3 * e3
-                + t4 * e4
-                + t5 * e5
-                + t6 * e6
-                + t7 * e7
-            )
-        i += 8
-    tail = i  # the channels left over from the blocks of 8
+            e0, e1, e2, e3 = d0[j], d1[j], d2[j], d3[j]
+            ap[j] = ap[j] + p0 * e0 + p1 * e1 + p2 * e2 + p3 * e3
+            aq[j] = aq[j] + q0 * e0 + q1 * e1 + q2 * e2 + q3 * e3
+            ar[j] = ar[j] + r0 * e0 + r1 * e1 + r2 * e2 + r3 * e3
+            at[j] = at[j] + t0 * e0 + t1 * e1 + t2 * e2 + t3 * e3
+        i += 4
+    tail = i  # the channels left over from the blocks of 4
     for i in range(tail, cin):
         pi, qi, ri, ti, di = p[i], q[i], r[i], t[i], d[i]
         for j in range(n):
