@@ -41,7 +41,7 @@ def rie_stats(img, r_low, y0, y1, ly, x0, x1, lx, steps, out, cell, sums, noise)
     of |L * N| over each block of NOISE_BLOCK columns of its row at offset 1
     (model/denoise.py, `noise_sigma`). img, out: (N, H, 3 W)
     uint8, channels-last rows; cell even, >= 4. Each row's values are summed per pixel into
-    buffers (one store per loop, contiguous: it vectorises), then per cell."""
+    buffers (one loop over the interleaved pixels: it vectorises), then per cell."""
     n_img, hc = img.shape[0], sums.shape[2]
     rows = factor_rows(r_low, x0, x1, lx, img.shape[2])
     bands = (hc + STATS_BAND - 1) // STATS_BAND

@@ -10,6 +10,8 @@ import numpy as np
 from .kernels import _compile
 
 kernel, serial = _compile(parallel=True), _compile(parallel=False)
+# error_model="numpy": the helpers divide only by positive counts, and a zero check per
+# division would keep their loops scalar
 fused = _compile(parallel=False, fastmath={"contract"}, error_model="numpy")
 
 THIRD = np.float32(1 / 3)
