@@ -1,6 +1,6 @@
 """The numba kernels of the denoising stage (model/denoise.py is the reference they follow).
 
-Three launches: `rie_stats` is RIE's fused pass (kernels.rie_uint8) that, on each band of rows
+Three launches: `rie_stats` is RIE's fused pass (kernels_rie.rie_uint8) that, on each band of rows
 just written, sums each cell's luma, chroma, their squares and the input's luma, plus
 Immerkaer's sums on one input row per cell row; `coefficients` (model/kernels_guided.py) runs
 the guided filter at cell resolution (1/16 of the pixels); `apply` upsamples the filter's
@@ -22,8 +22,9 @@ from .denoise import (
     centre_taps,
     noise_rows,
 )
-from .kernels import factor_rows, prange, rie_rows
+from .kernels import prange
 from .kernels_guided import coefficients, scratch_size, window_reciprocals
+from .kernels_rie import factor_rows, rie_rows
 from .kernels_rows import _cell_reduce, _fill, _luma, _luv, _sum, _to_float, fused, kernel, serial
 from .resample import taps
 
@@ -34,7 +35,7 @@ PLANES = 7  # cell sums: L, R-L, B-L, their squares, the input's luma
 
 @kernel
 def rie_stats(img, r_low, y0, y1, ly, x0, x1, lx, steps, out, cell, sums, noise):
-    """RIE's fused pass (kernels.rie_uint8: out = its uint8 output of img with the factor maps
+    """RIE's fused pass (kernels_rie.rie_uint8: out = its uint8 output of img with the factor maps
     r_low at the taps y*, x*) and, on each band of cell rows just written, while the rows are
     in cache, the statistics: sums (N, PLANES, hc, wc) float32, noise (N, hc, blocks) float32:
     per cell row, the sums
@@ -250,7 +251,7 @@ def denoise_numba(
     steps: int,
     run,
 ) -> None:
-    """RIE (as kernels.rie_uint8) and model/denoise.py's `denoise` on channels-last (N, H, 3 W)
+    """RIE (as kernels_rie.rie_uint8) and model/denoise.py's `denoise` on channels-last (N, H, 3 W)
     uint8 arrays into `out`; r_low (n_r, 3, h, w) float32; `run(kernel, *args)` launches a
     parallel kernel (the numba backend's `launch`: one at a time)."""
     n, H, WC = img.shape

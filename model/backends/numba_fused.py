@@ -126,8 +126,8 @@ class NumbaBackend(Backend):
         denoise: float = 0.0,
         config: DenoiseConfig = NO_DENOISE,
     ) -> torch.Tensor:
-        from ..kernels import rie_uint8
         from ..kernels_dn import denoise_numba
+        from ..kernels_rie import rie_uint8
 
         check_factor(images, r_low)
         if denoise > 0 and not channels_last(images):  # its kernels read channels-last rows
