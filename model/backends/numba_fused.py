@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..denoise import DenoiseConfig
-from ..efe import EFE, level_gain
+from ..efe import EFE, LEVEL_EPS, LEVEL_REF
 from ..resample import host_taps, lowres_size, taps
 from .base import NO_DENOISE, Availability, Backend, channels_last, check_factor
 
@@ -71,7 +71,7 @@ class NumbaBackend(Backend):
 
     def __init__(self, efe: EFE, scale_factor: float, steps: int):
         super().__init__(efe, scale_factor, steps)
-        self.level = None if efe.level is None else efe.level.detach().cpu().float().clone()
+        self.level = None if efe.level is None else efe.level.detach().cpu().float().numpy().copy()
         blocks = [fold(getattr(efe, f"e_conv{k}")) for k in range(1, 8)]
         self.weights = tuple(tuple(b[i] for b in blocks) for i in range(3))  # dws, pws, biases
 
@@ -114,7 +114,7 @@ class NumbaBackend(Backend):
         out = np.ascontiguousarray(out)
         if self.level is not None:  # the kernels run the paper's EFE; the gain needs only the mean
             mu = downscaled_mean(img, (y0, y1, ly), xs)
-            gain = level_gain(torch.from_numpy(mu), self.level).numpy()
+            gain = level_gain_np(mu, self.level)
             out *= gain[:, None, None, None]
             np.clip(out, -1, 1, out=out)  # as efe.apply_level
         return torch.from_numpy(out)
@@ -173,6 +173,15 @@ class NumbaBackend(Backend):
             np.float32(min_weight),
         )
         return spare
+
+
+def level_gain_np(mu: np.ndarray, level: np.ndarray) -> np.ndarray:
+    """efe.level_gain in numpy: no torch op between the numba kernels. One here (on a vector of
+    N means) left glibc's heaps holding ~2 GB more under sustained load, 2.9 GB resident
+    instead of 0.8 (docs/service.md, "Memory, and a soak"), as torch ops there once slowed the
+    kernels after them (docs/performance.md, "No torch op between the numba kernels")."""
+    eps, ref = np.float32(LEVEL_EPS), np.float32(LEVEL_REF)
+    return np.exp(level[0] + level[1] * np.log((mu + eps) / ref)).astype(np.float32)
 
 
 def downscaled_mean(img: np.ndarray, ys: tuple, xs: tuple) -> np.ndarray:
