@@ -17,6 +17,7 @@ network is rebuilt from it on load.
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -62,11 +63,13 @@ class EFEConfig:
         return cls(**{k: v for k, v in arch.items() if k != "name"})
 
 
-def level_gain(mu: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+def level_gain(mu, level):
     """exp(level[0] + level[1] * log((mu + LEVEL_EPS) / LEVEL_REF)), mu the mean of EFE's input
     over pixels and channels. A power law in the brightness: a negative slope lifts dark scenes
-    more and bright ones less."""
-    return torch.exp(level[0] + level[1] * torch.log((mu + LEVEL_EPS) / LEVEL_REF))
+    more and bright ones less. Torch tensors, or float32 numpy arrays (the numba backend: no
+    torch op between its kernels)."""
+    xp = np if isinstance(mu, np.ndarray) else torch
+    return xp.exp(level[0] + level[1] * xp.log((mu + LEVEL_EPS) / LEVEL_REF))
 
 
 def apply_level(x_r: torch.Tensor, x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..denoise import DenoiseConfig
-from ..efe import EFE, LEVEL_EPS, LEVEL_REF
+from ..efe import EFE, level_gain
 from ..resample import host_taps, lowres_size, taps
 from .base import NO_DENOISE, Availability, Backend, channels_last, check_factor
 
@@ -114,7 +114,9 @@ class NumbaBackend(Backend):
         out = np.ascontiguousarray(out)
         if self.level is not None:  # the kernels run the paper's EFE; the gain needs only the mean
             mu = downscaled_mean(img, (y0, y1, ly), xs)
-            gain = level_gain_np(mu, self.level)
+            # numpy, not torch: two torch ops here (on N means) left glibc's heaps holding
+            # 2.9 GB instead of 0.8 under sustained load (docs/service.md, "Memory, and a soak")
+            gain = level_gain(mu, self.level)
             out *= gain[:, None, None, None]
             np.clip(out, -1, 1, out=out)  # as efe.apply_level
         return torch.from_numpy(out)
@@ -173,15 +175,6 @@ class NumbaBackend(Backend):
             np.float32(min_weight),
         )
         return spare
-
-
-def level_gain_np(mu: np.ndarray, level: np.ndarray) -> np.ndarray:
-    """efe.level_gain in numpy: no torch op between the numba kernels. One here (on a vector of
-    N means) left glibc's heaps holding ~2 GB more under sustained load, 2.9 GB resident
-    instead of 0.8 (docs/service.md, "Memory, and a soak"), as torch ops there once slowed the
-    kernels after them (docs/performance.md, "No torch op between the numba kernels")."""
-    eps, ref = np.float32(LEVEL_EPS), np.float32(LEVEL_REF)
-    return np.exp(level[0] + level[1] * np.log((mu + eps) / ref)).astype(np.float32)
 
 
 def downscaled_mean(img: np.ndarray, ys: tuple, xs: tuple) -> np.ndarray:
